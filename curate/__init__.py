@@ -1,0 +1,46 @@
+"""curate: choose what to train on, inside the data pipeline.
+
+The public API. Everything a user needs is importable from here; submodules are implementation.
+"""
+
+from .losses import cross_entropy_losses, sigmoid_example_losses, sigmoid_pair_losses, softmax_example_losses
+from .nodes import Batch, Shuffle, Source, Superbatch, Unbatch
+from .pipeline import Pipeline, pipeline, superbatch_size_for
+from .rules import RULES, get_rule
+from .score import Score, Scored, ScoreProvider
+from .scorers import ClassificationScorer, ContrastiveScorer, Scores
+from .seeding import derive_seed, make_generator
+from .select import METHODS, JointSelect
+from .selection import joint, sample, topk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "pipeline",
+    "Pipeline",
+    "superbatch_size_for",
+    "Source",
+    "Shuffle",
+    "Superbatch",
+    "Score",
+    "JointSelect",
+    "Unbatch",
+    "Batch",
+    "Scored",
+    "Scores",
+    "ScoreProvider",
+    "ClassificationScorer",
+    "ContrastiveScorer",
+    "RULES",
+    "get_rule",
+    "METHODS",
+    "topk",
+    "sample",
+    "joint",
+    "cross_entropy_losses",
+    "sigmoid_pair_losses",
+    "sigmoid_example_losses",
+    "softmax_example_losses",
+    "derive_seed",
+    "make_generator",
+]

@@ -1,0 +1,312 @@
+"""Data-movement stages: Source, Shuffle, Superbatch, Unbatch, Batch.
+
+Each is a `torchdata.nodes.BaseNode`: `source` (the upstream node) comes first, `get_state()` captures
+everything needed to resume the exact stream, and `reset(state)` restores it. Random stages keep an
+epoch counter so every epoch draws fresh, seeded randomness (`curate.seeding`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler, default_collate
+from torchdata.nodes import BaseNode
+
+from .seeding import make_generator
+
+__all__ = ["Source", "Shuffle", "Superbatch", "Unbatch", "Batch", "as_node", "split_batch", "batch_size_of"]
+
+Sample = dict[str, Any]
+
+
+def batch_size_of(batch: dict) -> int:
+    """Number of samples in a collated batch (from `__key__`, else the first tensor/list field)."""
+    if "__key__" in batch:
+        return len(batch["__key__"])
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return value.shape[0]
+        if isinstance(value, list | tuple):
+            return len(value)
+    raise TypeError(f"cannot tell the batch size of a batch with fields {sorted(batch)}")
+
+
+def split_batch(batch: dict) -> list[Sample]:
+    """A collated batch (dict of tensors / lists) back into its samples."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"expected a collated batch (a dict of tensors/lists), got {type(batch).__name__}")
+    n = batch_size_of(batch)
+    for name, value in batch.items():
+        if not hasattr(value, "__getitem__") or len(value) != n:
+            raise TypeError(
+                f"cannot split batch field {name!r} ({type(value).__name__}) into {n} samples; "
+                "every field of a batch must be a tensor or list with one entry per sample"
+            )
+    return [{name: value[i] for name, value in batch.items()} for i in range(n)]
+
+
+class Source(BaseNode):
+    """Any iterable as a checkpointable node of samples (dicts).
+
+    Accepts a torch DataLoader (yielding samples or collated batches), a webdataset pipeline, a list,
+    or any re-iterable. Collated batches are split into samples.
+
+    Args:
+        iterable: re-iterable source; `iter()` is called once per epoch.
+        batched: whether items are collated batches. None: a DataLoader with a batch size yields batches;
+            otherwise an item is a batch when its `__key__` is a list.
+
+    Resume fast-forwards a fresh iterator (re-reading what was consumed) unless the iterable has its
+    own `state_dict()` (e.g. torchdata's StatefulDataLoader). A shuffling DataLoader resumes exactly
+    only with a seeded `generator=`; its generator state is saved at every epoch start.
+    """
+
+    def __init__(self, iterable: Iterable, *, batched: bool | None = None):
+        super().__init__()
+        if not hasattr(iterable, "__iter__"):
+            raise TypeError(f"Source: expected an iterable of samples, got {type(iterable).__name__}")
+        self.iterable = iterable
+        self.batched = batched
+        if batched is None and isinstance(iterable, DataLoader):
+            self.batched = iterable.batch_size is not None or iterable.batch_sampler is not None
+        self._stateful = hasattr(iterable, "state_dict") and hasattr(iterable, "load_state_dict")
+        self._generator = _loader_generator(iterable)
+        self._epoch = -1
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        self._items, self._offset, self._pending = 0, 0, deque()
+        if initial_state is None:
+            self._epoch += 1
+            self._rng_state = None if self._generator is None else self._generator.get_state()
+            self._it = iter(self.iterable)
+            return
+        self._epoch, self._rng_state = initial_state["epoch"], initial_state["rng"]
+        if self._generator is not None:
+            self._generator.set_state(self._rng_state)
+        if self._stateful:
+            self.iterable.load_state_dict(initial_state["iterable"])
+            self._it = iter(self.iterable)
+            self._items, self._offset = initial_state["items"], initial_state["offset"]
+            self._pending = deque(initial_state["pending"])
+            return
+        self._it = iter(self.iterable)
+        item = None
+        for _ in range(initial_state["items"]):  # fast-forward: the iterable has no state of its own
+            try:
+                item = next(self._it)
+            except StopIteration:
+                raise ValueError(
+                    f"Source: cannot resume: the iterable ended after {self._items} items but the state "
+                    f"says {initial_state['items']} were consumed; is it the same data?"
+                ) from None
+            self._items += 1
+        if item is not None and self._is_batch(item):
+            self._offset = initial_state["offset"]
+            self._pending = deque(split_batch(item)[self._offset :])
+
+    def _is_batch(self, item) -> bool:
+        if self.batched is not None:
+            return self.batched
+        return isinstance(item, dict) and isinstance(item.get("__key__"), list | tuple)
+
+    def next(self) -> Sample:
+        while not self._pending:
+            item = next(self._it)
+            self._items += 1
+            self._offset = 0
+            if not self._is_batch(item):
+                return item
+            self._pending = deque(split_batch(item))
+        self._offset += 1
+        return self._pending.popleft()
+
+    def get_state(self) -> dict:
+        state = {"epoch": self._epoch, "items": self._items, "offset": self._offset, "rng": self._rng_state}
+        if self._stateful:
+            state["iterable"] = self.iterable.state_dict()
+            state["pending"] = list(self._pending)
+        return state
+
+
+def _loader_generator(iterable) -> torch.Generator | None:
+    if not isinstance(iterable, DataLoader):
+        return None
+    if iterable.generator is None and isinstance(iterable.sampler, RandomSampler):
+        warnings.warn(
+            "Source: this DataLoader shuffles with the global RNG, so a resumed pipeline will not replay "
+            "the same order; pass generator=torch.Generator().manual_seed(...) to the DataLoader",
+            stacklevel=3,
+        )
+    return iterable.generator
+
+
+def as_node(source) -> BaseNode:
+    """A BaseNode as is; anything else iterable wrapped in `Source`."""
+    return source if isinstance(source, BaseNode) else Source(source)
+
+
+class Shuffle(BaseNode):
+    """Seeded buffer shuffle: keeps `buffer_size` samples and emits a random one as each new one arrives.
+
+    Args:
+        source: upstream node of samples.
+        buffer_size: samples held; 0 or 1 passes samples through in order.
+        seed: the shuffle of epoch e is seeded by (seed, "shuffle", e).
+
+    The state holds the buffered samples themselves (about `buffer_size` samples), so a checkpoint
+    resumes exactly without re-reading the source.
+    """
+
+    def __init__(self, source: BaseNode, buffer_size: int = 1024, seed: int = 0):
+        super().__init__()
+        if not isinstance(buffer_size, int) or buffer_size < 0:
+            raise ValueError(f"Shuffle: buffer_size must be an int >= 0, got {buffer_size=}")
+        self.source, self.buffer_size, self.seed = source, buffer_size, seed
+        self._epoch = -1
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        if initial_state is None:
+            self.source.reset(None)
+            self._epoch += 1
+            self._generator = make_generator(self.seed, "shuffle", self._epoch)
+            self._buffer: list[Sample] = []
+            return
+        self.source.reset(initial_state["source"])
+        self._epoch = initial_state["epoch"]
+        self._generator = torch.Generator()
+        self._generator.set_state(initial_state["rng"])
+        self._buffer = list(initial_state["buffer"])
+
+    def next(self) -> Sample:
+        if self.buffer_size <= 1:
+            return next(self.source)
+        while len(self._buffer) < self.buffer_size:
+            try:
+                self._buffer.append(next(self.source))
+            except StopIteration:
+                break
+        if not self._buffer:
+            raise StopIteration
+        j = int(torch.randint(len(self._buffer), (1,), generator=self._generator))
+        self._buffer[j], self._buffer[-1] = self._buffer[-1], self._buffer[j]
+        return self._buffer.pop()
+
+    def get_state(self) -> dict:
+        return {
+            "source": self.source.state_dict(),
+            "epoch": self._epoch,
+            "rng": self._generator.get_state(),
+            "buffer": list(self._buffer),
+        }
+
+
+class Superbatch(BaseNode):
+    """Collects `size` samples into one collated superbatch (dict of tensors, `__key__` a list).
+
+    Args:
+        source: upstream node of samples.
+        size: samples per superbatch (B).
+        collate: list of samples → batch; default `torch.utils.data.default_collate`.
+        drop_last: a short final superbatch (fewer than `size` samples at the end of an epoch) is
+            yielded by default (selection then keeps the same fraction of it); True drops it, counted
+            in `stats()["dropped_tail"]`.
+    """
+
+    def __init__(self, source: BaseNode, size: int, collate: Callable | None = None, drop_last: bool = False):
+        super().__init__()
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"Superbatch: size must be a positive int, got {size=}")
+        self.source, self.size, self.drop_last = source, size, drop_last
+        self.collate = collate or default_collate
+        self.counts = {"superbatches": 0, "samples": 0, "dropped_tail": 0}
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        self.source.reset(None if initial_state is None else initial_state["source"])
+        if initial_state is not None:
+            self.counts = dict(initial_state["counts"])
+
+    def next(self) -> dict:
+        samples = []
+        for _ in range(self.size):
+            try:
+                samples.append(next(self.source))
+            except StopIteration:
+                break
+        if not samples:
+            raise StopIteration
+        if len(samples) < self.size and self.drop_last:
+            self.counts["dropped_tail"] += len(samples)
+            raise StopIteration
+        self.counts["superbatches"] += 1
+        self.counts["samples"] += len(samples)
+        return self.collate(samples)
+
+    def get_state(self) -> dict:
+        return {"source": self.source.state_dict(), "counts": dict(self.counts)}
+
+    def stats(self) -> dict:
+        return dict(self.counts)
+
+
+class Unbatch(BaseNode):
+    """Collated batches in, their samples out, one at a time."""
+
+    def __init__(self, source: BaseNode):
+        super().__init__()
+        self.source = source
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        self.source.reset(None if initial_state is None else initial_state["source"])
+        self._pending = deque() if initial_state is None else deque(initial_state["pending"])
+
+    def next(self) -> Sample:
+        while not self._pending:
+            self._pending = deque(split_batch(next(self.source)))
+        return self._pending.popleft()
+
+    def get_state(self) -> dict:
+        return {"source": self.source.state_dict(), "pending": list(self._pending)}
+
+
+class Batch(BaseNode):
+    """Samples in, collated batches of `batch_size` out.
+
+    Args:
+        source: upstream node of samples.
+        batch_size: samples per batch.
+        collate: list of samples → batch; default `torch.utils.data.default_collate`.
+        drop_last: drop a short final batch instead of yielding it.
+    """
+
+    def __init__(self, source: BaseNode, batch_size: int, collate: Callable | None = None, drop_last: bool = False):
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Batch: batch_size must be a positive int, got {batch_size=}")
+        self.source, self.batch_size, self.drop_last = source, batch_size, drop_last
+        self.collate = collate or default_collate
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        self.source.reset(None if initial_state is None else initial_state["source"])
+
+    def next(self) -> dict:
+        samples = []
+        for _ in range(self.batch_size):
+            try:
+                samples.append(next(self.source))
+            except StopIteration:
+                break
+        if not samples or (self.drop_last and len(samples) < self.batch_size):
+            raise StopIteration
+        return self.collate(samples)
+
+    def get_state(self) -> dict:
+        return {"source": self.source.state_dict()}

@@ -1,0 +1,154 @@
+"""Scorers: how one model's losses (or embeddings) are computed from a collated batch.
+
+A scorer is called on micro-batches by the `Score` stage (under `torch.no_grad()`, model in eval
+mode) and returns `Scores`. Built-ins: `ClassificationScorer` (per-example cross-entropy) and
+`ContrastiveScorer` (the open_clip API: `encode_image`, `encode_text`, `logit_scale`, `logit_bias`).
+A custom scorer is any object with `keys` (the batch fields it reads) and `__call__(model, batch)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .losses import cross_entropy_losses, sigmoid_example_losses, softmax_example_losses
+
+__all__ = ["Scores", "ClassificationScorer", "ContrastiveScorer", "model_device"]
+
+
+@dataclass
+class Scores:
+    """One model's view of a superbatch.
+
+    Args:
+        loss: per-example losses (B,). For contrastive scores it is computed on first access (it costs
+            O(B²·d)), from the embeddings with the whole superbatch as negatives.
+        image_emb, text_emb: L2-normalised embeddings (B, d), contrastive only.
+        scale: t = exp(logit_scale); bias: the sigmoid loss's logit bias (0 for softmax).
+        kind: "example" (per-example losses only), "sigmoid" or "softmax".
+    """
+
+    kind: Literal["example", "sigmoid", "softmax"] = "example"
+    image_emb: Tensor | None = None
+    text_emb: Tensor | None = None
+    scale: float = 1.0
+    bias: float = 0.0
+    _loss: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def loss(self) -> Tensor:
+        if self._loss is None:
+            if self.kind == "sigmoid":
+                self._loss = sigmoid_example_losses(self.image_emb, self.text_emb, self.scale, self.bias)
+            elif self.kind == "softmax":
+                self._loss = softmax_example_losses(self.image_emb, self.text_emb, self.scale)
+            else:
+                raise AssertionError("example scores are built with a loss")
+        return self._loss
+
+    @property
+    def size(self) -> int:
+        return (self._loss if self.kind == "example" else self.image_emb).shape[0]
+
+    @property
+    def contrastive(self) -> bool:
+        return self.kind != "example"
+
+    @classmethod
+    def of_losses(cls, loss: Tensor) -> Scores:
+        return cls(kind="example", _loss=loss)
+
+    def to(self, device: torch.device | str) -> Scores:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Scores(self.kind, move(self.image_emb), move(self.text_emb), self.scale, self.bias,
+                      move(self._loss))
+
+    def index(self, idx: Tensor) -> Scores:
+        """The scores of a subset. Contrastive per-example losses are recomputed within the subset."""
+        take = lambda t: None if t is None else t[idx.to(t.device)]  # noqa: E731
+        loss = take(self._loss) if self.kind == "example" else None
+        return Scores(self.kind, take(self.image_emb), take(self.text_emb), self.scale, self.bias, loss)
+
+    def nonfinite(self) -> Tensor:
+        """Bool mask (B,) of examples whose loss or embeddings are NaN/inf."""
+        if self.kind == "example":
+            return ~torch.isfinite(self._loss)
+        bad = ~torch.isfinite(self.image_emb).all(1) | ~torch.isfinite(self.text_emb).all(1)
+        if not (torch.isfinite(torch.tensor(self.scale)) and torch.isfinite(torch.tensor(self.bias))):
+            bad[:] = True
+        return bad
+
+    @staticmethod
+    def cat(parts: list[Scores]) -> Scores:
+        """Concatenate the scores of consecutive micro-batches."""
+        head = parts[0]
+        cat = lambda name: None if getattr(head, name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return Scores(head.kind, cat("image_emb"), cat("text_emb"), head.scale, head.bias,
+                      cat("_loss") if head.kind == "example" else None)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class ClassificationScorer:
+    """Per-example cross-entropy of `model(batch[input_key])` against `batch[target_key]`.
+
+    Args:
+        input_key: the batch field fed to the model.
+        target_key: the integer class labels.
+    """
+
+    def __init__(self, input_key: str = "input", target_key: str = "target"):
+        self.input_key, self.target_key = input_key, target_key
+        self.keys = (input_key, target_key)
+
+    def __call__(self, model: nn.Module, batch: dict) -> Scores:
+        device = model_device(model)
+        logits = model(batch[self.input_key].to(device, non_blocking=True))
+        return Scores.of_losses(cross_entropy_losses(logits, batch[self.target_key].to(device)))
+
+    def __repr__(self) -> str:
+        return f"ClassificationScorer(input_key={self.input_key!r}, target_key={self.target_key!r})"
+
+
+class ContrastiveScorer:
+    """Image-text embeddings from an open_clip-style model, for sigmoid (SigLIP) or softmax (CLIP) losses.
+
+    Args:
+        image_key: the batch field with images (a float tensor the model's `encode_image` takes).
+        text_key: the batch field with token ids (what the model's `encode_text` takes).
+        loss: "sigmoid" (needs `model.logit_bias`) or "softmax".
+    """
+
+    def __init__(self, image_key: str = "image", text_key: str = "text", loss: str = "sigmoid"):
+        if loss not in ("sigmoid", "softmax"):
+            raise ValueError(f"ContrastiveScorer: loss must be 'sigmoid' or 'softmax', got {loss=}")
+        self.image_key, self.text_key, self.loss = image_key, text_key, loss
+        self.keys = (image_key, text_key)
+
+    def __call__(self, model: nn.Module, batch: dict) -> Scores:
+        device = model_device(model)
+        image = model.encode_image(batch[self.image_key].to(device, non_blocking=True), normalize=True)
+        text = model.encode_text(batch[self.text_key].to(device, non_blocking=True), normalize=True)
+        scale = float(model.logit_scale.exp())
+        if self.loss == "sigmoid":
+            if getattr(model, "logit_bias", None) is None:
+                raise ValueError(
+                    "ContrastiveScorer: loss='sigmoid' needs model.logit_bias; build the model with "
+                    "init_logit_bias (open_clip: a SigLIP config) or use loss='softmax'"
+                )
+            bias = float(model.logit_bias)
+        else:
+            bias = 0.0
+        return Scores(self.loss, image.float(), text.float(), scale, bias)
+
+    def __repr__(self) -> str:
+        return f"ContrastiveScorer(image_key={self.image_key!r}, text_key={self.text_key!r}, loss={self.loss!r})"
