@@ -37,7 +37,8 @@ class JointSelect(BaseNode):
         method: "topk" (RHO-LOSS: the b best scores), "sample" (b draws without replacement,
             P ∝ exp(score / temperature)), or "joint" (JEST: chunked sampling from the conditional
             learnability of contrastive pairs; for per-example losses it is the same as "sample").
-        n_chunks: JEST chunks per batch; chunk sizes differ by at most one when b is not divisible.
+        n_chunks: JEST chunks per batch, capped at the number kept; chunk sizes differ by at most one
+            when b is not divisible by n_chunks.
         temperature: softmax temperature for "sample" and "joint"; 0 is greedy.
         seed: selection in epoch e, superbatch s is seeded by (seed, "select", e, s).
         superbatch_size: the full superbatch size B. A short final superbatch of n samples keeps
@@ -51,8 +52,8 @@ class JointSelect(BaseNode):
             raise ValueError(f"JointSelect: unknown method {method!r}; valid methods are {list(METHODS)}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"JointSelect: batch_size must be a positive int, got {batch_size=}")
-        if not isinstance(n_chunks, int) or not 1 <= n_chunks <= batch_size:
-            raise ValueError(f"JointSelect: n_chunks must be an int in [1, batch_size], got {n_chunks=} {batch_size=}")
+        if not isinstance(n_chunks, int) or n_chunks < 1:
+            raise ValueError(f"JointSelect: n_chunks must be a positive int, got {n_chunks=}")
         if temperature < 0:
             raise ValueError(f"JointSelect: temperature must be >= 0, got {temperature=}")
         if superbatch_size is not None and superbatch_size < batch_size:

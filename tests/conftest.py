@@ -1,0 +1,91 @@
+"""Shared test helpers: data made in code, tiny real models, and the one resume harness."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(2)
+
+
+def make_samples(n: int, dim: int = 8, n_classes: int = 3, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    y = torch.randint(n_classes, (n,), generator=g)
+    return [{"__key__": f"s{i:05d}", "input": x[i], "target": y[i]} for i in range(n)]
+
+
+def tiny_clip(loss: str = "sigmoid", embed_dim: int = 16, image_size: int = 8, vocab_size: int = 64,
+              context_length: int = 6, seed: int = 0) -> nn.Module:
+    """A real open_clip CLIP built from a config (no download), small enough for CPU tests."""
+    from open_clip.model import CLIP
+
+    torch.manual_seed(seed)
+    model = CLIP(
+        embed_dim=embed_dim,
+        vision_cfg={"layers": 1, "width": 32, "head_width": 16, "patch_size": 4, "image_size": image_size},
+        text_cfg={"context_length": context_length, "vocab_size": vocab_size, "width": 32, "heads": 2, "layers": 1},
+        init_logit_bias=-10.0 if loss == "sigmoid" else None,
+    )
+    return model.eval()
+
+
+def make_pairs(n: int, image_size: int = 8, vocab_size: int = 64, context_length: int = 6, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, image_size, image_size, generator=g)
+    texts = torch.randint(1, vocab_size, (n, context_length), generator=g)
+    return [{"__key__": f"p{i:05d}", "image": images[i], "text": texts[i]} for i in range(n)]
+
+
+def roundtrip(state: dict) -> dict:
+    """A state dict as a checkpoint would give it back: through torch.save and a weights-only load."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def assert_same_stream(a: list, b: list) -> None:
+    assert len(a) == len(b), f"streams differ in length: {len(a)} != {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert_same_item(x, y, where=f"item {i}")
+
+
+def assert_same_item(x, y, where: str = "") -> None:
+    if isinstance(x, dict):
+        assert isinstance(y, dict) and x.keys() == y.keys(), f"{where}: fields differ {x.keys()} vs {y.keys()}"
+        for k in x:
+            assert_same_item(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, torch.Tensor):
+        assert torch.equal(x, y), f"{where}: tensors differ"
+    else:
+        assert x == y, f"{where}: {x!r} != {y!r}"
+
+
+def check_resume(build, points: list[int]) -> list:
+    """The shared resume harness.
+
+    `build()` returns a fresh iterable with state_dict()/load_state_dict() (a curate.Pipeline or a
+    torchdata Loader over a stage). For every point p, consume p items, checkpoint (through
+    torch.save), resume in a fresh build and finish: the result must equal the uninterrupted stream.
+    """
+    full = list(build())
+    assert len(full) > max(points), f"harness: stream of {len(full)} items is too short for {points=}"
+    for p in points:
+        first = build()
+        it = iter(first)
+        head = [next(it) for _ in range(p)]
+        state = roundtrip(first.state_dict())
+        second = build()
+        second.load_state_dict(state)
+        tail = list(second)
+        assert_same_stream(head + tail, full)
+    return full
+
+
+@pytest.fixture
+def samples():
+    return make_samples(500)
