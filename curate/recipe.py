@@ -1,0 +1,212 @@
+"""YAML recipes: typed, validated configuration for the jobs the `curate` CLI runs.
+
+The only place YAML is parsed. Unknown keys and wrong types fail with the YAML path and line
+(`recipe.yaml:12: selection.n_chunks: expected an integer, got 'x'`); malformed YAML with line and
+column. `--set key.path=value` overrides are applied before validation, so they are checked too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .rules import RULES
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "parse_recipe", "apply_overrides"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read or validated; the message names the file, path and line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the shards are: `root` as written by `curate data digits ROOT` (local or s3://)."""
+
+    root: str = "data/digits"
+    dataset: Literal["pairs", "digits"] = "pairs"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(_Strict):
+    """A model from `pipelines.models`: `kind` names the builder, `options` are its keyword arguments."""
+
+    kind: Literal["tiny_clip", "small_cnn", "mlp"] = "tiny_clip"
+    loss: Literal["sigmoid", "softmax"] = "sigmoid"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReferenceConfig(_Strict):
+    """The reference model: trained on the curated split by `curate train-reference`."""
+
+    path: str | None = None  # default: <train.out>/reference
+    model: ModelConfig | None = None  # default: the learner's architecture
+    steps: int = Field(400, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-3, gt=0)
+
+
+class CacheConfig(_Strict):
+    """Offline reference scores: None scores the reference online at every step."""
+
+    path: str | None = None
+    missing: Literal["error", "online"] = "error"
+    batch_size: int = Field(512, gt=0)
+
+
+class ActorConfig(_Strict):
+    """ACL: a small proxy trained online on the selected batches, scoring in the learner's place."""
+
+    model: ModelConfig
+    lr: float = Field(1e-3, gt=0)
+
+
+class SelectionConfig(_Strict):
+    """What `curate.pipeline` is given; see its docstring for each knob."""
+
+    rule: str = "learnability"
+    method: Literal["topk", "sample", "joint"] = "joint"
+    filter_ratio: float = Field(0.8, ge=0, lt=1)
+    n_chunks: int = Field(16, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    shuffle_buffer: int = Field(1024, ge=0)
+    actor: ActorConfig | None = None
+    score_image_size: int | None = Field(None, gt=0)  # Flexi-JEST: score on downsampled images
+
+    @field_validator("rule")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        if value not in RULES:
+            raise ValueError(f"unknown rule {value!r}; valid rules are {sorted(RULES)}")
+        return value
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(50, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: str | None = None  # default: runs/<name>
+
+
+class Recipe(_Strict):
+    """A whole job: data, learner, reference (model or cache), selection and training.
+
+    `prepare: true` makes whatever is missing (data, reference, cache) before training; otherwise a
+    missing piece is an error naming the command that makes it. `compare` lists baselines trained in the
+    same run for the learning curve: rule names, e.g. ["uniform"] (uniform trains on the data as it
+    comes, without a superbatch).
+    """
+
+    name: str
+    prepare: bool = False
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    compare: list[str] = Field(default_factory=list)
+
+    @field_validator("compare")
+    @classmethod
+    def _known_baselines(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in RULES:
+                raise ValueError(f"unknown baseline {name!r}; a baseline is a rule name: {sorted(RULES)}")
+        return value
+
+    @property
+    def out(self) -> Path:
+        return Path(self.train.out or f"runs/{self.name}")
+
+    @property
+    def reference_path(self) -> Path:
+        return Path(self.reference.path) if self.reference.path else self.out / "reference"
+
+    @property
+    def reference_model(self) -> ModelConfig:
+        return self.reference.model or self.model
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML: `3`, `0.5`, `true`, `[uniform]`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. --set selection.n_chunks=8")
+        path, raw = item.split("=", 1)
+        node = data
+        keys = path.strip().split(".")
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """Validate recipe YAML text (with `overrides`); errors name `source`, the key path and the line."""
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise RecipeError(f"{where}: malformed YAML: {error.problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping (name: ..., selection: ...), "
+                          f"got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        lines = [_describe(err, source, root) for err in error.errors()]
+        raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist; the shipped recipes are in recipes/")
+    return parse_recipe(path.read_text(), str(path), overrides)
+
+
+def _describe(err: dict, source: str, root) -> str:
+    loc = [str(part) for part in err["loc"] if not str(part).startswith("function-after")]
+    path = ".".join(loc)
+    line = _line_of(root, loc)
+    where = f"{source}:{line}: " if line else ""
+    if err["type"] == "extra_forbidden":
+        return f"{where}{path}: unknown key (check the spelling; see curate/recipe.py for the valid keys)"
+    expected = {"int_parsing": "expected an integer", "int_type": "expected an integer",
+                "float_parsing": "expected a number", "float_type": "expected a number",
+                "bool_parsing": "expected true or false", "string_type": "expected a string",
+                "missing": "required key is missing"}.get(err["type"], err["msg"])
+    got = "" if err["type"] == "missing" else f", got {err.get('input')!r}"
+    return f"{where}{path}: {expected}{got}"
+
+
+def _line_of(node, keys: list[str]) -> int | None:
+    """The 1-based line of a key path in the composed YAML tree (None if it came from --set or a default)."""
+    line = None
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == key:
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            break
+    return line

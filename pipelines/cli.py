@@ -1,0 +1,146 @@
+"""The `curate` command: argv in, jobs from `pipelines/` out.
+
+    curate data digits OUT              make the embedded default datasets
+    curate train-reference RECIPE       train the reference on the curated split
+    curate precompute RECIPE            reference scores → Parquet cache
+    curate run RECIPE [--compare uniform] [--resume] [--set key=value ...]
+    curate inspect CACHE                summarise a score cache, histogram PNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from curate.recipe import Recipe, RecipeError, load_recipe
+
+__all__ = ["main", "prepare"]
+
+
+def prepare(recipe: Recipe, log=print) -> None:
+    """Make what a `prepare: true` recipe is missing: the data, the reference, the cache."""
+    from . import tasks
+
+    try:
+        tasks.manifest(recipe)
+    except tasks.MissingDataError:
+        if recipe.data.root.startswith("s3://"):
+            raise
+        from .data import make_digits
+
+        log(f"prepare: making the digits datasets in {recipe.data.root}")
+        make_digits(recipe.data.root, seed=recipe.train.seed)
+    if not (recipe.reference_path / "model.safetensors").is_file():
+        from .train_reference import train_reference
+
+        log("prepare: training the reference")
+        train_reference(recipe, log=log)
+    if recipe.cache.path and not _cache_exists(recipe):
+        from .precompute import precompute
+
+        log(f"prepare: precomputing reference scores into {recipe.cache.path}")
+        precompute(recipe, log=log)
+
+
+def _cache_exists(recipe: Recipe) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(recipe.cache.path, **recipe.data.storage_options)
+    return fs.exists(path) and bool(fs.glob(f"{path.rstrip('/')}/part-*.parquet"))
+
+
+def _recipe(args) -> Recipe:
+    overrides = list(args.set or [])
+    if getattr(args, "compare", None):
+        overrides.append(f"compare={args.compare}")
+    return load_recipe(args.recipe, overrides)
+
+
+def _data(args) -> None:
+    from .data import make_digits
+
+    manifest = make_digits(args.out, seed=args.seed, n_train=args.n_train)
+    print(f"wrote {args.out}: " + ", ".join(
+        f"{name} " + "/".join(f"{split['count']}" for split in ds["splits"].values())
+        for name, ds in manifest.items() if isinstance(ds, dict) and "splits" in ds) + " (train/curated/test)")
+
+
+def _train_reference(args) -> None:
+    from .train_reference import train_reference
+
+    recipe = _recipe(args)
+    if recipe.prepare:
+        from . import tasks
+
+        try:
+            tasks.manifest(recipe)
+        except tasks.MissingDataError:
+            prepare(recipe)
+            return
+    train_reference(recipe)
+
+
+def _precompute(args) -> None:
+    from .precompute import precompute
+
+    precompute(_recipe(args), rank=args.rank, world_size=args.world_size, backend=args.backend)
+
+
+def _run(args) -> None:
+    from .train import run
+
+    recipe = _recipe(args)
+    if recipe.prepare:
+        prepare(recipe)
+    run(recipe, resume=args.resume)
+
+
+def _inspect(args) -> None:
+    from .precompute import inspect_cache
+
+    inspect_cache(args.cache, png=args.png)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="curate", description="Choose what to train on.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("data", help="make an embedded default dataset")
+    p.add_argument("name", choices=["digits"])
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=20_000)
+    p.set_defaults(fn=_data)
+
+    for name, fn, text in (("train-reference", _train_reference, "train the reference model"),
+                           ("precompute", _precompute, "reference scores → Parquet cache"),
+                           ("run", _run, "train with curated batches")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("recipe", type=Path)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value")
+        p.set_defaults(fn=fn)
+        if name == "run":
+            p.add_argument("--compare", metavar="RULE", help="also train this baseline, e.g. uniform")
+            p.add_argument("--resume", action="store_true", help="continue from the runs' checkpoints")
+        if name == "precompute":
+            p.add_argument("--rank", type=int, default=0)
+            p.add_argument("--world-size", type=int, default=1)
+            p.add_argument("--backend", choices=["local", "ray"], default="local")
+
+    p = commands.add_parser("inspect", help="summarise a score cache")
+    p.add_argument("cache")
+    p.add_argument("--png", type=Path, default=None, help="histogram path (default: scores.png here)")
+    p.set_defaults(fn=_inspect)
+
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (RecipeError, FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"curate {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`curate train-reference RECIPE`: train the reference model on the clean curated split."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from curate.recipe import Recipe
+
+from . import tasks
+
+__all__ = ["train_reference"]
+
+
+def train_reference(recipe: Recipe, *, log=print) -> dict:
+    """Train the reference (the recipe's `reference.model`, default the learner's architecture) on the
+    curated split, evaluate it on the test split, and save it to `recipe.reference_path`."""
+    device = tasks.resolve_device(recipe.train.device)
+    cfg, rc = recipe.reference_model, recipe.reference
+    model = tasks.build_model(cfg, recipe, seed=recipe.train.seed + 1_000).to(device)
+    (pool,) = tasks.in_memory_batches(tasks.load_split(recipe, "curated"), batch_size=1 << 30)
+    n = len(pool["__key__"])
+    test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=recipe.train.weight_decay)
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    start = time.perf_counter()
+    model.train()
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(rc.steps):
+        if len(order) < rc.batch_size:  # a fresh permutation every pass over the curated split
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        idx, order = order[:rc.batch_size], order[rc.batch_size:]
+        batch = {k: v[idx] for k, v in pool.items() if isinstance(v, torch.Tensor)}
+        optimizer.zero_grad(set_to_none=True)
+        loss = tasks.train_loss(model, batch, cfg, device)
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    metrics = tasks.evaluate(model, test, cfg, device)
+    info = {"recipe": recipe.name, "model": cfg.model_dump(), "steps": rc.steps, "train_seconds": round(seconds, 2),
+            "final_loss": float(loss), "test": metrics}
+    tasks.save_model(model, recipe.reference_path, info)
+    log(f"reference: {rc.steps} steps in {seconds:.1f}s, test {metrics} → {recipe.reference_path}")
+    return info
