@@ -94,7 +94,7 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         seen += len(batch["is_noisy"])
         bar.update(1)
         if step % tc.eval_every == 0 or step == tc.steps:
-            record = {"run": name, "step": step, "train_loss": float(loss),
+            record = {"run": name, "step": step, "train_loss": loss.item(),
                       **tasks.evaluate(model, test, cfg, device),
                       "noisy_kept": noisy / seen, "seconds": time.perf_counter() - start,
                       "pipeline": batches.stats()}

@@ -39,7 +39,7 @@ def train_reference(recipe: Recipe, *, log=print) -> dict:
     seconds = time.perf_counter() - start
     metrics = tasks.evaluate(model, test, cfg, device)
     info = {"recipe": recipe.name, "model": cfg.model_dump(), "steps": rc.steps, "train_seconds": round(seconds, 2),
-            "final_loss": float(loss), "test": metrics}
+            "final_loss": loss.item(), "test": metrics}
     tasks.save_model(model, recipe.reference_path, info)
     log(f"reference: {rc.steps} steps in {seconds:.1f}s, test {metrics} → {recipe.reference_path}")
     return info

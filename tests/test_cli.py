@@ -1,0 +1,126 @@
+"""The curate CLI end to end on a small digits dataset: every shipped recipe, resume after SIGKILL, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.data import make_digits
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    make_digits(out, n_train=1200, n_curated=300, n_test=300, shard_size=400)
+    return out
+
+
+def _small(digits: Path, out: Path, steps: int = 4) -> list[str]:
+    values = [f"data.root={digits}", f"train.out={out}", f"train.steps={steps}", "train.eval_every=2",
+              "train.batch_size=8", "reference.steps=5", "reference.batch_size=32", "selection.shuffle_buffer=32",
+              "selection.n_chunks=4", "cache.batch_size=128"]
+    return [arg for value in values for arg in ("--set", value)]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_runs_a_few_steps(recipe, digits, tmp_path, capsys):
+    extra = ["--set", f"cache.path={tmp_path / 'cache'}"] if "cache:" in recipe.read_text() else []
+    assert main(["run", str(recipe), *_small(digits, tmp_path), *extra]) == 0
+    printed = capsys.readouterr().out
+    assert "final accuracy" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert all(row["final_accuracy"] >= 0 for row in summary.values())
+    assert (tmp_path / "learning_curve.png").stat().st_size > 1000
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {m["step"] for m in metrics} == {2, 4}
+
+
+def _cli(*args, cwd=ROOT) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_run_killed_then_resumed_equals_an_uninterrupted_run(digits, tmp_path):
+    recipe = str(ROOT / "recipes" / "rho_loss.yaml")
+    common = [*_small(digits, tmp_path / "a", steps=30), "--set", "train.eval_every=5",
+              "--set", f"cache.path={tmp_path / 'cache'}"]
+    # the uninterrupted run (also makes the reference and the cache both runs share)
+    assert main(["run", recipe, *common]) == 0
+    reference = json.loads((tmp_path / "a" / "summary.json").read_text())
+    expected = (tmp_path / "a" / "learnability" / "metrics.jsonl").read_text().splitlines()
+    # the same run in another directory, killed for real once it has checkpointed step 10 or later
+    killed = [arg.replace(str(tmp_path / "a"), str(tmp_path / "b")) for arg in common]
+    (tmp_path / "b").mkdir()
+    os.symlink(tmp_path / "a" / "reference", tmp_path / "b" / "reference")
+    proc = _cli("run", recipe, *killed)
+    checkpoint = tmp_path / "b" / "learnability" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not (checkpoint.exists() and _steps_logged(checkpoint.parent) >= 2) and proc.poll() is None:
+        assert time.time() < deadline, "the run never checkpointed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _steps_logged(checkpoint.parent) < 6, "the run finished before it could be killed"
+    assert main(["run", recipe, *killed, "--resume"]) == 0
+    _assert_same_metrics(tmp_path / "b" / "learnability" / "metrics.jsonl", expected)
+    resumed = json.loads((tmp_path / "b" / "summary.json").read_text())
+    for run in reference:
+        assert resumed[run]["final_accuracy"] == reference[run]["final_accuracy"]
+
+
+def _steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _assert_same_metrics(path: Path, expected: list[str]) -> None:
+    """Equal except wall-clock seconds and timing counters."""
+    def strip(line):
+        record = json.loads(line)
+        record.pop("seconds")
+        record["pipeline"].pop("score_seconds", None)
+        return record
+    got = [strip(line) for line in path.read_text().splitlines()]
+    assert got == [strip(line) for line in expected]
+
+
+def test_missing_data_says_how_to_make_it(tmp_path, capsys):
+    code = main(["run", str(ROOT / "recipes" / "uniform.yaml"), "--set", f"data.root={tmp_path / 'none'}",
+                 "--set", "prepare=false"])
+    assert code == 2
+    assert "curate data digits" in capsys.readouterr().err
+
+
+def test_missing_cache_says_how_to_make_it(digits, tmp_path, capsys):
+    code = main(["run", str(ROOT / "recipes" / "jest.yaml"), *_small(digits, tmp_path), "--set", "prepare=false",
+                 "--set", f"cache.path={tmp_path / 'no-cache'}", "--set", f"reference.path={tmp_path}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "curate train-reference" in err or "curate precompute" in err
+
+
+def test_cuda_requested_without_cuda(digits, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(["run", str(ROOT / "recipes" / "uniform.yaml"), *_small(digits, tmp_path),
+                 "--set", "train.device=cuda"])
+    assert code == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_bad_recipe_value_is_reported_with_its_path(capsys):
+    code = main(["run", str(ROOT / "recipes" / "quickstart.yaml"), "--set", "selection.n_chunks=x"])
+    assert code == 2
+    assert "selection.n_chunks: expected an integer, got 'x'" in capsys.readouterr().err
