@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -10,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torchdata.nodes import BaseNode
 
+from .flops import FlopLedger
 from .nodes import batch_size_of
 from .rules import RULES, Rule, get_rule, needs_learner, needs_reference
 from .scorers import Scores
@@ -81,13 +84,20 @@ class Score(BaseNode):
         scorer: computes one model's `Scores` from a batch (`ClassificationScorer`, `ContrastiveScorer`).
         rule: a name from `curate.RULES` or a function `rule(learner, reference)`.
         micro_batch_size: samples per forward pass; bounds activation memory at large superbatches.
+            Passed on to providers whose `scores` takes a `micro_batch_size` keyword (WeightSync, Actor).
+        score_transform: applied to the superbatch before the scoring forwards only (the selected samples
+            are trained on as they came), e.g. downsampled images for cheaper scoring (Flexi-JEST):
+            `lambda batch: {**batch, "image": F.avg_pool2d(batch["image"], 2)}`. It may change each
+            sample but must keep all of them, in order, and the fields a ScoreCache reads (`__key__`).
+        count_flops: measure each model's forward FLOPs on the first superbatch (`curate.flops`).
 
     Non-finite losses or embeddings raise a ValueError naming the samples' keys: a NaN score would
     otherwise silently decide what is trained on.
     """
 
     def __init__(self, source: BaseNode, learner=None, reference=None, scorer=None, rule: str | Rule = "learnability",
-                 micro_batch_size: int = 1024):
+                 micro_batch_size: int = 1024, score_transform: Callable[[dict], dict] | None = None,
+                 count_flops: bool = True):
         super().__init__()
         self.rule = get_rule(rule) if isinstance(rule, str) else rule
         if needs_learner(self.rule) and learner is None:
@@ -109,32 +119,58 @@ class Score(BaseNode):
                                 f"got {type(model).__name__}")
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
             raise ValueError(f"Score: micro_batch_size must be a positive int, got {micro_batch_size=}")
+        if score_transform is not None and not callable(score_transform):
+            raise TypeError(f"Score: score_transform must be a function batch -> batch, got {score_transform!r}")
         self.source, self.scorer, self.micro_batch_size = source, scorer, micro_batch_size
         self.learner, self.reference = learner, reference
+        self.score_transform, self.count_flops = score_transform, count_flops
         self.counts = {"scored": 0, "score_seconds": 0.0}
+        self.ledger = FlopLedger()
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
         self.source.reset(None if initial_state is None else initial_state["source"])
         if initial_state is not None:
             self.counts = dict(initial_state["counts"])
+            self.ledger.load(initial_state.get("ledger"))
 
-    def _scores(self, model, batch: dict) -> Scores | None:
+    def _scores(self, role: str, model, batch: dict, n: int) -> Scores | None:
         if model is None:
             return None
         if isinstance(model, nn.Module):
-            return score_model(model, batch, self.scorer, self.micro_batch_size)
-        return model.scores(batch, self.scorer)
+            fn = lambda: score_model(model, batch, self.scorer, self.micro_batch_size)  # noqa: E731
+        elif "micro_batch_size" in inspect.signature(model.scores).parameters:
+            fn = lambda: model.scores(batch, self.scorer, micro_batch_size=self.micro_batch_size)  # noqa: E731
+        else:
+            fn = lambda: model.scores(batch, self.scorer)  # noqa: E731
+        return self.ledger.run(role, n, fn) if self.count_flops else fn()
+
+    def _transform(self, batch: dict, n: int) -> dict:
+        fn = lambda: self.score_transform(batch)  # noqa: E731
+        out = self.ledger.run("score_transform", n, fn) if self.count_flops else fn()
+        if not isinstance(out, dict):
+            raise TypeError(f"Score: score_transform must return a batch dict, got {type(out).__name__}")
+        for name, value in out.items():
+            if isinstance(value, Tensor) and value.ndim:
+                rows = value.shape[0]
+            else:
+                rows = len(value) if isinstance(value, list | tuple) else n
+            if rows != n:
+                raise ValueError(f"Score: score_transform changed the batch size: field {name!r} has {rows} rows but "
+                                 f"the superbatch has {n}; it may change each sample (e.g. downsample images) but "
+                                 "must keep all of them, in order")
+        return out
 
     def next(self) -> Scored:
         batch = next(self.source)
         self._check_keys(batch)
         start = time.perf_counter()
-        learner = self._scores(self.learner, batch)
-        reference = self._scores(self.reference, batch)
+        n = batch_size_of(batch)
+        scoring = batch if self.score_transform is None else self._transform(batch, n)
+        learner = self._scores("learner", self.learner, scoring, n)
+        reference = self._scores("reference", self.reference, scoring, n)
         if learner is not None and reference is not None:
             reference = reference.to(learner.image_emb.device if learner.contrastive else learner.loss.device)
-        n = batch_size_of(batch)
         for name, scores in (("learner", learner), ("reference", reference)):
             if scores is not None:
                 self._check_finite(name, scores, batch)
@@ -162,7 +198,7 @@ class Score(BaseNode):
             )
 
     def get_state(self) -> dict:
-        return {"source": self.source.state_dict(), "counts": dict(self.counts)}
+        return {"source": self.source.state_dict(), "counts": dict(self.counts), "ledger": self.ledger.state()}
 
     def stats(self) -> dict:
         return dict(self.counts)
