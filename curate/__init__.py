@@ -3,6 +3,7 @@
 The public API. Everything a user needs is importable from here; submodules are implementation.
 """
 
+from .cache import ScoreCache, model_hash, write_part
 from .losses import cross_entropy_losses, sigmoid_example_losses, sigmoid_pair_losses, softmax_example_losses
 from .nodes import Batch, Shuffle, Source, Superbatch, Unbatch
 from .pipeline import Pipeline, pipeline, superbatch_size_for
@@ -41,6 +42,9 @@ __all__ = [
     "sigmoid_pair_losses",
     "sigmoid_example_losses",
     "softmax_example_losses",
+    "ScoreCache",
+    "write_part",
+    "model_hash",
     "derive_seed",
     "make_generator",
 ]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is fastest and avoids oversubscription
 
 
 def make_samples(n: int, dim: int = 8, n_classes: int = 3, seed: int = 0) -> list[dict]:
