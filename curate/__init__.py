@@ -3,16 +3,19 @@
 The public API. Everything a user needs is importable from here; submodules are implementation.
 """
 
+from .actor import Actor
 from .cache import ScoreCache, model_hash, write_part
+from .flops import forward_flops
 from .losses import cross_entropy_losses, sigmoid_example_losses, sigmoid_pair_losses, softmax_example_losses
 from .nodes import Batch, Shuffle, Source, Superbatch, Unbatch
-from .pipeline import Pipeline, pipeline, superbatch_size_for
+from .pipeline import Pipeline, Prefetch, pipeline, superbatch_size_for
 from .rules import RULES, get_rule
 from .score import Score, Scored, ScoreProvider
 from .scorers import ClassificationScorer, ContrastiveScorer, Scores
 from .seeding import derive_seed, make_generator
 from .select import METHODS, JointSelect
 from .selection import joint, sample, topk
+from .sync import WeightSync
 
 __version__ = "0.1.0"
 
@@ -20,6 +23,10 @@ __all__ = [
     "pipeline",
     "Pipeline",
     "superbatch_size_for",
+    "WeightSync",
+    "Actor",
+    "Prefetch",
+    "forward_flops",
     "Source",
     "Shuffle",
     "Superbatch",
