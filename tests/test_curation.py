@@ -18,6 +18,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
+from curate.cache import ScoreCache, write_part
 from curate.curation import DedupResult, balance, read_keys, semantic_dedup, write_keys
 
 TOL = 1e-5  # the rounding slack semantic_dedup documents: duplicates have cos ≥ threshold - 1e-5
@@ -217,6 +218,21 @@ def test_curated_reference_beats_random_subset() -> None:
     share = np.mean(minority_share, axis=0)
     assert share[0] >= 2 * share[1], share  # balancing by cluster also flattens the (unseen) classes
     assert np.mean(curated_acc) >= np.mean(random_acc), (curated_acc, random_acc)
+
+
+def test_dedup_over_a_score_cache(tmp_path) -> None:
+    """The offline path: reference embeddings in a ScoreCache → dedup → a key list the pipeline reads back."""
+    keys, emb, group = clustered(300, 16, 60, seed=5)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    meta = {"reference_hash": "h", "scorer": "contrastive", "dataset": "clustered"}
+    write_part(str(tmp_path / "cache" / "part-00000.parquet"), keys, image_emb=emb, text_emb=emb,
+               logit_scale=2.3, metadata=meta)  # fmt: skip
+    cache = ScoreCache.open(str(tmp_path / "cache"))
+    result = semantic_dedup(cache.keys, cache.image_emb, n_clusters=4, threshold=0.99)
+    assert_matches_brute_force(cache.keys.to_list(), cache.image_emb, result, 0.99)
+    path = write_keys(tmp_path / "kept.parquet", result.kept_keys, {"threshold": 0.99, "cache": str(tmp_path)})
+    assert read_keys(path) == sorted(result.kept_keys)
+    assert len(result.kept_keys) == len(np.unique(group))  # exactly the planted copies went
 
 
 # ---- key lists ----
