@@ -5,9 +5,10 @@ The public API. Everything a user needs is importable from here; submodules are 
 
 from .actor import Actor
 from .cache import ScoreCache, model_hash, write_part
+from .curation import DedupResult, balance, read_keys, semantic_dedup, write_keys
 from .flops import forward_flops
 from .losses import cross_entropy_losses, sigmoid_example_losses, sigmoid_pair_losses, softmax_example_losses
-from .nodes import Batch, Shuffle, Source, Superbatch, Unbatch
+from .nodes import Batch, KeepKeys, Shuffle, Source, Superbatch, Unbatch
 from .pipeline import Pipeline, Prefetch, pipeline, superbatch_size_for
 from .rules import RULES, get_rule
 from .score import Score, Scored, ScoreProvider
@@ -28,6 +29,7 @@ __all__ = [
     "Prefetch",
     "forward_flops",
     "Source",
+    "KeepKeys",
     "Shuffle",
     "Superbatch",
     "Score",
@@ -49,6 +51,11 @@ __all__ = [
     "sigmoid_pair_losses",
     "sigmoid_example_losses",
     "softmax_example_losses",
+    "semantic_dedup",
+    "balance",
+    "write_keys",
+    "read_keys",
+    "DedupResult",
     "ScoreCache",
     "write_part",
     "model_hash",

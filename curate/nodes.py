@@ -18,7 +18,7 @@ from torchdata.nodes import BaseNode
 
 from .seeding import make_generator
 
-__all__ = ["Source", "Shuffle", "Superbatch", "Unbatch", "Batch", "as_node", "split_batch", "batch_size_of"]
+__all__ = ["Source", "KeepKeys", "Shuffle", "Superbatch", "Unbatch", "Batch", "as_node", "split_batch", "batch_size_of"]
 
 Sample = dict[str, Any]
 
@@ -148,6 +148,46 @@ def _loader_generator(iterable) -> torch.Generator | None:
 def as_node(source) -> BaseNode:
     """A BaseNode as is; anything else iterable wrapped in `Source`."""
     return source if isinstance(source, BaseNode) else Source(source)
+
+
+class KeepKeys(BaseNode):
+    """Passes only samples whose `__key__` is in `keys` (e.g. a curated key list from `curate.curation`).
+
+    Args:
+        source: upstream node of samples.
+        keys: the keys to keep (any iterable of str).
+
+    What it drops is counted in `stats()["dropped"]`, never silently lost; a sample without `__key__`
+    is an error, since it cannot be matched.
+    """
+
+    def __init__(self, source: BaseNode, keys):
+        super().__init__()
+        self.source, self.keys = source, frozenset(keys)
+        self.counts = {"kept": 0, "dropped": 0}
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        self.source.reset(None if initial_state is None else initial_state["source"])
+        if initial_state is not None:
+            self.counts = dict(initial_state["counts"])
+
+    def next(self) -> Sample:
+        while True:
+            sample = next(self.source)
+            if "__key__" not in sample:
+                raise ValueError(f"KeepKeys: a sample has no '__key__' (fields {sorted(sample)}); key lists "
+                                 "match samples by __key__, so give every sample one")
+            if sample["__key__"] in self.keys:
+                self.counts["kept"] += 1
+                return sample
+            self.counts["dropped"] += 1
+
+    def get_state(self) -> dict:
+        return {"source": self.source.state_dict(), "counts": dict(self.counts)}
+
+    def stats(self) -> dict:
+        return dict(self.counts)
 
 
 class Shuffle(BaseNode):

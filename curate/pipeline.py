@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from os import PathLike
 
 from torch import nn
 from torchdata.nodes import BaseNode, Loader
 
 from .actor import Actor, TrainActor
 from .flops import TrainingFlops, ledger_stats
-from .nodes import Shuffle, Superbatch, as_node
+from .nodes import KeepKeys, Shuffle, Superbatch, as_node
 from .rules import Rule
 from .score import Score
 from .select import METHODS, JointSelect
@@ -139,6 +140,8 @@ class Pipeline(Loader):
         score = self.stages["score"]
         out["score_seconds"] = score.stats()["score_seconds"]
         out["dropped_tail"] = self.stages["superbatch"].stats()["dropped_tail"]
+        if "keep_keys" in self.stages:
+            out["dropped_by_keep_keys"] = self.stages["keep_keys"].stats()["dropped"]
         out["prefetch"] = self.prefetch
         if isinstance(score.learner, Actor):
             out["score_lag_steps"] = 0  # trained and scored in order, in one thread
@@ -183,6 +186,7 @@ def pipeline(
     score_transform: Callable[[dict], dict] | None = None,
     train_model: nn.Module | None = None,
     count_flops: bool = True,
+    keep_keys: Iterable[str] | str | PathLike | None = None,
 ) -> Pipeline:
     """Curated training batches from any iterable of samples.
 
@@ -206,6 +210,8 @@ def pipeline(
         micro_batch_size: samples per scoring forward pass.
         drop_last: drop a short final superbatch instead of selecting the same fraction of it.
         seed: seeds the shuffle and the selection (per epoch and per superbatch).
+        keep_keys: train only on samples with these keys: an iterable of keys or the path of a Parquet key
+            list (`curate.curation.write_keys`, `curate curate-set`); what it drops is in `stats()`.
         prefetch: 1 prepares superbatch n+1 (load, score, select, train the actor) in a background thread
             while the loop trains on batch n; 0 does it all in the loop's thread. The live learner cannot
             be read while the optimizer rewrites it, so with prefetch=1 the learner is scored from a
@@ -238,6 +244,12 @@ def pipeline(
 
     node = as_node(source)
     stages: dict[str, BaseNode] = {"source": node}
+    if keep_keys is not None:
+        if isinstance(keep_keys, str | PathLike):
+            from .curation import read_keys
+
+            keep_keys = read_keys(keep_keys)
+        node = stages["keep_keys"] = KeepKeys(node, keep_keys)
     if shuffle_buffer > 1:
         node = stages["shuffle"] = Shuffle(node, shuffle_buffer, seed=seed)
     node = stages["superbatch"] = Superbatch(node, superbatch_size, collate=collate, drop_last=drop_last)

@@ -295,3 +295,24 @@ def test_pipeline_works_without_keys_and_nan_errors_give_positions():
     data[5]["input"] = torch.full((8,), float("inf"))
     with pytest.raises(ValueError, match=r"keys \[5\]"):
         next(iter(curate.pipeline(data, shuffle_buffer=0, filter_ratio=0.5, **_kwargs())))
+
+
+# ---------------------------------------------------------------- curated key lists
+
+
+def test_keep_keys_filters_counts_and_resumes(tmp_path):
+    data = make_samples(300)
+    keep = [s["__key__"] for s in data if int(s["__key__"][1:]) % 3]  # two thirds of the keys
+    curate.write_keys(tmp_path / "keys.parquet", keep)
+    learner, reference = _linear_models()
+
+    def build():
+        return curate.pipeline(data, learner=learner, reference=reference, scorer=curate.ClassificationScorer(),
+                               batch_size=10, filter_ratio=0.5, keep_keys=tmp_path / "keys.parquet", seed=1)
+
+    full = check_resume(build, points=[2, 5])
+    keys = [k for b in full for k in b["__key__"]]
+    assert set(keys) <= set(keep) and len(keys) == len(keep) // 2
+    p = build()
+    list(p)
+    assert p.stats()["dropped_by_keep_keys"] == 100
