@@ -268,6 +268,8 @@ def pipeline(
     if trained is None and score_transform is not None and isinstance(learner, nn.Module | WeightSync):
         trained = learner.module if isinstance(learner, WeightSync) else learner
     if count_flops and trained is not None and scorer is not None:
-        node = stages["training_flops"] = TrainingFlops(node, trained, scorer, micro_batch_size)
+        # a cheaper scoring pass (e.g. patch dropout) exposes the full forward as `scorer.full`
+        full = getattr(scorer, "full", scorer)
+        node = stages["training_flops"] = TrainingFlops(node, trained, full, micro_batch_size)
     return Pipeline(node, stages, sync=sync, prefetch=prefetch, learner=learner)
 

@@ -77,7 +77,7 @@ class SelectionConfig(_Strict):
     temperature: float = Field(1.0, ge=0)
     shuffle_buffer: int = Field(1024, ge=0)
     actor: ActorConfig | None = None
-    score_image_size: int | None = Field(None, gt=0)  # Flexi-JEST: score on downsampled images
+    score_patch_dropout: float = Field(0.0, ge=0, lt=1)  # Flexi-JEST: drop this share of image patches when scoring
 
     @field_validator("rule")
     @classmethod

@@ -62,8 +62,8 @@ def precompute_shard(recipe: Recipe, index: int, url: str, model: torch.nn.Modul
     if images:
         bias = getattr(model, "logit_bias", None)
         write_part(part_path(recipe, index), keys, image_emb=torch.cat(images).numpy(),
-                   text_emb=torch.cat(texts).numpy(), logit_scale=float(model.logit_scale),
-                   logit_bias=None if bias is None else float(bias), metadata=metadata,
+                   text_emb=torch.cat(texts).numpy(), logit_scale=model.logit_scale.item(),
+                   logit_bias=None if bias is None else bias.item(), metadata=metadata,
                    storage_options=recipe.data.storage_options)
     else:
         write_part(part_path(recipe, index), keys, ref_loss=torch.cat(losses).numpy(), metadata=metadata,

@@ -21,7 +21,8 @@ from . import data as digits_data
 from . import models
 
 __all__ = ["resolve_device", "manifest", "shard_urls", "load_split", "build_model", "scorer_for", "train_loss",
-           "evaluate", "in_memory_batches", "MissingDataError"]
+           "evaluate", "in_memory_batches", "MissingDataError",
+           "PatchDropoutScorer", "actor_loss"]
 
 
 class MissingDataError(FileNotFoundError):
@@ -79,11 +80,59 @@ def build_model(cfg: ModelConfig, recipe: Recipe, seed: int) -> nn.Module:
     return builder(10, image_size=image_size, **cfg.options)
 
 
-def scorer_for(recipe: Recipe, cfg: ModelConfig | None = None):
+def scorer_for(recipe: Recipe, cfg: ModelConfig | None = None, *, patch_dropout: float = 0.0):
     cfg = cfg or recipe.model
     if recipe.data.dataset == "pairs":
+        if patch_dropout:
+            return PatchDropoutScorer(patch_dropout, seed=recipe.train.seed, loss=cfg.loss)
         return curate.ContrastiveScorer(image_key="image", text_key="text", loss=cfg.loss)
     return curate.ClassificationScorer(input_key="image", target_key="target")
+
+
+class PatchDropoutScorer(curate.ContrastiveScorer):
+    """Flexi-JEST's cheaper scoring pass: the image tower sees a random `prob` share of its patches dropped.
+
+    open_clip's PatchDropout only acts in train mode, and scoring runs in eval mode, so it is switched on
+    for the scoring forward alone. The patches dropped are seeded by (seed, the batch's first key), so a
+    resumed run drops the same ones. The FLOP ledger measures the cheaper forward.
+    """
+
+    def __init__(self, prob: float, seed: int = 0, **kwargs):
+        super().__init__(image_key="image", text_key="text", **kwargs)
+        self.prob, self.seed = prob, seed
+        self.full = curate.ContrastiveScorer(image_key="image", text_key="text", **kwargs)  # for training FLOPs
+
+    def __call__(self, model: nn.Module, batch: dict):
+        from open_clip.transformer import PatchDropout
+
+        visual = model.visual
+        original = visual.patch_dropout
+        visual.patch_dropout = PatchDropout(self.prob).train()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(curate.derive_seed(self.seed, "patch_dropout", batch["__key__"][0]))
+                return super().__call__(model, batch)
+        finally:
+            visual.patch_dropout = original
+
+    def __repr__(self) -> str:
+        return f"PatchDropoutScorer(prob={self.prob}, loss={self.loss!r})"
+
+
+def actor_loss(cfg: ModelConfig):
+    """Per-example training losses with grad for an ACL actor (logit scale and bias trained too)."""
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        if cfg.kind != "tiny_clip":
+            return F.cross_entropy(model(batch["image"]), batch["target"], reduction="none")
+        from curate.losses import sigmoid_example_losses, softmax_example_losses
+
+        device = next(model.parameters()).device
+        image = model.encode_image(batch["image"].to(device), normalize=True)
+        text = model.encode_text(batch["text"].to(device), normalize=True)
+        if cfg.loss == "sigmoid":
+            return sigmoid_example_losses(image, text, model.logit_scale.exp(), model.logit_bias)
+        return softmax_example_losses(image, text, model.logit_scale.exp())
+    return loss
 
 
 def train_loss(model: nn.Module, batch: dict, cfg: ModelConfig, device: torch.device) -> torch.Tensor:

@@ -56,11 +56,18 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
     model = tasks.build_model(cfg, recipe, seed=tc.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     uses_models = options["rule"] != "uniform"
+    learner = model
+    if uses_models and recipe.selection.actor:  # ACL: a small proxy scores in the learner's place
+        actor_cfg = recipe.selection.actor
+        proxy = tasks.build_model(actor_cfg.model, recipe, seed=tc.seed + 2_000).to(device)
+        learner = curate.Actor(proxy, torch.optim.AdamW(proxy.parameters(), lr=actor_cfg.lr),
+                               loss_fn=tasks.actor_loss(actor_cfg.model))
     batches = curate.pipeline(
         tasks.load_split(recipe, "train"),
-        learner=model if uses_models else None,
+        learner=learner if uses_models else None,
         reference=_reference(recipe, device) if uses_models else None,
-        scorer=tasks.scorer_for(recipe),
+        scorer=tasks.scorer_for(recipe, patch_dropout=recipe.selection.score_patch_dropout if uses_models else 0),
+        train_model=model,
         batch_size=tc.batch_size,
         shuffle_buffer=recipe.selection.shuffle_buffer,
         seed=tc.seed,
