@@ -45,7 +45,8 @@ def test_every_recipe_runs_a_few_steps(recipe, digits, tmp_path, capsys):
 
 
 def _cli(*args, cwd=ROOT) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the same torch thread count as this process (conftest: 1), or float reductions differ in the last bits
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
