@@ -7,12 +7,13 @@ downloaded: weights are randomly initialised from the seed in force (`torch.manu
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from curate.cache import model_hash  # re-exported: the one provenance hash, shared with the score cache
 
 __all__ = ["tiny_clip", "HashedEmbedding", "small_cnn", "mlp", "model_hash", "zero_shot_accuracy"]
 
@@ -86,24 +87,6 @@ def mlp(num_classes: int = 10, *, image_size: int = 16, in_channels: int = 1, hi
         nn.Flatten(), nn.Linear(in_channels * image_size**2, hidden), nn.ReLU(),
         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
     )
-
-
-def model_hash(model: nn.Module) -> str:
-    """sha256 (hex) of the state_dict: names, dtypes, shapes and raw bytes, in name order.
-
-    Stable across processes and runs (no pickling, no addresses); used as cache provenance, so any
-    change to a weight, buffer, dtype or parameter name changes it.
-    """
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode() + b"\0")
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous()
-            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(repr(value).encode())
-    return digest.hexdigest()
 
 
 @torch.no_grad()
