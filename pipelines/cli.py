@@ -3,6 +3,7 @@
     curate data digits OUT              make the embedded default datasets
     curate train-reference RECIPE       train the reference on the curated split
     curate precompute RECIPE            reference scores → Parquet cache
+    curate curate-set RECIPE            reference embeddings → dedup → balance → curated key list
     curate run RECIPE [--compare uniform] [--resume] [--set key=value ...]
     curate inspect CACHE                summarise a score cache, histogram PNG
 """
@@ -84,7 +85,15 @@ def _train_reference(args) -> None:
 def _precompute(args) -> None:
     from .precompute import precompute
 
-    precompute(_recipe(args), rank=args.rank, world_size=args.world_size, backend=args.backend)
+    precompute(_recipe(args), rank=args.rank, world_size=args.world_size, backend=args.backend,
+               on_error=args.on_error)
+
+
+def _curate_set(args) -> None:
+    from .curate_set import curate_set
+
+    curate_set(_recipe(args), embedding=args.embedding, n_clusters=args.n_clusters, threshold=args.threshold,
+               per_cluster=args.per_cluster, seed=args.seed)
 
 
 def _run(args) -> None:
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, fn, text in (("train-reference", _train_reference, "train the reference model"),
                            ("precompute", _precompute, "reference scores → Parquet cache"),
+                           ("curate-set", _curate_set, "reference embeddings → dedup → balance → curated keys"),
                            ("run", _run, "train with curated batches")):
         p = commands.add_parser(name, help=text)
         p.add_argument("recipe", type=Path)
@@ -127,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--rank", type=int, default=0)
             p.add_argument("--world-size", type=int, default=1)
             p.add_argument("--backend", choices=["local", "ray"], default="local")
+            p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                           help="a shard that cannot be read whole: fail (default), or skip it and record it "
+                                "in precompute_report.json")
+        if name == "curate-set":
+            p.add_argument("--embedding", choices=["image", "text", "both"], default="image")
+            p.add_argument("--n-clusters", type=int, default=None, help="k-means clusters (default: √N)")
+            p.add_argument("--threshold", type=float, default=0.95, help="cosine at which samples are duplicates")
+            p.add_argument("--per-cluster", type=int, default=None, help="cap per cluster after dedup (default: none)")
+            p.add_argument("--seed", type=int, default=None, help="k-means and balancing seed (default: train.seed)")
 
     p = commands.add_parser("inspect", help="summarise a score cache")
     p.add_argument("cache")

@@ -1,15 +1,21 @@
 """`curate precompute RECIPE`: the reference model over the train shards → a Parquet score cache.
 
-One part per input shard (`part-NNNNN.parquet`, N = the shard's index), so the job is sharded by
-`--rank/--world-size` (shard i belongs to rank i % world_size) and resumable: a part that exists is
-skipped, and a part is only ever written whole (`curate.cache.write_part` is atomic). A corrupt shard
-fails the job by default; `on_error="skip"` records it in `precompute_report.json` and goes on.
-`backend="ray"` runs the same per-shard function under Ray Data for clusters.
+One part per input shard (`part-NNNNN.parquet`, N = the shard's index in the manifest), so the job is
+sharded by `--rank/--world-size` (shard i belongs to rank i % world_size) and resumable: a part that
+exists is finished and skipped, because a part is only ever written whole (`curate.cache.write_part`
+writes a temporary file and renames it; on S3 a part is one PUT). A shard that cannot be read whole (a
+corrupt or truncated tar, a sample that does not decode, fewer samples than the manifest lists) fails the
+job by default; `on_error="skip"` writes no part for it and records it, with the keys that could be read
+before the damage, in `precompute_report.json` under the run directory. `backend="ray"` runs the same
+per-shard function under Ray Data (`pipelines.precompute_ray`) for clusters.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import posixpath
 import sys
 import time
 from pathlib import Path
@@ -23,100 +29,183 @@ from curate.score import score_model
 
 from . import tasks
 
-__all__ = ["precompute", "precompute_shard", "inspect_cache", "part_path"]
+__all__ = ["precompute", "precompute_shard", "score_shard", "ShardError", "inspect_cache", "part_path",
+           "report_path"]
+
+DROP = ("caption", "noise")  # sample fields default_collate cannot batch and scoring never reads
+
+
+class ShardError(RuntimeError):
+    """A shard that could not be scored whole: `keys` are the samples read from it before the failure."""
+
+    def __init__(self, url: str, keys: list[str], cause: str):
+        super().__init__(f"shard {url} failed after {len(keys)} samples ({cause})")
+        self.url, self.keys, self.cause = url, keys, cause
 
 
 def part_path(recipe: Recipe, index: int) -> str:
     return f"{recipe.cache.path.rstrip('/')}/part-{index:05d}.parquet"
 
 
-def precompute_shard(recipe: Recipe, index: int, url: str, model: torch.nn.Module, device: torch.device) -> int:
-    """Score one shard with the reference and write its part; returns the number of rows."""
+def report_path(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Path:
+    """Where a rank's summary goes: one file per rank, so concurrent ranks never overwrite each other."""
+    name = "precompute_report.json" if world_size == 1 else f"precompute_report-{rank:05d}-of-{world_size:05d}.json"
+    return recipe.out / name
+
+
+def precompute_shard(recipe: Recipe, index: int, url: str, model: torch.nn.Module, *,
+                     expected: int | None = None) -> int:
+    """Score one shard with the reference in batches of `cache.batch_size` and write its part; returns the
+    number of rows. Raises `ShardError` when the shard cannot be read and scored whole (`expected`: the
+    sample count the manifest lists for it); write errors (storage) propagate as they are."""
     from torch.utils.data import default_collate
 
     from . import data
 
     scorer = tasks.scorer_for(recipe, recipe.reference_model)
     load = data.load_pairs if recipe.data.dataset == "pairs" else data.load_digits
-    keys, losses, images, texts = [], [], [], []
-    chunk: list[dict] = []
-    samples = iter(load([url], storage_options=recipe.data.storage_options))
-    while True:
-        sample = next(samples, None)
-        if sample is not None:
-            chunk.append({k: v for k, v in sample.items() if k not in ("caption", "noise")})
-        if chunk and (sample is None or len(chunk) == recipe.cache.batch_size):
-            batch = default_collate(chunk)
-            scores = score_model(model, batch, scorer, recipe.cache.batch_size).to("cpu")
-            keys += batch["__key__"]
-            if scores.contrastive:
-                images.append(scores.image_emb)
-                texts.append(scores.text_emb)
-            else:
-                losses.append(scores.loss)
-            chunk = []
-        if sample is None:
-            break
+    keys: list[str] = []  # every key read, scored or still in `chunk`: what a failure reports
+    losses, images, texts, chunk = [], [], [], []
+    try:
+        samples = iter(load([url], storage_options=recipe.data.storage_options))
+        while True:
+            sample = next(samples, None)
+            if sample is not None:
+                keys.append(sample["__key__"])
+                chunk.append({k: v for k, v in sample.items() if k not in DROP})
+            if chunk and (sample is None or len(chunk) == recipe.cache.batch_size):
+                scores = score_model(model, default_collate(chunk), scorer, recipe.cache.batch_size).to("cpu")
+                if scores.contrastive:
+                    images.append(scores.image_emb)
+                    texts.append(scores.text_emb)
+                else:
+                    losses.append(scores.loss)
+                chunk = []
+            if sample is None:
+                break
+    except Exception as error:  # anything a damaged shard can raise: tar, decode, collate, forward
+        raise ShardError(url, keys, f"{type(error).__name__}: {error}") from error
+    if expected is not None and len(keys) != expected:
+        raise ShardError(url, keys, f"read {len(keys)} samples, the manifest lists {expected}")
+    if not keys:
+        raise ShardError(url, keys, "no samples")
     metadata = {"reference_hash": model_hash(model), "scorer": repr(scorer), "recipe": recipe.name,
                 "dataset": f"{recipe.data.root}/{recipe.data.dataset}/train", "shard": url}
     if images:
         bias = getattr(model, "logit_bias", None)
-        write_part(part_path(recipe, index), keys, image_emb=torch.cat(images).numpy(),
-                   text_emb=torch.cat(texts).numpy(), logit_scale=model.logit_scale.item(),
-                   logit_bias=None if bias is None else bias.item(), metadata=metadata,
-                   storage_options=recipe.data.storage_options)
+        write_part(part_path(recipe, index), keys, image_emb=torch.cat(images), text_emb=torch.cat(texts),
+                   logit_scale=model.logit_scale.item(), logit_bias=None if bias is None else bias.item(),
+                   metadata=metadata, storage_options=recipe.data.storage_options)
     else:
-        write_part(part_path(recipe, index), keys, ref_loss=torch.cat(losses).numpy(), metadata=metadata,
+        write_part(part_path(recipe, index), keys, ref_loss=torch.cat(losses), metadata=metadata,
                    storage_options=recipe.data.storage_options)
     return len(keys)
 
 
+def score_shard(recipe: Recipe, model: torch.nn.Module, index: int, url: str, expected: int | None) -> dict:
+    """`precompute_shard` as the record both backends collect: {index, url, rows, error, keys_read}."""
+    try:
+        rows, error, keys = precompute_shard(recipe, index, url, model, expected=expected), "", []
+    except ShardError as failure:
+        rows, error, keys = 0, failure.cause, failure.keys
+    return {"index": index, "url": url, "rows": rows, "error": error, "keys_read": keys}
+
+
 def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: str = "local",
-               on_error: str = "fail", log=print) -> dict:
-    """Write this rank's missing parts; returns a summary (parts written / skipped / failed, samples/s)."""
+               on_error: str = "fail", actors: int | None = None, cpus_per_actor: float | None = None,
+               log=print) -> dict:
+    """Write this rank's missing parts and `report_path(recipe, rank, world_size)`; returns that summary.
+
+    Args:
+        rank, world_size: this process scores shards i with i % world_size == rank.
+        backend: "local" (this process, GPU when the recipe's device resolves to one) or "ray" (Ray Data actors).
+        on_error: "fail" raises on the first shard that cannot be read whole, naming it; "skip" writes no
+            part for it, records it and the keys read from it in the report, and goes on.
+        actors, cpus_per_actor: the Ray actor pool (see `pipelines.precompute_ray.run_ray`); ignored locally.
+    """
     if not recipe.cache.path:
         raise ValueError("cache.path: precompute needs a cache path in the recipe, e.g. cache: {path: runs/x/cache}")
     if not 0 <= rank < world_size:
         raise ValueError(f"precompute: need 0 <= rank < world_size, got {rank=} {world_size=}")
     if on_error not in ("fail", "skip"):
         raise ValueError(f"precompute: on_error must be 'fail' or 'skip', got {on_error=}")
-    urls = tasks.shard_urls(recipe, "train")
-    fs, _ = filesystem(recipe.cache.path, recipe.data.storage_options)
-    mine = [(i, url) for i, url in enumerate(urls) if i % world_size == rank]
-    todo = [(i, url) for i, url in mine if not fs.exists(part_path(recipe, i))]
-    if backend == "ray":
-        from .precompute_ray import run_ray
-
-        return run_ray(recipe, todo, log=log)
-    if backend != "local":
+    if backend not in ("local", "ray"):
         raise ValueError(f"precompute: backend must be 'local' or 'ray', got {backend=}")
-    device = tasks.resolve_device(recipe.train.device)
-    model, _ = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)
-    model.to(device)
-    start, rows, failed = time.perf_counter(), 0, {}
-    bar = tqdm(total=len(todo), desc="precompute", unit="shard", disable=not sys.stderr.isatty(), file=sys.stderr)
-    for index, url in todo:
-        try:
-            rows += precompute_shard(recipe, index, url, model, device)
-        except Exception as error:  # a corrupt or unreadable shard
-            if on_error == "fail":
-                raise RuntimeError(f"precompute: shard {url} failed ({type(error).__name__}: {error}); "
-                                   "fix or remove it, or rerun with on_error='skip' to record and skip it") from error
-            failed[url] = f"{type(error).__name__}: {error}"
-        bar.update(1)
-        bar.set_postfix(samples_per_s=f"{rows / (time.perf_counter() - start):.0f}")
-    bar.close()
+    counts = [shard["count"] for shard in tasks.manifest(recipe)[recipe.data.dataset]["splits"]["train"]["shards"]]
+    urls = tasks.shard_urls(recipe, "train")
+    mine = [(i, url, counts[i]) for i, url in enumerate(urls) if i % world_size == rank]
+    fs, root = filesystem(recipe.cache.path, recipe.data.storage_options)
+    fs.invalidate_cache(root)  # s3fs caches listings; parts another process wrote must show up
+    done = {posixpath.basename(path) for path in fs.glob(f"{root.rstrip('/')}/part-*.parquet")}
+    todo = [shard for shard in mine if posixpath.basename(part_path(recipe, shard[0])) not in done]
+    if "file" in fs.protocol:
+        _remove_stale_temps(recipe, [index for index, _, _ in todo], log)
+    start = time.perf_counter()
+    bar = tqdm(total=sum(count for _, _, count in todo), desc="precompute", unit="sample", unit_scale=True,
+               disable=None, file=sys.stderr)  # disable=None: no bar when stderr is not a terminal
+    try:
+        if backend == "ray":
+            from .precompute_ray import run_ray
+
+            records = run_ray(recipe, todo, on_error=on_error, actors=actors, cpus_per_actor=cpus_per_actor,
+                              progress=bar.update)
+        else:
+            records = _run_local(recipe, todo, on_error, progress=bar.update)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
-    summary = {"rank": rank, "world_size": world_size, "parts_written": len(todo) - len(failed),
-               "parts_skipped_existing": len(mine) - len(todo), "failed_shards": failed, "rows": rows,
-               "seconds": round(seconds, 2), "samples_per_s": round(rows / seconds, 1) if seconds else None}
-    if failed:
-        report = Path(recipe.out) / "precompute_report.json"
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps(summary, indent=2))
-    log(f"precompute: {summary['parts_written']} parts written, {summary['parts_skipped_existing']} already there, "
-        f"{len(failed)} failed; {rows} rows in {seconds:.1f}s → {recipe.cache.path}")
+    rows = sum(record["rows"] for record in records)
+    failed = sorted((r for r in records if r["error"]), key=lambda r: r["index"])
+    summary = {"cache": recipe.cache.path, "backend": backend, "rank": rank, "world_size": world_size,
+               "shards": len(mine), "parts_written": len(records) - len(failed),
+               "parts_existing": len(mine) - len(todo), "shards_skipped": len(failed), "rows": rows,
+               "seconds": round(seconds, 2), "samples_per_s": round(rows / seconds, 1) if seconds else None,
+               "skipped": [{"shard": r["url"], "index": r["index"], "error": r["error"],
+                            "keys_read": r["keys_read"]} for r in failed]}
+    _write_json(report_path(recipe, rank, world_size), summary)
+    log(f"precompute: {summary['parts_written']} parts written, {summary['parts_existing']} already there, "
+        f"{len(failed)} shards skipped; {rows} rows in {seconds:.1f}s ({summary['samples_per_s']} samples/s) "
+        f"→ {recipe.cache.path}" + (f"; skipped shards are listed in {report_path(recipe, rank, world_size)}"
+                                    if failed else ""))
     return summary
+
+
+def _run_local(recipe: Recipe, todo: list[tuple[int, str, int]], on_error: str, progress) -> list[dict]:
+    if not todo:
+        return []
+    model, _ = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)
+    model.to(tasks.resolve_device(recipe.train.device))
+    records = []
+    for index, url, expected in todo:
+        record = score_shard(recipe, model, index, url, expected)
+        if record["error"] and on_error == "fail":
+            raise RuntimeError(fail_message(record))
+        records.append(record)
+        progress(record["rows"] or expected)
+    return records
+
+
+def fail_message(record: dict) -> str:
+    return (f"precompute: shard {record['url']} cannot be read whole ({record['error']}; "
+            f"{len(record['keys_read'])} samples read before it); fix or regenerate it, or rerun with "
+            "--on-error skip to record it in the report and score the other shards")
+
+
+def _remove_stale_temps(recipe: Recipe, indices: list[int], log) -> None:
+    """Temp files a killed run left for the parts still to do. Only this rank's own parts: another rank
+    may be writing its temp files right now."""
+    stale = [temp for index in indices for temp in glob.glob(glob.escape(part_path(recipe, index)) + ".tmp-*")]
+    for temp in stale:
+        os.remove(temp)
+    if stale:
+        log(f"precompute: removed {len(stale)} temp files an interrupted run left in {recipe.cache.path}")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(temp, path)
 
 
 def inspect_cache(path: str, *, png: Path | None = None, storage_options: dict | None = None, log=print) -> dict:

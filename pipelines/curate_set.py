@@ -1,0 +1,130 @@
+"""`curate curate-set RECIPE`: reference embeddings → semantic dedup → cluster balance → a curated key list.
+
+Reads the recipe's score cache (`cache.path`, written by `curate precompute` with a contrastive reference,
+so it holds L2-normalised image and text embeddings), removes semantic near-duplicates
+(`curate.curation.semantic_dedup`), optionally caps every k-means cluster at `per_cluster` samples
+(`curate.curation.balance`, on the same clusters), and writes under the run directory:
+
+- `curated_keys.parquet`: the kept keys (`curate.curation.write_keys`), for
+  `curate.pipeline(..., keep_keys=PATH)`; the settings and counts are in its Parquet metadata.
+- `curate_set_decisions.parquet`: one row per input key: cluster, kept, `reason` (kept | duplicate |
+  balance), and for duplicates the kept key it duplicates and their cosine similarity.
+- `curate_set_report.json`: how many were removed and why, cluster-size statistics, the paths.
+- `cluster_sizes.png`: histograms of cluster sizes before dedup, after dedup and after balancing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from curate.cache import ScoreCache
+from curate.curation import balance, semantic_dedup, write_keys
+from curate.recipe import Recipe
+
+__all__ = ["curate_set", "EMBEDDINGS"]
+
+EMBEDDINGS = ("image", "text", "both")
+
+
+def curate_set(recipe: Recipe, *, embedding: str = "image", n_clusters: int | None = None, threshold: float = 0.95,
+               per_cluster: int | None = None, seed: int | None = None, out: Path | None = None,
+               log=print) -> dict:
+    """Curate the cached samples; writes the files in the module docstring and returns the report.
+
+    Args:
+        embedding: which reference embedding is compared: "image" (SemDeDup's choice: captions of web
+            duplicates vary), "text", or "both" (the two unit vectors concatenated: cosine is their mean).
+        n_clusters: k-means clusters; default round(√N), which balances k-means against the within-cluster
+            comparisons (see `curate.curation`).
+        threshold: cosine similarity at or above which two samples are duplicates.
+        per_cluster: keep at most this many samples of each cluster after dedup; None keeps them all.
+        seed: seeds k-means and the balancing draw; default the recipe's train.seed.
+        out: directory for the outputs; default the recipe's run directory (`train.out`, runs/<name>).
+    """
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"curate-set: embedding must be one of {list(EMBEDDINGS)}, got {embedding=}")
+    if not recipe.cache.path:
+        raise ValueError("cache.path: curate-set reads the reference embeddings from the score cache; set "
+                         "cache: {path: ...} and write it with `curate precompute RECIPE`")
+    start = time.perf_counter()
+    cache = ScoreCache.open(recipe.cache.path, recipe.data.storage_options)
+    if cache.image_emb is None:
+        raise ValueError(f"curate-set: {recipe.cache.path} holds per-example losses, not embeddings; dedup needs a "
+                         f"contrastive reference (data.dataset: pairs, a tiny_clip model) and its cache")
+    keys = cache.keys.to_list()
+    vectors = {"image": cache.image_emb, "text": cache.text_emb}.get(embedding)
+    if vectors is None:
+        vectors = np.concatenate([cache.image_emb, cache.text_emb], axis=1)
+    n = len(keys)
+    n_clusters = min(n, max(1, round(math.sqrt(n)))) if n_clusters is None else n_clusters
+    seed = recipe.train.seed if seed is None else seed
+    dedup = semantic_dedup(keys, vectors, n_clusters=n_clusters, threshold=threshold, seed=seed)
+    kept = dedup.kept
+    if per_cluster is None:
+        curated = dedup.kept_keys
+    else:
+        curated = balance(dedup.kept_keys, dedup.clusters[kept], per_cluster=per_cluster, seed=seed)
+    in_curated = pl.Series(keys).is_in(pl.Series(curated).implode()).to_numpy()
+    reason = np.where(in_curated, "kept", np.where(kept, "balance", "duplicate"))
+    decisions = dedup.to_frame().drop("kept").with_columns(pl.Series("kept", in_curated),
+                                                           pl.Series("reason", reason))
+
+    out = Path(out) if out is not None else recipe.out
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"keys": out / "curated_keys.parquet", "decisions": out / "curate_set_decisions.parquet",
+             "report": out / "curate_set_report.json", "histogram": out / "cluster_sizes.png"}
+    sizes = {stage: np.bincount(dedup.clusters[mask], minlength=n_clusters)
+             for stage, mask in (("input", np.ones(n, bool)), ("deduplicated", kept), ("curated", in_curated))}
+    report = {
+        "cache": recipe.cache.path, "reference_hash": cache.metadata.get("reference_hash"), "embedding": embedding,
+        "n_clusters": n_clusters, "threshold": threshold, "per_cluster": per_cluster, "seed": seed,
+        "input": n, "kept": len(curated),
+        "removed": {"duplicate": int((reason == "duplicate").sum()), "balance": int((reason == "balance").sum())},
+        "cluster_sizes": {stage: _quantiles(size) for stage, size in sizes.items()},
+        "seconds": None, **{name: str(path) for name, path in paths.items()},
+    }
+    settings = {k: report[k] for k in ("cache", "reference_hash", "embedding", "n_clusters", "threshold",
+                                       "per_cluster", "seed", "input", "removed")}
+    write_keys(paths["keys"], curated, metadata={"curate.curate_set": settings})
+    temp = paths["decisions"].with_name(f".{paths['decisions'].name}.{os.getpid()}.tmp")
+    decisions.write_parquet(temp)
+    os.replace(temp, paths["decisions"])
+    _histogram(sizes, paths["histogram"], f"{n} samples, {n_clusters} clusters, threshold {threshold}")
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    temp = paths["report"].with_name(f".{paths['report'].name}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(temp, paths["report"])
+    log(f"curate-set: kept {len(curated)} of {n} ({report['removed']['duplicate']} near-duplicates at cosine ≥ "
+        f"{threshold}, {report['removed']['balance']} over {per_cluster} per cluster) → {paths['keys']}")
+    return report
+
+
+def _quantiles(sizes: np.ndarray) -> dict:
+    return {"clusters": int(len(sizes)), "empty": int((sizes == 0).sum()), "min": int(sizes.min()),
+            "median": float(np.median(sizes)), "max": int(sizes.max())}
+
+
+def _histogram(sizes: dict[str, np.ndarray], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(0, max(int(size.max()) for size in sizes.values()) + 1, 40)
+    for stage, size in sizes.items():
+        ax.hist(size, bins=bins, histtype="step", linewidth=1.5, label=f"{stage} ({int(size.sum())} samples)")
+    ax.set(xlabel="samples in the cluster", ylabel="clusters", title=title)
+    ax.legend()
+    fig.tight_layout()
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # savefig picks the format from the suffix
+    fig.savefig(temp, dpi=110)
+    plt.close(fig)
+    os.replace(temp, path)
