@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.fn(args)
-    except (RecipeError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except (RecipeError, FileNotFoundError, ValueError, RuntimeError, ImportError) as error:
         print(f"curate {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

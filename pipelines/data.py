@@ -323,8 +323,11 @@ def _expand(urls: str | os.PathLike | Sequence[str]) -> list[str]:
     return expanded
 
 
-def _octal(field: bytes) -> int:
-    return int(field.strip(b"\0 ") or b"0", 8)
+def _octal(field: bytes, url: str = "") -> int:
+    try:
+        return int(field.strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        raise ValueError(f"{url}: corrupt tar header (field {field!r} is not octal); regenerate the shard") from None
 
 
 def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
@@ -340,9 +343,9 @@ def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
             raise ValueError(f"{url}: truncated tar file; the shard is incomplete, regenerate it")
         if header.count(0) == 512:
             return
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):  # 256: the field as spaces
+        if _octal(header[148:156], url) != sum(header[:148]) + 256 + sum(header[156:]):  # 256: the field as spaces
             raise ValueError(f"{url}: bad tar header checksum; the shard is corrupt, regenerate it")
-        size = int.from_bytes(header[125:136], "big") if header[124] & 0x80 else _octal(header[124:136])
+        size = int.from_bytes(header[125:136], "big") if header[124] & 0x80 else _octal(header[124:136], url)
         data = stream.read(size)
         if len(data) < size:
             raise ValueError(f"{url}: truncated tar member; the shard is incomplete, regenerate it")
