@@ -1,4 +1,8 @@
-"""`curate.pipeline`: wrap any dataloader in shuffle → superbatch → score → select (→ train actor) (→ prefetch)."""
+"""`curate.pipeline`: wrap any dataloader in shuffle → superbatch → score → select (→ train actor) (→ prefetch).
+
+Under torch DDP (world size > 1) the chain also splits the data by rank, keeps ranks in step and can select
+over the global superbatch; see `curate.distributed`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,17 @@ from torch import nn
 from torchdata.nodes import BaseNode, Loader
 
 from .actor import Actor, TrainActor
+from .distributed import (
+    SCOPES,
+    Comm,
+    GlobalSelect,
+    Lockstep,
+    RankSplit,
+    already_split,
+    merge_stats,
+    resolve_world,
+    shards_of,
+)
 from .flops import TrainingFlops, ledger_stats
 from .nodes import KeepKeys, Shuffle, Superbatch, as_node
 from .rules import Rule
@@ -106,6 +121,11 @@ class Prefetch(BaseNode):
     def get_state(self) -> dict:
         return {"source": self._state}
 
+    def wait(self) -> None:
+        """Block until the item being prepared in the background is ready (it is kept for the next `next()`)."""
+        if self._future is not None:
+            self._future.exception()
+
     def __del__(self):
         self._pool.shutdown(wait=False)
 
@@ -115,10 +135,29 @@ class Pipeline(Loader):
     (resume mid-epoch to exactly the same stream) and `stats()`. Each `iter()` is one epoch."""
 
     def __init__(self, root: BaseNode, stages: dict[str, BaseNode], sync: WeightSync | None = None,
-                 prefetch: int = 0, learner=None):
+                 prefetch: int = 0, learner=None, comm: Comm | None = None):
         super().__init__(root)
         self.stages, self.sync, self.prefetch = stages, sync, prefetch
         self.learner = learner  # a WeightSync holds its learner weakly; the pipeline was given it, so keeps it
+        self.comm = comm or Comm(0, 1)
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    def global_stats(self) -> dict:
+        """`stats()` totalled over all ranks (`curate.distributed.merge_stats`): counts and FLOPs summed, so rank 0
+        can report the job's FLOP ledger. A collective: every rank must call it at the same point. With one
+        process (or ranks not kept in step) it is `stats()`."""
+        if self.comm.group is None:
+            return self.stats()
+        if "prefetch" in self.stages:  # its thread may be in a collective on the same group: let it finish
+            self.stages["prefetch"].wait()
+        return merge_stats(self.comm.gather_object(self.stats()))
 
     def stats(self) -> dict:
         """Counts so far: seen / kept samples, score means and the last superbatch's score quantiles,
@@ -135,6 +174,9 @@ class Pipeline(Loader):
         saves compute only if it needs fewer steps than uniform training by more than this factor).
 
         With prefetch, counts include the superbatch being prepared in the background.
+
+        Under DDP these are this rank's (`global_stats()` totals them), plus `rank`, `world_size` and
+        `dropped_unequal` (samples dropped because another rank ran out first).
         """
         out = dict(self.stages["select"].stats())
         score = self.stages["score"]
@@ -143,6 +185,10 @@ class Pipeline(Loader):
         if "keep_keys" in self.stages:
             out["dropped_by_keep_keys"] = self.stages["keep_keys"].stats()["dropped"]
         out["prefetch"] = self.prefetch
+        if "lockstep" in self.stages:
+            out["dropped_unequal"] = self.stages["lockstep"].stats()["dropped_unequal"]
+        if self.comm.world_size > 1:
+            out["rank"], out["world_size"] = self.comm.rank, self.comm.world_size
         if isinstance(score.learner, Actor):
             out["score_lag_steps"] = 0  # trained and scored in order, in one thread
         elif score.learner is not None:  # (a sync made here is pushed at every batch: staleness 0)
@@ -187,6 +233,10 @@ def pipeline(
     train_model: nn.Module | None = None,
     count_flops: bool = True,
     keep_keys: Iterable[str] | str | PathLike | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    selection_scope: str = "local",
+    rank_split: str = "auto",
 ) -> Pipeline:
     """Curated training batches from any iterable of samples.
 
@@ -225,6 +275,19 @@ def pipeline(
         train_model: the model trained on the batches, for the FLOP ledger's training FLOPs. Default: the
             learner (a WeightSync's copy); needed with an Actor or a ScoreProvider learner.
         count_flops: keep the FLOP ledger (one measured forward per model; see `Pipeline.stats`).
+        rank, world_size: this process's place in a multi-process job; default from torch.distributed if it
+            is initialised, else the RANK / WORLD_SIZE environment (torchrun), else 0 of 1. With more than one
+            rank: the data is split by rank (see `rank_split`), ranks are kept in step (every rank yields the
+            same number of batches per epoch; only full superbatches are used, the rest is counted in
+            `stats()["dropped_unequal"]`), and `batch_size` / `superbatch_size` are per rank. A learner wrapped
+            in DistributedDataParallel is scored through its `.module`.
+        selection_scope: "local": each rank selects b of its own superbatch of B. "global": every rank selects
+            the same world·b of the world·B samples of all ranks' superbatches (the decision a single process
+            makes over the concatenated superbatch) and trains on its own b of them (JEST at scale). Needs an
+            initialised torch.distributed.
+        rank_split: "auto": a `curate.distributed.Shards` source (or a DataLoader over one) splits by shard, a
+            DataLoader with a DistributedSampler is taken as split, anything else is split by sample index
+            (every world_size-th sample). "none": the source already yields only this rank's data.
     """
     if method not in METHODS:
         raise ValueError(f"pipeline: unknown method {method!r}; valid methods are {list(METHODS)}")
@@ -242,8 +305,27 @@ def pipeline(
         raise ValueError("pipeline: rule='uniform' with method='topk' would keep the first samples of every "
                          "superbatch; use method='sample'")
 
+    rank, world_size = resolve_world(rank, world_size)
+    if selection_scope not in SCOPES:
+        raise ValueError(f"pipeline: selection_scope must be one of {list(SCOPES)}, got {selection_scope=}")
+    if rank_split not in ("auto", "none"):
+        raise ValueError(f"pipeline: rank_split must be 'auto' or 'none', got {rank_split=}")
+    shards = shards_of(source)
+    if shards is not None and (shards.rank, shards.world_size) != (rank, world_size):
+        raise ValueError(f"pipeline: the source {shards!r} is split for rank {shards.rank} of {shards.world_size} but "
+                         f"the pipeline runs as rank {rank} of {world_size}; give both the same rank= and world_size=")
+    learner, train_model = _unwrap_ddp(learner), _unwrap_ddp(train_model)
+    comm = Comm.create(rank, world_size, need_group=selection_scope == "global")
+    rule_name = rule if isinstance(rule, str) else getattr(rule, "__name__", type(rule).__name__)
+    comm.check_same("pipeline configuration", {  # a rank with other options would silently train differently
+        "batch_size": batch_size, "superbatch_size": superbatch_size, "method": method, "n_chunks": n_chunks,
+        "temperature": temperature, "seed": seed, "rule": rule_name, "selection_scope": selection_scope,
+        "shuffle_buffer": shuffle_buffer, "prefetch": prefetch, "drop_last": drop_last})
+
     node = as_node(source)
     stages: dict[str, BaseNode] = {"source": node}
+    if world_size > 1 and rank_split == "auto" and not already_split(source):
+        node = stages["rank_split"] = RankSplit(node, rank, world_size)
     if keep_keys is not None:
         if isinstance(keep_keys, str | PathLike):
             from .curation import read_keys
@@ -253,13 +335,19 @@ def pipeline(
     if shuffle_buffer > 1:
         node = stages["shuffle"] = Shuffle(node, shuffle_buffer, seed=seed)
     node = stages["superbatch"] = Superbatch(node, superbatch_size, collate=collate, drop_last=drop_last)
+    if comm.group is not None:
+        node = stages["lockstep"] = Lockstep(node, superbatch_size, comm)
     node = stages["score"] = Score(node, learner, reference, scorer, rule, micro_batch_size=micro_batch_size,
                                    score_transform=score_transform, count_flops=count_flops)
     sync = stages["score"].learner if isinstance(stages["score"].learner, WeightSync) else None
     if prefetch and isinstance(stages["score"].learner, nn.Module):
         sync = stages["score"].learner = WeightSync(learner)  # pushed by Prefetch at every hand-out
-    node = stages["select"] = JointSelect(node, batch_size, method, n_chunks=min(n_chunks, batch_size),
-                                          temperature=temperature, seed=seed, superbatch_size=superbatch_size)
+    if selection_scope == "global" and world_size > 1:
+        node = stages["select"] = GlobalSelect(node, batch_size, method, superbatch_size=superbatch_size, comm=comm,
+                                               n_chunks=n_chunks, temperature=temperature, seed=seed)
+    else:
+        node = stages["select"] = JointSelect(node, batch_size, method, n_chunks=min(n_chunks, batch_size),
+                                              temperature=temperature, seed=seed, superbatch_size=superbatch_size)
     if isinstance(stages["score"].learner, Actor):
         node = stages["actor"] = TrainActor(node, learner, scorer, count_flops=count_flops)
     if prefetch:
@@ -271,5 +359,13 @@ def pipeline(
         # a cheaper scoring pass (e.g. patch dropout) exposes the full forward as `scorer.full`
         full = getattr(scorer, "full", scorer)
         node = stages["training_flops"] = TrainingFlops(node, trained, full, micro_batch_size)
-    return Pipeline(node, stages, sync=sync, prefetch=prefetch, learner=learner)
+    return Pipeline(node, stages, sync=sync, prefetch=prefetch, learner=learner, comm=comm)
+
+
+def _unwrap_ddp(model):
+    """Score (and measure) the module inside DistributedDataParallel: its forward would synchronise buffers
+    across ranks, a collective the pipeline (maybe in a prefetch thread) must not start."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 

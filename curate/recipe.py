@@ -98,13 +98,28 @@ class TrainConfig(_Strict):
     out: str | None = None  # default: runs/<name>
 
 
+class DistributedConfig(_Strict):
+    """Multi-process training: `torchrun --nproc_per_node=N -m pipelines.cli run RECIPE` (ignored in one process).
+
+    `train.batch_size` stays the global batch: each of the N ranks trains on batch_size / N samples and
+    scores superbatch / N candidates, so both must divide by N. `selection_scope`: "local" (each rank selects
+    from its own superbatch) or "global" (every rank makes the decision a single process would make over
+    all ranks' superbatches; see `curate.distributed`). `backend`: the process group's ("auto": nccl on
+    CUDA, else gloo). `timeout_s`: how long a collective waits before failing (a stalled rank).
+    """
+
+    selection_scope: Literal["local", "global"] = "local"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(600.0, gt=0)
+
+
 class Recipe(_Strict):
     """A whole job: data, learner, reference (model or cache), selection and training.
 
     `prepare: true` makes whatever is missing (data, reference, cache) before training; otherwise a
     missing piece is an error naming the command that makes it. `compare` lists baselines trained in the
     same run for the learning curve: rule names, e.g. ["uniform"] (uniform trains on the data as it
-    comes, without a superbatch).
+    comes, without a superbatch). `distributed` configures multi-process runs under torchrun.
     """
 
     name: str
@@ -116,6 +131,7 @@ class Recipe(_Strict):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: list[str] = Field(default_factory=list)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("compare")
     @classmethod

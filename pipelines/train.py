@@ -3,24 +3,38 @@
 Each run trains from the same initial weights on the same data; only the selection differs. Every
 `eval_every` steps: evaluation on the test split, a line in `metrics.jsonl`, and a checkpoint holding
 model, optimizer and pipeline state, so `--resume` continues to exactly the same result.
+
+Under torchrun (`torchrun --nproc_per_node=N -m pipelines.cli run RECIPE`, WORLD_SIZE > 1) every rank runs
+this: the process group is initialised from the recipe's `distributed` section, the ranks check that they
+run the same recipe, each reads its own shards and trains a DistributedDataParallel model on
+train.batch_size / N samples per step; rank 0 evaluates and writes metrics, checkpoints (holding every
+rank's pipeline state) and plots.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 import curate
+from curate.distributed import Comm, Shards, local_sizes, resolve_world
+from curate.pipeline import superbatch_size_for
 from curate.recipe import Recipe
 
 from . import tasks
 
-__all__ = ["run", "run_one", "plan_runs"]
+__all__ = ["run", "run_one", "plan_runs", "distributed_session"]
 
 
 def plan_runs(recipe: Recipe) -> dict[str, dict]:
@@ -46,15 +60,101 @@ def _reference(recipe: Recipe, device: torch.device):
     return model.to(device)
 
 
+@contextmanager
+def distributed_session(recipe: Recipe) -> Iterator[Comm]:
+    """The ranks of this job: under torchrun (WORLD_SIZE > 1) the process group is initialised (and destroyed on
+    exit) from `recipe.distributed`, and every rank checks that all run the same recipe; else a single rank."""
+    import torch.distributed as dist
+
+    if resolve_world()[1] == 1:
+        yield Comm(0, 1)
+        return
+    started = not dist.is_initialized()
+    if started:
+        backend = recipe.distributed.backend
+        if backend == "auto":
+            backend = "nccl" if tasks.resolve_device(recipe.train.device).type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timedelta(seconds=recipe.distributed.timeout_s))
+    try:
+        comm = Comm(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+        comm.check_same("recipe", _flatten(recipe.model_dump(mode="json")))
+        yield comm
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _sizes(recipe: Recipe, options: dict, world_size: int) -> dict:
+    """Per-rank pipeline sizes: the recipe's global batch and superbatch split over the ranks."""
+    if world_size == 1:
+        return {"batch_size": recipe.train.batch_size}
+    batch = recipe.train.batch_size
+    superbatch = superbatch_size_for(batch, options["filter_ratio"])
+    try:
+        b, big_b = local_sizes(batch, superbatch, world_size)
+    except ValueError as error:
+        raise ValueError(f"train.batch_size={batch} with selection.filter_ratio={options['filter_ratio']} (superbatch "
+                         f"{superbatch}) on {world_size} ranks: {error}") from None
+    return {"batch_size": b} if big_b == b else {"batch_size": b, "superbatch_size": big_b}
+
+
+def _train_source(recipe: Recipe, comm: Comm):
+    """This rank's training data: all shards in one process, shard i % N == rank under N ranks."""
+    if comm.world_size == 1:
+        return tasks.load_split(recipe, "train")
+    from . import data
+
+    load = data.load_pairs if recipe.data.dataset == "pairs" else data.load_digits
+    load = functools.partial(load, storage_options=recipe.data.storage_options)
+    return Shards(tasks.shard_urls(recipe, "train"), load, rank=comm.rank, world_size=comm.world_size)
+
+
+class _TrainLoss(nn.Module):
+    """The training loss as a module's forward: DistributedDataParallel only synchronises gradients of a
+    backward that follows its own forward (the loss calls encode_image / encode_text, not forward)."""
+
+    def __init__(self, model: nn.Module, cfg, device: torch.device):
+        super().__init__()
+        self.model, self.cfg, self.device = model, cfg, device
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return tasks.train_loss(self.model, batch, self.cfg, self.device)
+
+
 def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, progress: bool = True,
-            test: list[dict] | None = None) -> list[dict]:
-    """Train one run; returns its metrics history (one dict per evaluation)."""
+            test: list[dict] | None = None, comm: Comm | None = None) -> list[dict]:
+    """Train one run; returns its metrics history (one dict per evaluation).
+
+    With `comm` of several ranks (`distributed_session`) this rank trains its part; the history is rank 0's.
+    """
+    comm = comm or Comm(0, 1)
     device = tasks.resolve_device(recipe.train.device)
+    if comm.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     tc, cfg = recipe.train, recipe.model
     out = recipe.out / name
-    out.mkdir(parents=True, exist_ok=True)
+    if comm.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     model = tasks.build_model(cfg, recipe, seed=tc.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    forward = lambda batch: tasks.train_loss(model, batch, cfg, device)  # noqa: E731
+    if comm.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = None if device.type == "cpu" else [device]
+        forward = DistributedDataParallel(_TrainLoss(model, cfg, device), device_ids=ids)
     uses_models = options["rule"] != "uniform"
     learner = model
     if uses_models and recipe.selection.actor:  # ACL: a small proxy scores in the learner's place
@@ -63,37 +163,49 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         learner = curate.Actor(proxy, torch.optim.AdamW(proxy.parameters(), lr=actor_cfg.lr),
                                loss_fn=tasks.actor_loss(actor_cfg.model))
     batches = curate.pipeline(
-        tasks.load_split(recipe, "train"),
+        _train_source(recipe, comm),
         learner=learner if uses_models else None,
         reference=_reference(recipe, device) if uses_models else None,
         scorer=tasks.scorer_for(recipe, patch_dropout=recipe.selection.score_patch_dropout if uses_models else 0),
         train_model=model,
-        batch_size=tc.batch_size,
         shuffle_buffer=recipe.selection.shuffle_buffer,
         seed=tc.seed,
+        rank=comm.rank,
+        world_size=comm.world_size,
+        selection_scope=recipe.distributed.selection_scope,
         **options,
+        **_sizes(recipe, options, comm.world_size),
     )
-    test = test if test is not None else tasks.in_memory_batches(tasks.load_split(recipe, "test"))
+    if comm.rank == 0 and test is None:
+        test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
     step, history, noisy, seen, seconds = 0, [], 0, 0, 0.0
     checkpoint = out / "checkpoint.pt"
-    if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+    state = torch.load(checkpoint, weights_only=False) if resume and comm.rank == 0 and checkpoint.is_file() else None
+    state = comm.broadcast_object(state)  # rank 0 reads: other nodes need not share its file system
+    if state is not None:
+        if state.get("world_size", 1) != comm.world_size:
+            raise ValueError(f"--resume: {checkpoint} was written by {state.get('world_size', 1)} processes, this run "
+                             f"has {comm.world_size}; resume with the same number of processes")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["pipeline"])
+        batches.load_state_dict(state["pipelines"][comm.rank] if "pipelines" in state else state["pipeline"])
         step, history, noisy, seen, seconds = (state[k] for k in ("step", "history", "noisy", "seen", "seconds"))
-    bar = tqdm(total=tc.steps, initial=step, desc=name, unit="step", disable=not progress, file=sys.stderr)
-    it = iter(batches)
+    bar = tqdm(total=tc.steps, initial=step, desc=name, unit="step", disable=not progress or comm.rank != 0,
+               file=sys.stderr)
+    it, yielded = iter(batches), 0
     model.train()
     start = time.perf_counter() - seconds
     while step < tc.steps:
         try:
             batch = next(it)
         except StopIteration:  # next epoch
-            it = iter(batches)
+            if not yielded:
+                raise RuntimeError(f"train: run {name!r} got no batches from its data; check data.root") from None
+            it, yielded = iter(batches), 0
             continue
+        yielded += 1
         optimizer.zero_grad(set_to_none=True)
-        loss = tasks.train_loss(model, batch, cfg, device)
+        loss = forward(batch)
         loss.backward()
         optimizer.step()
         step += 1
@@ -101,39 +213,83 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         seen += len(batch["is_noisy"])
         bar.update(1)
         if step % tc.eval_every == 0 or step == tc.steps:
-            record = {"run": name, "step": step, "train_loss": loss.item(),
-                      **tasks.evaluate(model, test, cfg, device),
-                      "noisy_kept": noisy / seen, "seconds": time.perf_counter() - start,
-                      "pipeline": batches.stats()}
+            record = _record(name, step, loss.item(), noisy, seen, batches, model, test, cfg, device, comm, start)
+            record = comm.broadcast_object(record)  # every rank keeps rank 0's history
             history.append(record)
             noisy = seen = 0
             bar.set_postfix(acc=f"{record['accuracy']:.3f}")
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "pipeline": batches.state_dict(), "step": step, "history": history,
-                          "noisy": noisy, "seen": seen, "seconds": record["seconds"]}, checkpoint)
-            _write_jsonl(out / "metrics.jsonl", history)
+            states = comm.gather_object(batches.state_dict())  # every rank's, to resume each exactly
+            if comm.rank == 0:
+                _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "pipeline": states[0], "pipelines": states, "world_size": comm.world_size,
+                              "step": step, "history": history, "noisy": noisy, "seen": seen,
+                              "seconds": record["seconds"]}, checkpoint)
+                _write_jsonl(out / "metrics.jsonl", history)
     bar.close()
     return history
 
 
-def run(recipe: Recipe, *, resume: bool = False, progress: bool | None = None, log=print) -> dict:
-    """All runs of a recipe (the selection and its `compare` baselines), then the summary and the plot."""
-    progress = sys.stderr.isatty() if progress is None else progress
-    tasks.manifest(recipe)  # fail early, before any training, if the data is missing
-    test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
-    histories = {}
-    for name, options in plan_runs(recipe).items():
-        histories[name] = run_one(recipe, name, options, resume=resume, progress=progress, test=test)
-        last = histories[name][-1]
-        log(f"{name}: step {last['step']} accuracy {last['accuracy']:.3f} "
-            f"({last['seconds']:.1f}s, {last['step'] / last['seconds']:.1f} steps/s)")
-    summary = summarise(histories)
-    _write_jsonl(recipe.out / "metrics.jsonl", [r for h in histories.values() for r in h])
-    (recipe.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(histories, recipe.out / "learning_curve.png", title=recipe.name)
-    log(format_summary(summary))
-    log(f"wrote {recipe.out / 'metrics.jsonl'}, {recipe.out / 'summary.json'}, {recipe.out / 'learning_curve.png'}")
-    return summary
+def _record(name: str, step: int, loss: float, noisy: int, seen: int, batches, model, test, cfg, device,
+            comm: Comm, start: float) -> dict | None:
+    """One evaluation's metrics (rank 0; None elsewhere): train loss averaged and noise counted over the ranks,
+    the pipeline's stats totalled over them (a collective: every rank calls this)."""
+    parts = comm.gather_object((loss, noisy, seen))
+    stats = batches.global_stats() if comm.world_size > 1 else batches.stats()
+    if comm.rank != 0:
+        return None
+    return {"run": name, "step": step, "train_loss": sum(p[0] for p in parts) / len(parts),
+            **tasks.evaluate(model, test, cfg, device),
+            "noisy_kept": sum(p[1] for p in parts) / sum(p[2] for p in parts),
+            "seconds": time.perf_counter() - start, "pipeline": stats}
+
+
+def run(recipe: Recipe, *, resume: bool = False, progress: bool | None = None, log=print,
+        prepare: Callable[[Recipe], None] | None = None) -> dict:
+    """All runs of a recipe (the selection and its `compare` baselines), then the summary and the plot.
+
+    `prepare(recipe)` (e.g. `pipelines.cli.prepare`) runs first, on rank 0 only while the others wait, so that
+    ranks do not make the same data or reference at once. Under torchrun only rank 0 logs and writes.
+    """
+    with distributed_session(recipe) as comm:
+        if prepare is not None:
+            _on_rank0(comm, lambda: prepare(recipe))
+        if comm.rank != 0:
+            progress, log = False, lambda *args, **kwargs: None
+        progress = sys.stderr.isatty() if progress is None else progress
+        tasks.manifest(recipe)  # fail early, before any training, if the data is missing
+        runs = plan_runs(recipe)
+        for options in runs.values():  # every rank fails here, before training, on sizes the ranks cannot split
+            _sizes(recipe, options, comm.world_size)
+        test = tasks.in_memory_batches(tasks.load_split(recipe, "test")) if comm.rank == 0 else None
+        histories = {}
+        for name, options in runs.items():
+            histories[name] = run_one(recipe, name, options, resume=resume, progress=progress, test=test, comm=comm)
+            last = histories[name][-1]
+            log(f"{name}: step {last['step']} accuracy {last['accuracy']:.3f} "
+                f"({last['seconds']:.1f}s, {last['step'] / last['seconds']:.1f} steps/s)")
+        summary = summarise(histories)
+        if comm.rank == 0:
+            _write_jsonl(recipe.out / "metrics.jsonl", [r for h in histories.values() for r in h])
+            (recipe.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            plot(histories, recipe.out / "learning_curve.png", title=recipe.name)
+        log(format_summary(summary))
+        log(f"wrote {recipe.out / 'metrics.jsonl'}, {recipe.out / 'summary.json'}, {recipe.out / 'learning_curve.png'}")
+        return summary
+
+
+def _on_rank0(comm: Comm, fn: Callable[[], None]) -> None:
+    """`fn()` on rank 0 while the others wait; its failure fails every rank (rather than leaving them waiting)."""
+    error = None
+    if comm.rank == 0:
+        try:
+            fn()
+        except Exception as exc:
+            error = exc
+    message = comm.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed to prepare the recipe: {message}")
 
 
 def summarise(histories: dict[str, list[dict]]) -> dict:

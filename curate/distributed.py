@@ -1,0 +1,383 @@
+"""Curated pipelines under torch DDP: rank-aware sources, ranks kept in step, selection over the global superbatch.
+
+* **Splitting.** `Shards` gives rank r of W the shards i with i % W == r, split again by DataLoader worker:
+  each rank reads only its own data. Any other iterable is split by sample index (`RankSplit`: every W-th
+  sample), which is correct for any stream but makes every rank read all of it.
+* **Lockstep.** Ranks must run the same number of steps or DDP hangs. Counts are rarely known up front
+  (streams, key lists, unequal shards), so every superbatch the ranks all-gather a (have a full superbatch,
+  step) pair and stop together as soon as any rank runs out; what the others hold then is dropped and
+  counted (`stats()["dropped_unequal"]`). One call per rank per step can never hang, and a rank that
+  has no data at all fails every rank at the first step, naming it.
+* **Global selection** (`selection_scope="global"`). Each rank scores its own superbatch (B samples); the
+  scores are all-gathered (per-example losses, or the embeddings of both models for contrastive losses:
+  O(W·B·d) once per step, small next to the joint sampler's O(W·B·b) pair work, and exact: contrastive
+  per-example losses and the softmax sampler need the global negatives). Every rank then runs the same
+  seeded selection of W·b of the W·B candidates, so every rank makes the same decision, identical to a
+  single process selecting over the concatenated superbatch. Rank r trains on positions [r·b, (r+1)·b)
+  of the selected list; the rows it needs are fetched from the ranks holding them with one all_to_all.
+* The pipeline's collectives run on a process group of its own (gloo, CPU tensors), so a prefetch thread
+  never interleaves with DDP's gradient all-reduces on the default group.
+* Learner side: the pipeline scores a DDP model's `.module` (DDP's forward would broadcast buffers, a
+  collective); a `WeightSync` must wrap the module too. DDP keeps the ranks' weights equal, so all score
+  alike; an ACL `Actor` is trained per rank on that rank's batches and is not synchronised.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data.distributed import DistributedSampler
+from torchdata.nodes import BaseNode
+
+from .nodes import batch_size_of
+from .score import Scored
+from .scorers import Scores
+from .seeding import make_generator
+from .select import JointSelect, take
+
+__all__ = ["resolve_world", "Comm", "Shards", "RankSplit", "Lockstep", "GlobalSelect", "local_sizes",
+           "merge_stats", "SCOPES"]
+
+SCOPES = ("local", "global")
+
+
+def resolve_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size): as given, else from torch.distributed if initialised, else RANK / WORLD_SIZE, else (0, 1)."""
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"distributed: give both rank= and world_size=, or neither, got {rank=} {world_size=}")
+    if rank is None:
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            try:
+                rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+            except ValueError:
+                raise ValueError(f"distributed: RANK={os.environ.get('RANK')!r} WORLD_SIZE="
+                                 f"{os.environ.get('WORLD_SIZE')!r} are not integers; launch with torchrun") from None
+    if not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
+        raise ValueError(f"distributed: need integers 0 <= rank < world_size, got {rank=} {world_size=}")
+    return rank, world_size
+
+
+def local_sizes(batch_size: int, superbatch_size: int, world_size: int) -> tuple[int, int]:
+    """Per-rank (b, B) of a global batch and superbatch split evenly over `world_size` ranks."""
+    for name, n in (("batch_size", batch_size), ("superbatch_size", superbatch_size)):
+        if n % world_size:
+            raise ValueError(f"distributed: {name}={n} does not divide by world_size={world_size}; every rank takes "
+                             f"{name} / world_size samples, so choose sizes that are multiples of {world_size}")
+    return batch_size // world_size, superbatch_size // world_size
+
+
+class Comm:
+    """This rank's place in the job and the process group the pipeline talks on (None: ranks not synchronised).
+
+    Build it with `Comm.create`; all collectives are blocking and every rank must make them in the same order.
+    """
+
+    def __init__(self, rank: int, world_size: int, group=None):
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    @classmethod
+    def create(cls, rank: int, world_size: int, *, need_group: bool = False) -> Comm:
+        if world_size == 1:
+            return cls(0, 1)
+        if not (dist.is_available() and dist.is_initialized()):
+            if need_group:
+                raise ValueError("pipeline: selection_scope='global' exchanges scores between ranks; call "
+                                 "torch.distributed.init_process_group() before curate.pipeline()")
+            warnings.warn(f"pipeline: rank {rank} of {world_size} without an initialised torch.distributed: data is "
+                          "split but ranks are not kept in step; call init_process_group() first", stacklevel=3)
+            return cls(rank, world_size)
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise ValueError(f"pipeline: rank={rank} world_size={world_size} but torch.distributed runs this process "
+                             f"as rank {dist.get_rank()} of {dist.get_world_size()}; leave them unset to use those")
+        return cls(rank, world_size, dist.new_group(backend="gloo"))  # collective: every rank builds its pipeline
+
+    def gather_tensor(self, tensor: Tensor) -> Tensor:
+        """Every rank's `tensor` (same shape everywhere) concatenated along dim 0 in rank order."""
+        local = tensor.detach().contiguous().cpu()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local, group=self.group)
+        return torch.cat(parts).to(tensor.device)
+
+    def gather_object(self, obj) -> list:
+        """Every rank's (picklable) `obj`, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
+
+    def all_to_all(self, objects: list) -> list:
+        """objects[q] goes to rank q; returns what each rank sent here (pickled, one all_to_all for all)."""
+        payloads = [pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) for obj in objects]
+        send_sizes = torch.tensor([len(p) for p in payloads], dtype=torch.int64)
+        recv_sizes = torch.empty_like(send_sizes)
+        dist.all_to_all_single(recv_sizes, send_sizes, group=self.group)
+        send = torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8)
+        recv = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8)
+        dist.all_to_all_single(recv, send, recv_sizes.tolist(), send_sizes.tolist(), group=self.group)
+        return [pickle.loads(chunk.numpy().tobytes()) for chunk in recv.split(recv_sizes.tolist())]
+
+    def check_same(self, what: str, config: dict) -> None:
+        """Raise on every rank if `config` (a flat dict) differs across ranks, naming the ranks and the keys."""
+        if self.group is None or self.world_size == 1:
+            return
+        configs = self.gather_object(config)
+        differ = [r for r, c in enumerate(configs) if c != configs[0]]
+        if differ:
+            keys = sorted({k for r in differ for k in configs[0].keys() | configs[r].keys()
+                           if configs[r].get(k) != configs[0].get(k)})
+            detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={c.get(k)!r}" for r, c in enumerate(configs))
+                               for k in keys[:5])
+            raise ValueError(f"distributed: rank(s) {differ} have a different {what} than rank 0 ({detail}); "
+                             f"launch every rank with the same {what}")
+
+
+class Shards(IterableDataset):
+    """Shard URLs split across ranks (shard i goes to rank i % world_size) and DataLoader workers, then loaded.
+
+    Pass it to `curate.pipeline` as the source, directly or inside a `DataLoader(shards, batch_size=None,
+    num_workers=k)`. Every rank must list the same URLs in the same order.
+
+    Args:
+        urls: shard URLs or paths.
+        load: list of URLs → iterable of samples, e.g. `functools.partial(pipelines.data.load_pairs,
+            storage_options=...)`, or a webdataset pipeline that does not split them again
+            (`lambda urls: wds.WebDataset(urls, nodesplitter=None, workersplitter=None)...`).
+        rank, world_size: default `resolve_world()`.
+
+    Fewer shards than ranks is an error on every rank at construction: an empty rank would stall the others.
+    """
+
+    def __init__(self, urls: Iterable[str], load: Callable[[list[str]], Iterable[dict]], *, rank: int | None = None,
+                 world_size: int | None = None):
+        urls = [str(u) for u in urls]
+        if not callable(load):
+            raise TypeError(f"Shards: load must be a function list of URLs -> samples, got {load!r}")
+        self.rank, self.world_size = resolve_world(rank, world_size)
+        if len(urls) < self.world_size:
+            raise ValueError(f"Shards: {len(urls)} shards for {self.world_size} ranks leaves rank(s) "
+                             f"{list(range(len(urls), self.world_size))} with no data; run at most {len(urls)} ranks "
+                             f"or write the data in at least {self.world_size} shards")
+        self.all_urls, self.load = urls, load
+        self.urls = urls[self.rank :: self.world_size]
+
+    def __iter__(self):
+        urls = self.urls
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:  # each worker reads its own shards of this rank's
+            urls = urls[info.id :: info.num_workers]
+        return iter(self.load(urls)) if urls else iter(())
+
+    def __repr__(self) -> str:
+        return f"Shards({len(self.urls)} of {len(self.all_urls)} shards, rank {self.rank} of {self.world_size})"
+
+
+def shards_of(source) -> Shards | None:
+    """The `Shards` a source reads (itself, or a DataLoader's dataset), if any."""
+    if isinstance(source, Shards):
+        return source
+    return source.dataset if isinstance(source, DataLoader) and isinstance(source.dataset, Shards) else None
+
+
+def already_split(source) -> bool:
+    """Whether a source is this rank's part already: `Shards`, or a DataLoader with a DistributedSampler."""
+    if shards_of(source) is not None:
+        return True
+    if isinstance(source, DataLoader):
+        samplers = (source.sampler, getattr(source.batch_sampler, "sampler", None))
+        return any(isinstance(s, DistributedSampler) for s in samplers)
+    return False
+
+
+class RankSplit(BaseNode):
+    """Rank r of W keeps samples r, r + W, r + 2W, ... of the stream (the fallback for sources without shards).
+
+    Args:
+        source: upstream node of samples; every rank must see the same stream.
+        rank, world_size: this rank and the number of ranks.
+    """
+
+    def __init__(self, source: BaseNode, rank: int, world_size: int):
+        super().__init__()
+        self.source, self.rank, self.world_size = source, rank, world_size
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        self.source.reset(None if initial_state is None else initial_state["source"])
+        self._index = 0 if initial_state is None else initial_state["index"]
+
+    def next(self) -> dict:
+        while True:
+            sample = next(self.source)
+            self._index += 1
+            if (self._index - 1) % self.world_size == self.rank:
+                return sample
+
+    def get_state(self) -> dict:
+        return {"source": self.source.state_dict(), "index": self._index}
+
+
+class Lockstep(BaseNode):
+    """Passes full superbatches while every rank has one; all ranks stop at the same step (see the module doc).
+
+    When the ranks stop, the superbatch each still holds is counted in `stats()["dropped_unequal"]`; the rest
+    of a longer rank's epoch is not read (the next epoch starts over).
+
+    Args:
+        source: node of collated superbatches.
+        size: the full superbatch size; a short last superbatch counts as running out.
+        comm: the ranks to keep in step (`Comm` with a group).
+    """
+
+    def __init__(self, source: BaseNode, size: int, comm: Comm):
+        super().__init__()
+        self.source, self.size, self.comm = source, size, comm
+        self.counts = {"dropped_unequal": 0}
+        self._epoch = -1
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        self.source.reset(None if initial_state is None else initial_state["source"])
+        if initial_state is None:
+            self._epoch, self._step, self._done = self._epoch + 1, 0, False
+        else:
+            self._epoch, self._step, self._done = (initial_state[k] for k in ("epoch", "step", "done"))
+            self.counts = dict(initial_state["counts"])
+
+    def next(self) -> dict:
+        if self._done:  # no further collective: the other ranks have stopped too
+            raise StopIteration
+        try:
+            batch = next(self.source)
+            n = batch_size_of(batch)
+        except StopIteration:
+            batch, n = None, 0
+        state = self.comm.gather_tensor(torch.tensor([[int(n == self.size), self._epoch, self._step]]))
+        if (state[:, 1:] != state[0, 1:]).any():
+            raise RuntimeError(f"Lockstep: ranks are at different (epoch, step): {state[:, 1:].tolist()}; resume every "
+                               "rank from the pipeline states of the same checkpoint")
+        if bool(state[:, 0].all()):
+            self._step += 1
+            return batch
+        self._done = True
+        self.counts["dropped_unequal"] += n
+        if self._step == 0:
+            empty = state[:, 0].logical_not().nonzero().flatten().tolist()
+            raise ValueError(f"Lockstep: rank(s) {empty} have fewer than {self.size} samples (one full superbatch) in "
+                             f"epoch {self._epoch}, so no rank can train; give every rank more data (more shards than "
+                             "ranks) or use a smaller superbatch")
+        raise StopIteration
+
+    def get_state(self) -> dict:
+        return {"source": self.source.state_dict(), "epoch": self._epoch, "step": self._step, "done": self._done,
+                "counts": dict(self.counts)}
+
+    def stats(self) -> dict:
+        return dict(self.counts)
+
+
+class GlobalSelect(JointSelect):
+    """Selects world·b of the world·B candidates of all ranks' superbatches; this rank trains on its b of them.
+
+    Args:
+        source: node of `Scored` local superbatches, full size on every rank (`Lockstep`).
+        batch_size, superbatch_size: per rank (b, B).
+        method, n_chunks, temperature, seed: as `JointSelect`, applied to the global superbatch.
+        comm: the ranks (`Comm` with a group).
+
+    Counts are this rank's share (its B candidates, its b kept), so summing them over ranks gives the totals.
+    """
+
+    def __init__(self, source: BaseNode, batch_size: int, method: str = "joint", *, superbatch_size: int, comm: Comm,
+                 n_chunks: int = 16, temperature: float = 1.0, seed: int = 0):
+        world = comm.world_size
+        super().__init__(source, batch_size * world, method, n_chunks=min(n_chunks, batch_size * world),
+                         temperature=temperature, seed=seed, superbatch_size=superbatch_size * world)
+        self.local_batch, self.local_superbatch, self.comm = batch_size, superbatch_size, comm
+
+    def next(self) -> dict:
+        scored = next(self.source)
+        assert scored.size == self.local_superbatch, "Lockstep passes only full superbatches"
+        whole = Scored({}, _gather(scored.learner, self.comm), _gather(scored.reference, self.comm), scored.rule,
+                       scored.size * self.comm.world_size)
+        generator = make_generator(self.seed, "select", self._epoch, self._step)
+        self._step += 1
+        idx, score = self.select(whole, generator)
+        idx, score = idx.cpu(), score.detach().float().cpu()
+        b, rank = self.local_batch, self.comm.rank
+        mine = idx[rank * b : (rank + 1) * b]
+        c = self.counts
+        c["superbatches"] += 1
+        c["seen"] += scored.size
+        c["kept"] += b
+        c["score_sum"] += float(score[rank * scored.size : (rank + 1) * scored.size].sum())
+        c["kept_score_sum"] += float(score[mine].sum())
+        c["last_quantiles"] = torch.quantile(score, torch.tensor((0.1, 0.5, 0.9))).tolist()
+        return _exchange(scored.batch, idx.view(self.comm.world_size, b), self.local_superbatch, self.comm)
+
+
+def _gather(scores: Scores | None, comm: Comm) -> Scores | None:
+    """One model's scores of the global superbatch (rank order); scale and bias are rank 0's."""
+    if scores is None:
+        return None
+    if not scores.contrastive:
+        return Scores.of_losses(comm.gather_tensor(scores.loss))
+    d = scores.image_emb.shape[1]
+    both = comm.gather_tensor(torch.cat([scores.image_emb, scores.text_emb], 1))
+    scale, bias = comm.gather_tensor(torch.tensor([[scores.scale, scores.bias]], dtype=torch.float64))[0].tolist()
+    return Scores(scores.kind, both[:, :d], both[:, d:], scale, bias)
+
+
+def _exchange(batch: dict, parts: Tensor, local_size: int, comm: Comm) -> dict:
+    """Rank r's part (parts[r], global indices) of the selection, its rows fetched from the ranks that hold them."""
+    owner = parts // local_size
+    sends = [take(batch, parts[q][owner[q] == comm.rank] - comm.rank * local_size) for q in range(comm.world_size)]
+    received = comm.all_to_all(sends)  # from rank o: my rows that o holds, in my part's order
+    rows = {name: torch.cat([r[name] for r in received]) if isinstance(value, Tensor)
+            else [x for r in received for x in r[name]] for name, value in batch.items()}
+    order = torch.argsort(owner[comm.rank], stable=True)  # received rows are grouped by owner
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    return take(rows, position)
+
+
+_SUMMED = ("superbatches", "seen", "kept", "dropped_tail", "dropped_by_keep_keys", "dropped_unequal", "scoring_flops",
+           "actor_training_flops", "training_flops")
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """Every rank's `Pipeline.stats()` as job totals: counts and FLOPs summed, means weighted, ratios recomputed;
+    what does not add up (quantiles, per-sample FLOPs, sync, actor) is rank 0's; score_seconds is the slowest rank's."""
+    out = dict(parts[0])
+    for key in _SUMMED:
+        if out.get(key) is not None:
+            out[key] = sum(p[key] for p in parts)
+    out["score_seconds"] = max(p.get("score_seconds", 0.0) for p in parts)
+    seen, kept = out["seen"], out["kept"]
+    out["kept_fraction"] = kept / seen if seen else 0.0
+    if seen:
+        out["score_mean"] = sum(p["score_mean"] * p["seen"] for p in parts if p["seen"]) / seen
+        out["kept_score_mean"] = sum(p["kept_score_mean"] * p["kept"] for p in parts if p["kept"]) / kept
+    if out.get("training_flops"):
+        out["flops_overhead"] = (out["scoring_flops"] + out["actor_training_flops"]) / out["training_flops"]
+        out["break_even_step_saving"] = 1 + out["flops_overhead"]
+    out.pop("rank", None)
+    out["world_size"] = len(parts)
+    return out

@@ -1,0 +1,318 @@
+"""curate.distributed and the DDP path of pipelines.train, in real `torchrun --nproc_per_node=2` jobs (gloo, CPU).
+
+Each torchrun job (tests/dist_worker.py, or the curate CLI) runs two real ranks; what they saw is compared with
+brute force and with single-process runs here: disjoint data, equal step counts over unequal shards, global
+selection equal to one process selecting over the concatenated superbatch, DDP training equal to one process
+training on the global batch, exact resume, and bad input failing every rank with a clear error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import curate
+from curate.distributed import RankSplit, Shards, local_sizes, merge_stats, resolve_world
+from curate.recipe import RecipeError, parse_recipe
+
+from .conftest import make_samples
+from .dist_worker import GLOBAL_CASES, TRAIN, linear_models
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+
+
+def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    # --standalone: a local rendezvous on a free port, so parallel jobs never collide
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hang: end torchrun and both ranks, then fail
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"torchrun {' '.join(args)} hung for {timeout} s:\n{stdout[-2000:]}{stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _worker(scenario: str, out: Path, *args: str) -> list[dict]:
+    proc = _torchrun(str(WORKER), scenario, str(out), *args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [torch.load(out / f"{scenario}-{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict[str, Path]:
+    from pipelines.data import make_digits
+
+    root = tmp_path_factory.mktemp("data")
+    made = {"even": (600, 100), "unequal": (500, 200), "one_shard": (100, 100)}  # n_train, shard size
+    for name, (n_train, shard_size) in made.items():
+        make_digits(root / name, n_train=n_train, n_curated=200, n_test=200, shard_size=shard_size)
+    return {name: root / name for name in made}
+
+
+@pytest.fixture(scope="module")
+def library(digits, tmp_path_factory) -> list[dict]:
+    return _worker("library", tmp_path_factory.mktemp("library"), str(digits["unequal"]))
+
+
+# ---------------------------------------------------------------- in one process
+
+
+def test_rank_and_world_come_from_arguments_then_the_environment(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_world() == (0, 1)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert resolve_world() == (2, 3)
+    assert resolve_world(1, 4) == (1, 4)
+    with pytest.raises(ValueError, match="give both rank= and world_size="):
+        resolve_world(rank=1)
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        resolve_world(3, 3)
+
+
+def test_local_sizes_need_sizes_the_ranks_divide():
+    assert local_sizes(64, 320, 4) == (16, 80)
+    with pytest.raises(ValueError, match="superbatch_size=45 does not divide by world_size=2"):
+        local_sizes(8, 45, 2)
+
+
+def _numbered(urls: list[str], per_shard: int = 5) -> list[dict]:
+    return [{"__key__": f"{url}/{i}"} for url in urls for i in range(per_shard)]
+
+
+def test_shards_split_by_rank_and_by_dataloader_worker():
+    urls = [f"shard{i}" for i in range(7)]
+    seen = []
+    for rank in range(3):
+        shards = Shards(urls, functools.partial(_numbered), rank=rank, world_size=3)
+        assert shards.urls == urls[rank::3]
+        keys = [s["__key__"] for s in DataLoader(shards, batch_size=None, num_workers=2)]
+        assert sorted(keys) == sorted(s["__key__"] for s in _numbered(urls[rank::3]))  # no worker reads twice
+        seen += keys
+    assert sorted(seen) == sorted(s["__key__"] for s in _numbered(urls))
+    with pytest.raises(ValueError, match=r"2 shards for 3 ranks leaves rank\(s\) \[2\] with no data"):
+        Shards(urls[:2], _numbered, rank=0, world_size=3)
+
+
+def test_without_a_process_group_data_is_split_by_sample_but_global_selection_refuses():
+    data = make_samples(21)
+    with pytest.warns(UserWarning, match="not kept in step"):
+        p = curate.pipeline(data, rule="uniform", method="sample", filter_ratio=0.0, batch_size=4, shuffle_buffer=0,
+                            rank=1, world_size=2)
+    batches = [b["__key__"] for b in p]  # everything kept, in sampled order within each batch
+    assert [sorted(b) for b in batches] == [sorted(s["__key__"] for s in data[1::2][i:i + 4]) for i in (0, 4, 8)]
+    assert isinstance(p.stages["rank_split"], RankSplit)
+    with pytest.raises(ValueError, match="init_process_group"):
+        curate.pipeline(data, rule="uniform", method="sample", batch_size=4, rank=0, world_size=2,
+                        selection_scope="global")
+    with pytest.raises(ValueError, match="selection_scope must be one of"):
+        curate.pipeline(data, rule="uniform", method="sample", batch_size=4, selection_scope="everywhere")
+
+
+def test_recipes_take_a_distributed_section():
+    recipe = parse_recipe("name: x\ndistributed: {selection_scope: global, backend: gloo}\n")
+    assert recipe.distributed.selection_scope == "global"
+    assert parse_recipe("name: x\n").distributed.selection_scope == "local"
+    with pytest.raises(RecipeError, match="distributed.scope: unknown key"):
+        parse_recipe("name: x\ndistributed:\n  scope: global\n")
+
+
+def test_merged_stats_add_counts_and_recompute_ratios():
+    parts = [{"seen": 40, "kept": 10, "score_mean": 1.0, "kept_score_mean": 2.0, "scoring_flops": 100.0,
+              "actor_training_flops": 0.0, "training_flops": 50.0, "score_seconds": s, "rank": r}
+             for r, s in enumerate((1.0, 3.0))]
+    parts[1].update(seen=20, kept=5, score_mean=4.0, kept_score_mean=5.0)
+    merged = merge_stats(parts)
+    assert (merged["seen"], merged["kept"], merged["world_size"], merged["score_seconds"]) == (60, 15, 2, 3.0)
+    assert merged["score_mean"] == pytest.approx((40 * 1 + 20 * 4) / 60)
+    assert merged["kept_score_mean"] == pytest.approx((10 * 2 + 5 * 5) / 15)
+    assert merged["flops_overhead"] == pytest.approx(200 / 100) and "rank" not in merged
+
+
+# ---------------------------------------------------------------- torchrun: data split and step counts
+
+
+def test_samples_are_split_disjointly_and_ranks_take_equal_steps(library):
+    keys = [s["__key__"] for s in make_samples(203)]  # 102 for rank 0, 101 for rank 1; superbatch 10
+    for epoch in range(2):
+        assert [len(out["split_samples"][epoch]) for out in library] == [10, 10]
+        for rank, out in enumerate(library):
+            mine = keys[rank::2]  # rank r: samples r, r + 2, ... (each batch keeps all 10, in sampled order)
+            assert [sorted(b) for b in out["split_samples"][epoch]] == [mine[i:i + 10] for i in range(0, 100, 10)]
+    assert [out["split_samples_stats"]["dropped_unequal"] for out in library] == [2 * 2, 1 * 2]  # counted, per epoch
+
+
+def test_unequal_shards_are_split_by_rank_and_worker_and_ranks_stop_together(library, digits):
+    from pipelines.data import load_digits, shard_urls
+
+    urls = shard_urls(digits["unequal"], "digits", "train")  # 200, 200 and 100 samples
+    shard_keys = [{s["__key__"] for s in load_digits([url])} for url in urls]
+    assert [out["split_shards_urls"] for out in library] == [[urls[0], urls[2]], [urls[1]]]
+    ranks = [[k for batch in out["split_shards"] for k in batch] for out in library]
+    assert len(ranks[0]) == len(ranks[1]) == 200  # 5 steps each: rank 1 has 200 samples, rank 0 stops with it
+    assert set(ranks[0]) <= shard_keys[0] | shard_keys[2] and set(ranks[1]) == shard_keys[1]
+    assert len(set(ranks[0])) == 200  # each DataLoader worker read its own shard...
+    first = set(library[0]["split_shards"][0])
+    assert first & shard_keys[0] and first & shard_keys[2]  # ...and they are read side by side
+    total = library[0]["split_shards_stats"]
+    assert (total["seen"], total["dropped_unequal"], total["world_size"]) == (400, 40, 2)
+
+
+# ---------------------------------------------------------------- torchrun: global selection
+
+
+def _merge(parts: list[dict]) -> dict:
+    return {k: torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else [x for p in parts for x in p[k]]
+            for k, v in parts[0].items()}
+
+
+@pytest.mark.parametrize("case", list(GLOBAL_CASES))
+def test_global_selection_equals_one_process_selecting_over_the_concatenated_superbatch(library, case):
+    spec = GLOBAL_CASES[case]
+    runs = [out[f"global_{case}"] for out in library]
+    steps = len(runs[0]["batches"])
+    assert steps >= 3 and len(runs[1]["batches"]) == steps
+    by_key = {s["__key__"]: s for s in spec["data"]()}
+    stream = [by_key[k] for step in range(steps) for run in runs for k in run["superbatches"][step]]
+    options = dict(spec["options"])
+    b, big_b = options.pop("batch_size"), options.pop("superbatch_size")
+    learner, reference = spec["models"]()
+    single = list(curate.pipeline(stream, learner=learner, reference=reference, scorer=spec["scorer"](), seed=3,
+                                  batch_size=2 * b, superbatch_size=2 * big_b, micro_batch_size=big_b,
+                                  **{**options, "shuffle_buffer": 0}))
+    assert len(single) == steps
+    exchanged = 0
+    for step in range(steps):
+        parts = [run["batches"][step] for run in runs]
+        assert [len(p["__key__"]) for p in parts] == [b, b]
+        merged = _merge(parts)
+        assert merged.keys() == single[step].keys()
+        for name, value in merged.items():
+            assert torch.equal(value, single[step][name]) if isinstance(value, torch.Tensor) else value == \
+                single[step][name], f"step {step}: field {name} differs"
+        exchanged += len(set(parts[0]["__key__"]) & set(runs[1]["superbatches"][step]))
+    assert exchanged > 0  # rank 0 trained on samples rank 1 had read: the rows were exchanged
+
+
+def test_ddp_training_on_global_selection_with_prefetch_equals_one_process(library):
+    runs = [out["train"] for out in library]
+    assert torch.equal(runs[0]["weights"]["weight"], runs[1]["weights"]["weight"])  # DDP kept the ranks equal
+    steps, b, big_b = TRAIN["steps"], TRAIN["batch_size"], TRAIN["superbatch_size"]
+    by_key = {s["__key__"]: s for s in make_samples(400, seed=1)}
+    # each rank also scored the superbatch it prefetched after the last step: one more than the steps
+    assert [len(run["superbatches"]) for run in runs] == [steps + 1] * 2
+    stream = [by_key[k] for step in range(steps + 1) for run in runs for k in run["superbatches"][step]]
+    learner, _ = linear_models(seed=1)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=TRAIN["lr"])
+    p = curate.pipeline(stream, learner=learner, scorer=curate.ClassificationScorer(), rule="hard_learner",
+                        method="sample", batch_size=2 * b, superbatch_size=2 * big_b, micro_batch_size=big_b,
+                        shuffle_buffer=0, prefetch=1)
+    for step, batch in zip(range(steps), p, strict=False):
+        assert batch["__key__"] == runs[0]["keys"][step] + runs[1]["keys"][step], f"step {step}"
+        optimizer.zero_grad()
+        F.cross_entropy(learner(batch["input"]), batch["target"]).backward()
+        optimizer.step()
+    for name, value in learner.state_dict().items():
+        torch.testing.assert_close(runs[0]["weights"][name], value, rtol=1e-5, atol=1e-6)
+    p.stages["prefetch"].wait()
+    single, total = p.stats(), runs[0]["global_stats"]
+    assert total == runs[1]["global_stats"]
+    for key in ("seen", "kept", "scoring_flops", "training_flops", "flops_overhead"):
+        assert total[key] == pytest.approx(single[key]), key  # rank 0 reports the job's FLOP ledger
+    assert total["seen"] == sum(run["stats"]["seen"] for run in runs)
+
+
+def test_global_pipeline_resumes_mid_epoch_exactly(library):
+    for out in library:
+        assert len(out["resume"]["full"]) == 6
+        assert out["resume"]["resumed"] == out["resume"]["full"]
+
+
+# ---------------------------------------------------------------- torchrun: bad input
+
+
+def test_bad_input_fails_every_rank_before_training_and_nothing_hangs(digits, tmp_path):
+    outs = _worker("bad", tmp_path, str(digits["even"]), str(digits["one_shard"]))
+    expected = {
+        "indivisible": "batch_size=9 does not divide by world_size=2",
+        "mismatch": "rank(s) [1] have a different recipe than rank 0 (train.lr: rank 0=0.001, rank 1=0.002)",
+        "no_shards": "1 shards for 2 ranks leaves rank(s) [1] with no data",
+        "config": "rank(s) [1] have a different pipeline configuration than rank 0 (seed: rank 0=0, rank 1=1)",
+        "empty_rank": "rank(s) [1] have fewer than 13 samples",
+        "shards": "1 shards for 2 ranks leaves rank(s) [1] with no data",
+    }
+    for out in outs:
+        assert out["alive"]
+        for case, text in expected.items():
+            assert out[case] is not None and text in out[case], (case, out[case])
+    assert not (tmp_path / "bad" / "uniform" / "checkpoint.pt").exists()  # no run trained a step
+
+
+# ---------------------------------------------------------------- torchrun: the CLI, restart
+
+
+def _recipe(tmp_path: Path, digits: Path) -> Path:
+    from pipelines.train_reference import train_reference
+
+    text = f"""name: dist
+data: {{root: {digits}, dataset: digits}}
+model: {{kind: mlp}}
+reference: {{path: {tmp_path / "reference"}, steps: 5, batch_size: 32}}
+selection: {{rule: learnability, method: sample, filter_ratio: 0.8, shuffle_buffer: 32}}
+train: {{steps: 30, eval_every: 5, batch_size: 8}}
+compare: [uniform]
+distributed: {{selection_scope: global, backend: gloo, timeout_s: 60}}
+"""
+    path = tmp_path / "dist.yaml"
+    path.write_text(text)
+    train_reference(parse_recipe(text), log=lambda *a: None)
+    return path
+
+
+def _metrics(out: Path, run: str) -> list[dict]:
+    records = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("seconds")
+        record["pipeline"].pop("score_seconds")
+    return records
+
+
+def test_curate_run_under_torchrun_resumes_exactly_after_a_restart(digits, tmp_path):
+    recipe = _recipe(tmp_path, digits["even"])
+
+    def run(out: str, *extra: str) -> str:
+        proc = _torchrun("-m", "pipelines.cli", "run", str(recipe), "--set", f"train.out={tmp_path / out}", *extra)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return proc.stdout
+
+    printed = run("whole")  # 30 steps: 2 epochs of 15 superbatches of 20 per rank
+    assert printed.count("final accuracy") == 1  # rank 0 alone reports
+    run("restarted", "--set", "train.steps=15")  # stops at step 15, checkpointed...
+    run("restarted", "--resume")  # ...and a new job continues from there
+    for name in ("learnability", "uniform"):
+        whole = _metrics(tmp_path / "whole", name)
+        assert [r["step"] for r in whole] == [5, 10, 15, 20, 25, 30]
+        assert _metrics(tmp_path / "restarted", name) == whole
+        superbatch = 40 if name == "learnability" else 8  # global: filter_ratio 0.8, or everything kept
+        assert whole[-1]["pipeline"]["world_size"] == 2 and whole[-1]["pipeline"]["seen"] == 30 * superbatch
+    state = torch.load(tmp_path / "restarted" / "learnability" / "checkpoint.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["pipelines"]) == 2
