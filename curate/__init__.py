@@ -6,6 +6,7 @@ The public API. Everything a user needs is importable from here; submodules are 
 from .actor import Actor
 from .cache import ScoreCache, model_hash, write_part
 from .curation import DedupResult, balance, read_keys, semantic_dedup, write_keys
+from .distributed import Shards, local_sizes, resolve_world
 from .flops import forward_flops
 from .losses import cross_entropy_losses, sigmoid_example_losses, sigmoid_pair_losses, softmax_example_losses
 from .nodes import Batch, KeepKeys, Shuffle, Source, Superbatch, Unbatch
@@ -24,6 +25,9 @@ __all__ = [
     "pipeline",
     "Pipeline",
     "superbatch_size_for",
+    "Shards",
+    "resolve_world",
+    "local_sizes",
     "WeightSync",
     "Actor",
     "Prefetch",

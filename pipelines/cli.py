@@ -100,9 +100,8 @@ def _run(args) -> None:
     from .train import run
 
     recipe = _recipe(args)
-    if recipe.prepare:
-        prepare(recipe)
-    run(recipe, resume=args.resume)
+    # under torchrun, run() prepares on rank 0 only while the other ranks wait
+    run(recipe, resume=args.resume, prepare=prepare if recipe.prepare else None)
 
 
 def _inspect(args) -> None:
