@@ -87,6 +87,16 @@ class SelectionConfig(_Strict):
         return value
 
 
+class CurationConfig(_Strict):
+    """Offline curation (`curate curate-set`): dedup + cluster balance of the reference's embeddings."""
+
+    embedding: Literal["image", "text", "both"] = "image"
+    n_clusters: int | None = Field(None, gt=0)  # default round(√N)
+    threshold: float = Field(0.95, ge=0, le=1)  # cosine at or above which two samples are duplicates
+    per_cluster: int | None = Field(None, gt=0)  # None: no cap after dedup
+    train_on_curated: bool = False  # `curate run` trains only on the curated key list
+
+
 class TrainConfig(_Strict):
     steps: int = Field(300, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -129,6 +139,7 @@ class Recipe(_Strict):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    curation: CurationConfig = Field(default_factory=CurationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: list[str] = Field(default_factory=list)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
@@ -144,6 +155,10 @@ class Recipe(_Strict):
     @property
     def out(self) -> Path:
         return Path(self.train.out or f"runs/{self.name}")
+
+    @property
+    def curated_keys_path(self) -> Path:
+        return self.out / "curated_keys.parquet"
 
     @property
     def reference_path(self) -> Path:

@@ -92,8 +92,11 @@ def _precompute(args) -> None:
 def _curate_set(args) -> None:
     from .curate_set import curate_set
 
-    curate_set(_recipe(args), embedding=args.embedding, n_clusters=args.n_clusters, threshold=args.threshold,
-               per_cluster=args.per_cluster, seed=args.seed)
+    # the flags are shorthands for --set curation.*=..., so the recipe validates them
+    for flag in ("embedding", "n_clusters", "threshold", "per_cluster"):
+        if getattr(args, flag) is not None:
+            args.set = [*(args.set or []), f"curation.{flag}={getattr(args, flag)}"]
+    curate_set(_recipe(args), seed=args.seed)
 
 
 def _run(args) -> None:
@@ -140,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="a shard that cannot be read whole: fail (default), or skip it and record it "
                                 "in precompute_report.json")
         if name == "curate-set":
-            p.add_argument("--embedding", choices=["image", "text", "both"], default="image")
+            p.add_argument("--embedding", choices=["image", "text", "both"], default=None,
+                           help="which reference embedding to compare (default: curation.embedding, image)")
             p.add_argument("--n-clusters", type=int, default=None, help="k-means clusters (default: √N)")
-            p.add_argument("--threshold", type=float, default=0.95, help="cosine at which samples are duplicates")
+            p.add_argument("--threshold", type=float, default=None,
+                           help="cosine at which samples are duplicates (default: curation.threshold, 0.95)")
             p.add_argument("--per-cluster", type=int, default=None, help="cap per cluster after dedup (default: none)")
             p.add_argument("--seed", type=int, default=None, help="k-means and balancing seed (default: train.seed)")
 

@@ -33,9 +33,9 @@ __all__ = ["curate_set", "EMBEDDINGS"]
 EMBEDDINGS = ("image", "text", "both")
 
 
-def curate_set(recipe: Recipe, *, embedding: str = "image", n_clusters: int | None = None, threshold: float = 0.95,
-               per_cluster: int | None = None, seed: int | None = None, out: Path | None = None,
-               log=print) -> dict:
+def curate_set(recipe: Recipe, *, embedding: str | None = None, n_clusters: int | None = None,
+               threshold: float | None = None, per_cluster: int | None = None, seed: int | None = None,
+               out: Path | None = None, log=print) -> dict:
     """Curate the cached samples; writes the files in the module docstring and returns the report.
 
     Args:
@@ -47,7 +47,14 @@ def curate_set(recipe: Recipe, *, embedding: str = "image", n_clusters: int | No
         per_cluster: keep at most this many samples of each cluster after dedup; None keeps them all.
         seed: seeds k-means and the balancing draw; default the recipe's train.seed.
         out: directory for the outputs; default the recipe's run directory (`train.out`, runs/<name>).
+
+    Unset arguments come from the recipe's `curation:` section.
     """
+    cfg = recipe.curation
+    embedding = cfg.embedding if embedding is None else embedding
+    n_clusters = cfg.n_clusters if n_clusters is None else n_clusters
+    threshold = cfg.threshold if threshold is None else threshold
+    per_cluster = cfg.per_cluster if per_cluster is None else per_cluster
     if embedding not in EMBEDDINGS:
         raise ValueError(f"curate-set: embedding must be one of {list(EMBEDDINGS)}, got {embedding=}")
     if not recipe.cache.path:

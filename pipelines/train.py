@@ -51,6 +51,15 @@ def plan_runs(recipe: Recipe) -> dict[str, dict]:
     return runs
 
 
+def _curated_keys(recipe: Recipe) -> Path | None:
+    if not recipe.curation.train_on_curated:
+        return None
+    if not recipe.curated_keys_path.is_file():
+        raise tasks.MissingDataError(f"curation.train_on_curated: no key list at {recipe.curated_keys_path}; make it "
+                                     "with `curate curate-set RECIPE`")
+    return recipe.curated_keys_path
+
+
 def _reference(recipe: Recipe, device: torch.device):
     if recipe.cache.path:
         from curate.cache import ScoreCache
@@ -168,6 +177,7 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         reference=_reference(recipe, device) if uses_models else None,
         scorer=tasks.scorer_for(recipe, patch_dropout=recipe.selection.score_patch_dropout if uses_models else 0),
         train_model=model,
+        keep_keys=_curated_keys(recipe),
         shuffle_buffer=recipe.selection.shuffle_buffer,
         seed=tc.seed,
         rank=comm.rank,

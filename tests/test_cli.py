@@ -125,3 +125,10 @@ def test_bad_recipe_value_is_reported_with_its_path(capsys):
     code = main(["run", str(ROOT / "recipes" / "quickstart.yaml"), "--set", "selection.n_chunks=x"])
     assert code == 2
     assert "selection.n_chunks: expected an integer, got 'x'" in capsys.readouterr().err
+
+
+def test_training_on_a_missing_curated_key_list_says_how_to_make_it(digits, tmp_path, capsys):
+    code = main(["run", str(ROOT / "recipes" / "uniform.yaml"), *_small(digits, tmp_path),
+                 "--set", "curation.train_on_curated=true"])
+    assert code == 2
+    assert "curate curate-set RECIPE" in capsys.readouterr().err

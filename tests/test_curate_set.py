@@ -97,12 +97,15 @@ def test_without_cap_and_on_text_or_both_embeddings(tmp_path):
 def test_bad_input_is_named(tmp_path, capsys):
     planted_cache(tmp_path / "cache")
     base = ["curate-set", str(RECIPE), "--set", f"cache.path={tmp_path / 'cache'}", "--set", f"train.out={tmp_path}"]
+    # the flags are recipe overrides (curation.*), validated with the recipe's path in the message
     assert main([*base, "--threshold", "1.5"]) == 2
-    assert "threshold is a cosine similarity in [0, 1], got threshold=1.5" in capsys.readouterr().err
+    assert "curation.threshold: Input should be less than or equal to 1, got 1.5" in capsys.readouterr().err
     assert main([*base, "--n-clusters", "0"]) == 2
-    assert "n_clusters must be an int in [1, 340]" in capsys.readouterr().err
+    assert "curation.n_clusters: Input should be greater than 0, got 0" in capsys.readouterr().err
     assert main([*base, "--per-cluster", "0"]) == 2
-    assert "per_cluster must be an int ≥ 1" in capsys.readouterr().err
+    assert "curation.per_cluster: Input should be greater than 0, got 0" in capsys.readouterr().err
+    assert main([*base, "--n-clusters", "1000"]) == 2  # more clusters than rows: the library's own check
+    assert "n_clusters must be an int in [1, 340]" in capsys.readouterr().err
     losses = tmp_path / "losses"
     write_part(str(losses / "part-00000.parquet"), ["a", "b"], ref_loss=[0.1, 0.2],
                metadata={"reference_hash": "r", "scorer": "s", "dataset": "d"})
