@@ -86,6 +86,30 @@ def check_resume(build, points: list[int]) -> list:
     return full
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint (moto's server) on 127.0.0.1, port 0, for the session: its s3fs storage options."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"key": "test", "secret": "test",
+           "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
+    server.stop()
+
+
+def make_bucket(storage_options: dict, name: str):
+    """Create bucket `name` on the test server; returns an s3fs filesystem for it."""
+    import boto3
+    from s3fs import S3FileSystem
+
+    boto3.client("s3", aws_access_key_id=storage_options["key"], aws_secret_access_key=storage_options["secret"],
+                 **storage_options["client_kwargs"]).create_bucket(Bucket=name)
+    return S3FileSystem(**storage_options)
+
+
 @pytest.fixture
 def samples():
     return make_samples(500)

@@ -26,7 +26,7 @@ from curate.cache import (
 )
 from curate.score import score_model
 
-from .conftest import make_pairs, make_samples, tiny_clip
+from .conftest import make_bucket, make_pairs, make_samples, tiny_clip
 
 META = {"reference_hash": "ref0", "scorer": "ClassificationScorer", "dataset": "synthetic"}
 
@@ -268,18 +268,9 @@ def test_cached_and_online_reference_select_the_same_contrastive(tmp_path, loss)
 
 
 @pytest.fixture(scope="module")
-def s3():
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="caches")
-    yield {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    server.stop()
+def s3(s3_server):
+    make_bucket(s3_server, "caches")
+    return s3_server
 
 
 def test_s3_cache_through_s3fs_and_polars(s3):

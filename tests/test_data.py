@@ -28,6 +28,8 @@ from pipelines.data import (
     tokenize,
 )
 
+from .conftest import make_bucket
+
 SIZES = {"train": 1200, "curated": 300, "test": 300}
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -264,36 +266,21 @@ def test_killed_run_leaves_no_partial_shard(tmp_path):
     assert not (tmp_path / "manifest.json").exists()
 
 
-def test_s3_loading_matches_local(made, monkeypatch):
+def test_s3_loading_matches_local(made, s3_server):
     """Shards and manifest served by a real (moto) S3 server, read through fsspec/s3fs."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
     root, _ = made
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(name, value)
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket="digits")
-        for path in [root / "manifest.json", *(root / "pairs").glob("*.tar")]:
-            client.upload_file(str(path), "digits", f"data/{path.relative_to(root)}")
-        options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-        urls = shard_urls("s3://digits/data", "pairs", "train", storage_options=options)
-        assert urls == [u.replace(str(root), "s3://digits/data") for u in shard_urls(root, "pairs", "train")]
-        remote = list(load_pairs(urls, storage_options=options))
-        local = list(load_pairs(shard_urls(root, "pairs", "train")))
-        assert [s["__key__"] for s in remote] == [s["__key__"] for s in local]
-        assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
-                   for a, b in zip(remote, local, strict=True))
-        pattern = "s3://digits/data/pairs/curated-{000000..000000}.tar"
-        assert len(list(load_pairs(pattern, storage_options=options))) == SIZES["curated"]
-    finally:
-        server.stop()
+    fs = make_bucket(s3_server, "digits")
+    for path in [root / "manifest.json", *(root / "pairs").glob("*.tar")]:
+        fs.put_file(str(path), f"digits/data/{path.relative_to(root).as_posix()}")
+    urls = shard_urls("s3://digits/data", "pairs", "train", storage_options=s3_server)
+    assert urls == [u.replace(str(root), "s3://digits/data") for u in shard_urls(root, "pairs", "train")]
+    remote = list(load_pairs(urls, storage_options=s3_server))
+    local = list(load_pairs(shard_urls(root, "pairs", "train")))
+    assert [s["__key__"] for s in remote] == [s["__key__"] for s in local]
+    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+               for a, b in zip(remote, local, strict=True))
+    pattern = "s3://digits/data/pairs/curated-{000000..000000}.tar"
+    assert len(list(load_pairs(pattern, storage_options=s3_server))) == SIZES["curated"]
 
 
 def test_class_prompts_and_no_network(monkeypatch):

@@ -24,6 +24,8 @@ from pipelines.cli import main
 from pipelines.precompute import part_path, precompute, report_path
 from pipelines.train_reference import train_reference
 
+from .conftest import make_bucket
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "rho_loss.yaml"  # digits + small_cnn: per-example reference losses
 
@@ -182,20 +184,8 @@ def test_corrupt_shard_fails_naming_it_or_is_skipped_and_reported(digits, traine
 
 
 @pytest.fixture(scope="module")
-def s3():
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-    from s3fs import S3FileSystem
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="bucket")
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    yield S3FileSystem(**options), options
-    server.stop()
+def s3(s3_server):
+    return make_bucket(s3_server, "bucket"), s3_server
 
 
 def test_shards_and_cache_on_s3(digits, tmp_path, s3):
