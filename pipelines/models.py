@@ -105,11 +105,13 @@ def zero_shot_accuracy(model: nn.Module, batches: Iterable[dict], *, prompts: to
     model.eval()
     try:
         prompts = class_prompts(context_length=model.context_length) if prompts is None else prompts
+        prompts = prompts.to(next(model.parameters()).device)
         classes = model.encode_text(prompts, normalize=True)
         correct = total = 0
+        device = classes.device
         for batch in batches:
-            image = model.encode_image(batch[image_key], normalize=True)
-            correct += int(((image @ classes.T).argmax(1) == torch.as_tensor(batch[label_key])).sum())
+            image = model.encode_image(batch[image_key].to(device), normalize=True)
+            correct += int(((image @ classes.T).argmax(1) == torch.as_tensor(batch[label_key], device=device)).sum())
             total += len(image)
     finally:
         model.train(was_training)

@@ -171,14 +171,11 @@ def evaluate(model: nn.Module, batches: list[dict], cfg: ModelConfig, device: to
         if cfg.kind != "tiny_clip":
             correct = sum(int((model(b["image"].to(device)).argmax(1).cpu() == b["label"]).sum()) for b in batches)
             return {"accuracy": correct / sum(len(b["label"]) for b in batches)}
-        prompts = digits_data.class_prompts(context_length=model.context_length).to(device)
-        classes = model.encode_text(prompts, normalize=True)
         images = torch.cat([model.encode_image(b["image"].to(device), normalize=True) for b in batches])
         texts = torch.cat([model.encode_text(b["text"].to(device), normalize=True) for b in batches])
         labels = torch.cat([b["label"] for b in batches]).to(device)
-        zero_shot = ((images @ classes.T).argmax(1) == labels).float().mean()
         r1 = torch.cat([labels[(images[i:i + 1024] @ texts.T).argmax(1)] for i in range(0, len(images), 1024)])
-        return {"accuracy": float(zero_shot), "r1": float((r1 == labels).float().mean())}
+        return {"accuracy": models.zero_shot_accuracy(model, batches), "r1": float((r1 == labels).float().mean())}
     finally:
         model.train(was_training)
 
