@@ -11,7 +11,6 @@ alternative the cache avoids).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -19,6 +18,7 @@ import time
 
 import numpy as np
 import polars as pl
+from results_io import write_json  # benchmarks/ is on sys.path when a script runs
 
 from curate import ClassificationScorer
 from curate.cache import KEY, ScoreCache, write_part
@@ -101,9 +101,7 @@ def main() -> None:
               f"{row['keys_per_cpu_s'] / 1e6:>14.2f}")
     print(f"polars join / lookup: {results['join_over_lookup']:.1f}x  (1-min load average at start: "
           f"{results['load_average_1min']:.1f} on {os.cpu_count()} CPUs)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(results, args.out)
     print(f"wrote {args.out}")
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from results_io import write_json  # benchmarks/ is on sys.path when a script runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -389,9 +390,7 @@ def main() -> None:
               "references": references, "summary": summary, "runs": results, "plots": pngs,
               "seconds": time.perf_counter() - start, "torch_threads": 1, "cpu_count": os.cpu_count(),
               "offline_cost_in_totals": False}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
+    write_json(report, out)
     partial.unlink()
     print(f"wrote {out} and {', '.join(pngs)} in {report['seconds']:.0f}s")
 

@@ -15,13 +15,13 @@ Measured side by side on the same data and models:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 
 import torch
 import torch.nn.functional as F
+from results_io import write_json  # benchmarks/ is on sys.path when a script runs
 from torch import nn
 
 import curate
@@ -123,9 +123,7 @@ def main() -> None:
           f"actor {results['actor_prefetch_speedup']:.2f}x")
     print(f"WeightSync.push of {megabytes:.1f} MiB: in-process {results['push']['in_process_ms']:.2f} ms, "
           f"shared memory {results['push']['shared_memory_ms']:.2f} ms")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(results, args.out)
     print(f"wrote {args.out}")
 
 

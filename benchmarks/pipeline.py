@@ -21,7 +21,6 @@ would iterate. Median of `--repeats` epochs, interleaved, torch on one thread.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,6 +30,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_io import write_json  # benchmarks/ is on sys.path when a script runs
 
 import curate  # noqa: E402
 from curate import Scores  # noqa: E402
@@ -147,11 +148,7 @@ def main() -> None:
     print(table(rows))
     report = {"benchmark": "pipeline", "batch_size": args.batch, "repeats": args.repeats, "rows": rows,
               "torch_threads": 1, "cpu_count": os.cpu_count(), "seconds": time.perf_counter() - start}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
+    out = write_json(report, args.out)
     print(f"wrote {out} in {report['seconds']:.0f}s")
 
 

@@ -37,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_io import write_json  # benchmarks/ is on sys.path when a script runs
+
 from curate.losses import sigmoid_pair_losses  # noqa: E402
 from curate.rules import get_rule  # noqa: E402
 from curate.scorers import Scores  # noqa: E402
@@ -268,9 +270,7 @@ def main() -> None:
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "dim": args.dim, "filter_ratio": args.filter,
               "n_chunks": args.chunks, "dense_max": args.dense_max, "rows": rows,
               "seconds": time.perf_counter() - start, "torch_threads": 1 if args.device == "cpu" else None}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
+    write_json(report, out)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
