@@ -34,7 +34,7 @@ from curate.recipe import Recipe
 
 from . import tasks
 
-__all__ = ["run", "run_one", "plan_runs", "distributed_session"]
+__all__ = ["run", "run_one", "plan_runs", "distributed_session", "load_checkpoint"]
 
 
 def plan_runs(recipe: Recipe) -> dict[str, dict]:
@@ -190,7 +190,7 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
     step, history, noisy, seen, seconds = 0, [], 0, 0, 0.0
     checkpoint = out / "checkpoint.pt"
-    state = torch.load(checkpoint, weights_only=False) if resume and comm.rank == 0 and checkpoint.is_file() else None
+    state = load_checkpoint(checkpoint) if resume and comm.rank == 0 and checkpoint.is_file() else None
     state = comm.broadcast_object(state)  # rank 0 reads: other nodes need not share its file system
     if state is not None:
         if state.get("world_size", 1) != comm.world_size:
@@ -237,6 +237,21 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
                 _write_jsonl(out / "metrics.jsonl", history)
     bar.close()
     return history
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A run's checkpoint, read as data only: `weights_only=True` refuses anything but tensors and plain
+    containers, so a planted or damaged file cannot run code when a job resumes from it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for a foreign object; RuntimeError / EOFError for a damaged file
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"--resume: {path} is not a checkpoint curate can load safely ({type(error).__name__}: "
+                         f"{reason}); delete it to start this run over, or run without --resume") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= state.keys():
+        raise ValueError(f"--resume: {path} is not a curate run checkpoint (no model, optimizer and step); delete it "
+                         "to start this run over, or run without --resume")
+    return state
 
 
 def _record(name: str, step: int, loss: float, noisy: int, seen: int, batches, model, test, cfg, device,

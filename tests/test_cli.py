@@ -132,3 +132,37 @@ def test_training_on_a_missing_curated_key_list_says_how_to_make_it(digits, tmp_
                  "--set", "curation.train_on_curated=true"])
     assert code == 2
     assert "curate curate-set RECIPE" in capsys.readouterr().err
+
+
+class _Payload:
+    """What a planted checkpoint carries: unpickling it calls os.mkdir(marker), i.e. runs code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(digits, tmp_path, capsys):
+    marker = tmp_path / "the-payload-ran"
+    run_dir = tmp_path / "out" / "uniform"
+    run_dir.mkdir(parents=True)
+    import torch
+
+    torch.save({"model": _Payload(str(marker)), "optimizer": {}, "step": 0}, run_dir / "checkpoint.pt")
+    code = main(["run", str(ROOT / "recipes" / "uniform.yaml"), *_small(digits, tmp_path / "out"), "--resume"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'checkpoint.pt'} is not a checkpoint curate can load safely" in err
+    assert "delete it" in err
+    assert not marker.exists(), "loading the checkpoint ran the code it carried"
+
+
+def test_resume_from_a_damaged_checkpoint_says_what_to_do(digits, tmp_path, capsys):
+    recipe = str(ROOT / "recipes" / "uniform.yaml")
+    assert main(["run", recipe, *_small(digits, tmp_path)]) == 0
+    checkpoint = tmp_path / "uniform" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # cut off, as a full disk would leave it
+    assert main(["run", recipe, *_small(digits, tmp_path), "--resume"]) == 2
+    assert "is not a checkpoint curate can load safely" in capsys.readouterr().err

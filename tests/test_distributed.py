@@ -53,7 +53,7 @@ def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def _worker(scenario: str, out: Path, *args: str) -> list[dict]:
     proc = _torchrun(str(WORKER), scenario, str(out), *args)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [torch.load(out / f"{scenario}-{rank}.pt", weights_only=False) for rank in range(2)]
+    return [torch.load(out / f"{scenario}-{rank}.pt", weights_only=True) for rank in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -314,5 +314,5 @@ def test_curate_run_under_torchrun_resumes_exactly_after_a_restart(digits, tmp_p
         assert _metrics(tmp_path / "restarted", name) == whole
         superbatch = 40 if name == "learnability" else 8  # global: filter_ratio 0.8, or everything kept
         assert whole[-1]["pipeline"]["world_size"] == 2 and whole[-1]["pipeline"]["seen"] == 30 * superbatch
-    state = torch.load(tmp_path / "restarted" / "learnability" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "restarted" / "learnability" / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["pipelines"]) == 2
