@@ -1,8 +1,7 @@
-"""The one way benchmarks write their JSON reports: folder made, temp file, atomic rename."""
+"""The one way benchmarks write their JSON reports: `curate.files.write_json` (atomic)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 __all__ = ["write_json"]
@@ -10,9 +9,8 @@ __all__ = ["write_json"]
 
 def write_json(report: dict, out: str | Path) -> Path:
     """Write `report` to `out` atomically, so an interrupted run never leaves a half-written result."""
+    from curate.files import write_json as write
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
+    write(out, report, indent=1, parents=True)
     return out

@@ -14,10 +14,9 @@ import torch
 from torch import Tensor, nn
 from torchdata.nodes import BaseNode
 
+from .batch import batch_size_of
 from .flops import FlopLedger
-from .nodes import batch_size_of
-from .score import score_model
-from .scorers import Scores
+from .scorers import Scores, score_model
 
 __all__ = ["Actor", "TrainActor"]
 

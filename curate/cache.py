@@ -18,8 +18,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 
@@ -28,9 +26,9 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from .nodes import split_batch
-from .score import score_model
-from .scorers import Scores
+from .batch import split_batch, take
+from .files import atomic_write, filesystem
+from .scorers import Scores, score_model
 
 __all__ = ["ScoreCache", "write_part", "scan", "model_hash", "polars_storage_options", "SCHEMA_VERSION"]
 
@@ -42,8 +40,6 @@ _PART = "__part__"  # load-time column: which file a row came from (for duplicat
 _REQUIRED = ("reference_hash", "scorer", "dataset")
 _RESERVED = ("schema_version", "created_at", "logit_scale", "logit_bias")
 _CONSISTENT = ("schema_version", "reference_hash", "scorer", "dataset", "logit_scale", "logit_bias")
-# Bounded retries/timeouts so an unreachable endpoint fails in seconds instead of botocore's minutes.
-_S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
 _POLARS_RETRY = {"max_retries": 2, "connect_timeout": "5s"}
 
 
@@ -56,16 +52,6 @@ def model_hash(model: nn.Module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def filesystem(path: str, storage_options: dict | None = None):
-    """(fsspec filesystem, path within it), with bounded S3 retries unless `config_kwargs` overrides them."""
-    import fsspec
-
-    options = dict(storage_options or {})
-    if fsspec.utils.get_protocol(path) in ("s3", "s3a"):
-        options["config_kwargs"] = {**_S3_CONFIG, **options.get("config_kwargs", {})}
-    return fsspec.core.url_to_fs(path, **options)
 
 
 def polars_storage_options(storage_options: dict | None) -> dict:
@@ -113,8 +99,7 @@ def write_part(path: str, keys: Sequence[str], *, ref_loss=None, image_emb=None,
             entries (e.g. "recipe") are kept. Non-string values are stored as JSON.
         storage_options: fsspec/s3fs options for remote paths.
 
-    Locally the file is written under a temporary name and renamed; on S3 it is one PUT (or one completed
-    multipart upload), so a failed write never leaves a partial part.
+    Written with `curate.files.atomic_write`: a failed write never leaves a partial part.
     """
     if not str(path).endswith(".parquet"):
         raise ValueError(f"write_part: path must end in .parquet (ScoreCache.open reads *.parquet), got {path=}")
@@ -132,20 +117,8 @@ def write_part(path: str, keys: Sequence[str], *, ref_loss=None, image_emb=None,
              "logit_scale": _float_text(logit_scale, "logit_scale"),
              "logit_bias": _float_text(logit_bias, "logit_bias")}
     meta = {f"curate.{name}": value for name, value in meta.items()}
-    fs, target = filesystem(str(path), storage_options)
-    if "file" in fs.protocol:
-        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        temp = f"{target}.tmp-{uuid.uuid4().hex}"  # not *.parquet: open() never sees a half-written file
-        try:
-            frame.write_parquet(temp, metadata=meta)
-            os.replace(temp, target)
-        finally:
-            if os.path.exists(temp):
-                os.remove(temp)
-    else:
-        buffer = io.BytesIO()
-        frame.write_parquet(buffer, metadata=meta)
-        fs.pipe_file(target, buffer.getvalue())
+    with atomic_write(str(path), parents=True, storage_options=storage_options) as stream:
+        frame.write_parquet(stream, metadata=meta)
     return str(path)
 
 
@@ -340,7 +313,7 @@ class ScoreCache:
             raise ValueError(f"ScoreCache: {len(absent)} of {len(keys)} keys are not in {self.path}, e.g. {names}; "
                              f"regenerate the cache for this dataset with {REGENERATE}, or open it with "
                              "missing='online', fallback=reference")
-        online = score_model(self.fallback, _take(batch, absent), scorer, micro_batch_size).to("cpu")
+        online = score_model(self.fallback, take(batch, absent), scorer, micro_batch_size).to("cpu")
         self.counts["online"] += len(absent)
         if kind == "example":
             loss = cached.loss.clone()
@@ -415,13 +388,6 @@ class _Cached:
 
 def _column(frame: pl.DataFrame, name: str) -> np.ndarray | None:
     return frame[name].to_numpy().astype(np.float32, copy=False) if name in frame.columns else None
-
-
-def _take(batch: dict, idx: Tensor) -> dict:
-    out = {}
-    for name, value in batch.items():
-        out[name] = value[idx] if isinstance(value, Tensor) else [value[i] for i in idx.tolist()]
-    return out
 
 
 def _read_part(file: str, blob: bytes | Exception | None, path: str) -> tuple[dict, pl.DataFrame]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from .files import atomic_write
 from .seeding import derive_seed
 
 __all__ = ["DedupResult", "semantic_dedup", "balance", "write_keys", "read_keys"]
@@ -168,7 +169,7 @@ def balance(
 
 
 def write_keys(path: str | os.PathLike, keys: Sequence[str], metadata: Mapping[str, object] | None = None) -> Path:
-    """Writes a key list as Parquet (one sorted `__key__` column), atomically: a temp file, then a rename.
+    """Writes a key list as Parquet (one sorted `__key__` column), atomically (`curate.files.atomic_write`).
 
     Args:
         path: the destination file.
@@ -180,12 +181,8 @@ def write_keys(path: str | os.PathLike, keys: Sequence[str], metadata: Mapping[s
     path = Path(path)
     meta = {"curate.schema": "keys/1", "curate.count": str(len(keys))}
     meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pl.DataFrame({KEY: sorted(keys)}, schema={KEY: pl.String}).write_parquet(tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as stream:
+        pl.DataFrame({KEY: sorted(keys)}, schema={KEY: pl.String}).write_parquet(stream, metadata=meta)
     return path
 
 

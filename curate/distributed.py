@@ -36,11 +36,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 from torchdata.nodes import BaseNode
 
-from .nodes import batch_size_of
+from .batch import batch_size_of, take
 from .score import Scored
 from .scorers import Scores
 from .seeding import make_generator
-from .select import JointSelect, take
+from .select import JointSelect
 
 __all__ = ["resolve_world", "Comm", "Shards", "RankSplit", "Lockstep", "GlobalSelect", "local_sizes",
            "merge_stats", "SCOPES"]

@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torchdata.nodes import BaseNode
 
-from .nodes import batch_size_of
+from .batch import batch_size_of
+from .scorers import score_model
 
 __all__ = ["FlopLedger", "TrainingFlops", "count_flops", "forward_flops", "ledger_stats"]
 
@@ -77,8 +78,6 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
 
 def forward_flops(model: nn.Module, batch: dict, scorer, micro_batch_size: int = 1024) -> int:
     """FLOPs of one scoring forward of `model` over `batch` (what the ledger measures)."""
-    from .score import score_model  # score.py imports this module
-
     return count_flops(lambda: score_model(model, batch, scorer, micro_batch_size))[1]
 
 
@@ -141,8 +140,6 @@ class TrainingFlops(BaseNode):
     def next(self) -> dict:
         batch = next(self.source)
         if "train" not in self.ledger.per_sample:
-            from .score import score_model
-
             fn = lambda: score_model(self.model, batch, self.scorer, self.micro_batch_size)  # noqa: E731
             self.ledger.measure("train", batch_size_of(batch), fn)
         return batch

@@ -10,44 +10,15 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, default_collate
 from torchdata.nodes import BaseNode
 
+from .batch import Sample, split_batch
 from .seeding import make_generator
 
-__all__ = ["Source", "KeepKeys", "Shuffle", "Superbatch", "Unbatch", "Batch", "as_node", "split_batch", "batch_size_of"]
-
-Sample = dict[str, Any]
-
-
-def batch_size_of(batch: dict) -> int:
-    """Number of samples in a collated batch (from `__key__`, else the first tensor/list field)."""
-    if "__key__" in batch:
-        return len(batch["__key__"])
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.ndim > 0:
-            return value.shape[0]
-        if isinstance(value, list | tuple):
-            return len(value)
-    raise TypeError(f"cannot tell the batch size of a batch with fields {sorted(batch)}")
-
-
-def split_batch(batch: dict) -> list[Sample]:
-    """A collated batch (dict of tensors / lists) back into its samples."""
-    if not isinstance(batch, dict):
-        raise TypeError(f"expected a collated batch (a dict of tensors/lists), got {type(batch).__name__}")
-    n = batch_size_of(batch)
-    for name, value in batch.items():
-        if not hasattr(value, "__getitem__") or len(value) != n:
-            raise TypeError(
-                f"cannot split batch field {name!r} ({type(value).__name__}) into {n} samples; "
-                "every field of a batch must be a tensor or list with one entry per sample"
-            )
-    return [{name: value[i] for name, value in batch.items()} for i in range(n)]
-
+__all__ = ["Source", "KeepKeys", "Shuffle", "Superbatch", "Unbatch", "Batch", "as_node"]
 
 class Source(BaseNode):
     """Any iterable as a checkpointable node of samples (dicts).

@@ -12,12 +12,12 @@ import torch
 from torch import Tensor, nn
 from torchdata.nodes import BaseNode
 
+from .batch import batch_size_of
 from .flops import FlopLedger
-from .nodes import batch_size_of
 from .rules import RULES, Rule, get_rule, needs_learner, needs_reference
-from .scorers import Scores
+from .scorers import Scores, score_model
 
-__all__ = ["Score", "Scored", "ScoreProvider", "score_model"]
+__all__ = ["Score", "Scored", "ScoreProvider"]
 
 
 @runtime_checkable
@@ -50,27 +50,6 @@ class Scored:
     @property
     def keys(self) -> list:
         return list(self.batch.get("__key__", range(self.size)))
-
-
-def score_model(model: nn.Module, batch: dict, scorer, micro_batch_size: int) -> Scores:
-    """Scores of `model` on `batch`, forwarded in slices of `micro_batch_size` without grad, in eval mode.
-
-    The model's train/eval mode is restored afterwards (eval so dropout does not add noise to the
-    scores and batch-norm statistics are not updated by the scoring pass).
-    """
-    n = batch_size_of(batch)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            parts = [scorer(model, _slice(batch, i, i + micro_batch_size)) for i in range(0, n, micro_batch_size)]
-    finally:
-        model.train(was_training)
-    return Scores.cat(parts)
-
-
-def _slice(batch: dict, start: int, stop: int) -> dict:
-    return {k: v[start:stop] for k, v in batch.items()}
 
 
 class Score(BaseNode):

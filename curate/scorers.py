@@ -14,9 +14,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .batch import batch_size_of, slice_batch
 from .losses import cross_entropy_losses, sigmoid_example_losses, softmax_example_losses
 
-__all__ = ["Scores", "ClassificationScorer", "ContrastiveScorer", "model_device"]
+__all__ = ["Scores", "ClassificationScorer", "ContrastiveScorer", "model_device", "score_model"]
 
 
 @dataclass
@@ -96,6 +97,23 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def score_model(model: nn.Module, batch: dict, scorer, micro_batch_size: int) -> Scores:
+    """Scores of `model` on `batch`, forwarded in slices of `micro_batch_size` without grad, in eval mode.
+
+    The model's train/eval mode is restored afterwards (eval so dropout does not add noise to the
+    scores and batch-norm statistics are not updated by the scoring pass).
+    """
+    n = batch_size_of(batch)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            parts = [scorer(model, slice_batch(batch, i, i + micro_batch_size)) for i in range(0, n, micro_batch_size)]
+    finally:
+        model.train(was_training)
+    return Scores.cat(parts)
 
 
 class ClassificationScorer:

@@ -6,26 +6,15 @@ import torch
 from torch import Tensor
 from torchdata.nodes import BaseNode
 
+from .batch import take
 from .score import Scored
 from .seeding import make_generator
 from .selection import SigmoidGain, SoftmaxGain, joint, sample, topk
 
-__all__ = ["JointSelect", "METHODS", "take"]
+__all__ = ["JointSelect", "METHODS"]
 
 METHODS = ("topk", "sample", "joint")
 _QUANTILES = (0.1, 0.5, 0.9)
-
-
-def take(batch: dict, idx: Tensor) -> dict:
-    """The rows `idx` of a collated batch (tensors indexed, lists picked), in the order of `idx`."""
-    idx = idx.cpu()
-    out = {}
-    for name, value in batch.items():
-        if isinstance(value, Tensor):
-            out[name] = value.index_select(0, idx.to(value.device))
-        else:
-            out[name] = [value[i] for i in idx.tolist()]
-    return out
 
 
 class JointSelect(BaseNode):

@@ -30,8 +30,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from .score import score_model
-from .scorers import Scores, model_device
+from .scorers import Scores, model_device, score_model
 
 __all__ = ["WeightSync"]
 

@@ -15,9 +15,7 @@ so it holds L2-normalised image and text embeddings), removes semantic near-dupl
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import polars as pl
 
 from curate.cache import ScoreCache
 from curate.curation import balance, semantic_dedup, write_keys
+from curate.files import atomic_write, write_json
 from curate.recipe import Recipe
 
 __all__ = ["curate_set", "EMBEDDINGS"]
@@ -100,14 +99,11 @@ def curate_set(recipe: Recipe, *, embedding: str | None = None, n_clusters: int 
     settings = {k: report[k] for k in ("cache", "reference_hash", "embedding", "n_clusters", "threshold",
                                        "per_cluster", "seed", "input", "removed")}
     write_keys(paths["keys"], curated, metadata={"curate.curate_set": settings})
-    temp = paths["decisions"].with_name(f".{paths['decisions'].name}.{os.getpid()}.tmp")
-    decisions.write_parquet(temp)
-    os.replace(temp, paths["decisions"])
+    with atomic_write(paths["decisions"]) as stream:
+        decisions.write_parquet(stream)
     _histogram(sizes, paths["histogram"], f"{n} samples, {n_clusters} clusters, threshold {threshold}")
     report["seconds"] = round(time.perf_counter() - start, 2)
-    temp = paths["report"].with_name(f".{paths['report'].name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(temp, paths["report"])
+    write_json(paths["report"], report)
     log(f"curate-set: kept {len(curated)} of {n} ({report['removed']['duplicate']} near-duplicates at cosine ≥ "
         f"{threshold}, {report['removed']['balance']} over {per_cluster} per cluster) → {paths['keys']}")
     return report
@@ -131,7 +127,6 @@ def _histogram(sizes: dict[str, np.ndarray], path: Path, title: str) -> None:
     ax.set(xlabel="samples in the cluster", ylabel="clusters", title=title)
     ax.legend()
     fig.tight_layout()
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # savefig picks the format from the suffix
-    fig.savefig(temp, dpi=110)
+    with atomic_write(path) as stream:
+        fig.savefig(stream, format="png", dpi=110)
     plt.close(fig)
-    os.replace(temp, path)

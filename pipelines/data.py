@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from curate.files import atomic_write, write_json
 from curate.seeding import make_generator
 
 __all__ = [
@@ -181,22 +182,18 @@ def _npy(image: torch.Tensor) -> bytes:
 
 
 def _write_shards(rows: list[dict], directory: Path, split: str, shard_size: int) -> list[dict]:
-    """Shards `split-NNNNNN.tar`, each written to a temp name and renamed: a killed run leaves no partial shard."""
+    """Shards `split-NNNNNN.tar`, each written atomically: a killed run leaves no partial shard."""
     import webdataset as wds
 
     directory.mkdir(parents=True, exist_ok=True)
     shards = []
     for index, start in enumerate(range(0, len(rows), shard_size)):
         final = directory / f"{split}-{index:06d}.tar"
-        temp = directory / f".{final.name}.{os.getpid()}.tmp"
-        with open(temp, "wb") as stream:
+        with atomic_write(final) as stream:
             # Fixed mtime/owner: the same rows give byte-identical tar files.
             with wds.TarWriter(stream, encoder=False, mtime=0, user="curate", group="curate") as writer:
                 for row in rows[start:start + shard_size]:
                     writer.write(row)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, final)
         data = final.read_bytes()
         shards.append({"path": f"{directory.name}/{final.name}", "count": len(rows[start:start + shard_size]),
                        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
@@ -266,9 +263,7 @@ def make_digits(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 20_
         for dataset, rows in made.items():
             shards = _write_shards(rows, out / dataset, split, shard_size)
             manifest[dataset]["splits"][split] = _split_summary(rows, shards)
-    temp = out / f".manifest.json.{os.getpid()}.tmp"
-    temp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(temp, out / "manifest.json")
+    write_json(out / "manifest.json", manifest, indent=1)
     return manifest
 
 

@@ -12,7 +12,6 @@ per-shard function under Ray Data (`pipelines.precompute_ray`) for clusters.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import posixpath
@@ -23,9 +22,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from curate.cache import ScoreCache, filesystem, model_hash, write_part
+from curate.cache import ScoreCache, model_hash, write_part
+from curate.files import filesystem, stale_temps, write_json
 from curate.recipe import Recipe
-from curate.score import score_model
+from curate.scorers import score_model
 
 from . import tasks
 
@@ -162,7 +162,7 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
                "seconds": round(seconds, 2), "samples_per_s": round(rows / seconds, 1) if seconds else None,
                "skipped": [{"shard": r["url"], "index": r["index"], "error": r["error"],
                             "keys_read": r["keys_read"]} for r in failed]}
-    _write_json(report_path(recipe, rank, world_size), summary)
+    write_json(report_path(recipe, rank, world_size), summary, parents=True)
     log(f"precompute: {summary['parts_written']} parts written, {summary['parts_existing']} already there, "
         f"{len(failed)} shards skipped; {rows} rows in {seconds:.1f}s ({summary['samples_per_s']} samples/s) "
         f"→ {recipe.cache.path}" + (f"; skipped shards are listed in {report_path(recipe, rank, world_size)}"
@@ -194,18 +194,11 @@ def fail_message(record: dict) -> str:
 def _remove_stale_temps(recipe: Recipe, indices: list[int], log) -> None:
     """Temp files a killed run left for the parts still to do. Only this rank's own parts: another rank
     may be writing its temp files right now."""
-    stale = [temp for index in indices for temp in glob.glob(glob.escape(part_path(recipe, index)) + ".tmp-*")]
+    stale = [temp for index in indices for temp in stale_temps(part_path(recipe, index))]
     for temp in stale:
         os.remove(temp)
     if stale:
         log(f"precompute: removed {len(stale)} temp files an interrupted run left in {recipe.cache.path}")
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temp, path)
 
 
 def inspect_cache(path: str, *, png: Path | None = None, storage_options: dict | None = None, log=print) -> dict:

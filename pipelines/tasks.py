@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 import curate
+from curate.files import atomic_write, write_json
 from curate.recipe import ModelConfig, Recipe
 
 from . import data as digits_data
@@ -182,15 +183,12 @@ def evaluate(model: nn.Module, batches: list[dict], cfg: ModelConfig, device: to
 
 def save_model(model: nn.Module, path: Path, info: dict) -> None:
     """Weights as safetensors plus a JSON of config, hash and evaluation, each written atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path / "model.safetensors")
-    tmp = path / "model.json.tmp"
-    tmp.write_text(json.dumps({**info, "hash": models.model_hash(model)}, indent=2))
-    tmp.replace(path / "model.json")
+    with atomic_write(path / "model.safetensors") as stream:
+        stream.write(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+    write_json(path / "model.json", {**info, "hash": models.model_hash(model)})
 
 
 def load_model(path: Path, recipe: Recipe, cfg: ModelConfig) -> tuple[nn.Module, dict]:

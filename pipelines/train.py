@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import curate
 from curate.distributed import Comm, Shards, local_sizes, resolve_world
+from curate.files import atomic_write, write_json
 from curate.pipeline import superbatch_size_for
 from curate.recipe import Recipe
 
@@ -295,7 +296,7 @@ def run(recipe: Recipe, *, resume: bool = False, progress: bool | None = None, l
         summary = summarise(histories)
         if comm.rank == 0:
             _write_jsonl(recipe.out / "metrics.jsonl", [r for h in histories.values() for r in h])
-            (recipe.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json(recipe.out / "summary.json", summary)
             plot(histories, recipe.out / "learning_curve.png", title=recipe.name)
         log(format_summary(summary))
         log(f"wrote {recipe.out / 'metrics.jsonl'}, {recipe.out / 'summary.json'}, {recipe.out / 'learning_curve.png'}")
@@ -366,19 +367,16 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_write(path) as stream:
+        fig.savefig(stream, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _save_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as stream:
+        torch.save(state, stream)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    with atomic_write(path, "w") as stream:
+        stream.write("".join(json.dumps(r) + "\n" for r in records))

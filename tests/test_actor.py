@@ -10,8 +10,8 @@ from torch.utils.data import default_collate
 
 import curate
 from curate.actor import Actor
-from curate.score import score_model
-from curate.select import take
+from curate.batch import take
+from curate.scorers import score_model
 
 from .conftest import check_resume
 

@@ -24,7 +24,7 @@ from curate.cache import (
     scan,
     write_part,
 )
-from curate.score import score_model
+from curate.scorers import score_model
 
 from .conftest import make_bucket, make_pairs, make_samples, tiny_clip
 

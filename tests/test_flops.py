@@ -9,9 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import curate
 from curate.actor import Actor
+from curate.batch import take
 from curate.flops import forward_flops
-from curate.score import score_model
-from curate.select import take
+from curate.scorers import score_model
 
 from .conftest import make_samples, roundtrip, tiny_clip
 
@@ -74,7 +74,7 @@ def test_ledger_survives_a_checkpoint():
 def test_contrastive_flops_count_attention_in_eval_mode_too():
     """torch's counter has no formula for the fused attention ops a ViT runs when scored (eval, no grad) or
     for CPU flash attention; the ledger adds them: 4·L²·width per attention layer (QKᵀ and AV)."""
-    data = curate.nodes.split_batch(default_collate([
+    data = curate.batch.split_batch(default_collate([
         {"__key__": f"p{i}", "image": torch.randn(3, 8, 8), "text": torch.randint(1, 64, (6,))} for i in range(20)]))
     model, scorer = tiny_clip("sigmoid"), curate.ContrastiveScorer()
     pipe = curate.pipeline(data, batch_size=4, superbatch_size=20, learner=model, scorer=scorer,

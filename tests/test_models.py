@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from curate import ClassificationScorer, ContrastiveScorer
-from curate.score import score_model
+from curate.scorers import score_model
 from pipelines.data import (
     CAPTION_TEMPLATES,
     DIGIT_NAMES,

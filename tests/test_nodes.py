@@ -6,7 +6,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchdata.nodes import Loader
 
 from curate import ClassificationScorer, JointSelect, Score, Shuffle, Source, Superbatch, Unbatch
-from curate.nodes import Batch, split_batch
+from curate.batch import split_batch
+from curate.nodes import Batch
 
 from .conftest import check_resume, make_samples, roundtrip
 

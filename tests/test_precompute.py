@@ -18,7 +18,7 @@ from torch.utils.data import default_collate
 
 from curate.cache import ScoreCache, scan
 from curate.recipe import load_recipe
-from curate.score import score_model
+from curate.scorers import score_model
 from pipelines import data, tasks
 from pipelines.cli import main
 from pipelines.precompute import part_path, precompute, report_path
@@ -135,7 +135,7 @@ def test_killed_mid_run_then_rerun_has_every_key_once(digits, trained):
     assert 1 <= len(finished) < 8, f"the kill should land mid-run, found {len(finished)} parts"
     # what a kill inside write_part leaves: a half-written temp file next to the part it was writing
     todo = next(i for i in range(8) if f"part-{i:05d}.parquet" not in finished)
-    (cache / f"part-{todo:05d}.parquet.tmp-0123abcd").write_bytes(b"PAR1 half a part")
+    (cache / f".part-{todo:05d}.parquet.0123abcd4567.tmp").write_bytes(b"PAR1 half a part")
 
     assert main(["precompute", str(RECIPE), *cli_args(values)]) == 0
     assert {name: parts(cache)[name] for name in finished} == finished  # finished parts are untouched

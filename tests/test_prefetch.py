@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import default_collate
 
 import curate
-from curate.score import score_model
-from curate.select import take
+from curate.batch import take
+from curate.scorers import score_model
 from curate.sync import WeightSync
 
 from .conftest import check_resume, make_samples

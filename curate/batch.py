@@ -1,0 +1,59 @@
+"""Collated batches: a dict of per-sample fields, each a tensor (first dim = samples) or a list.
+
+The one place that knows how to count, split, slice and index a batch, for every stage and job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["Sample", "Batch", "batch_size_of", "split_batch", "slice_batch", "take"]
+
+Sample = dict[str, Any]
+Batch = dict[str, Any]
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Number of samples in a collated batch (from `__key__`, else the first tensor/list field)."""
+    if "__key__" in batch:
+        return len(batch["__key__"])
+    for value in batch.values():
+        if isinstance(value, Tensor) and value.ndim > 0:
+            return value.shape[0]
+        if isinstance(value, list | tuple):
+            return len(value)
+    raise TypeError(f"cannot tell the batch size of a batch with fields {sorted(batch)}")
+
+
+def split_batch(batch: Batch) -> list[Sample]:
+    """A collated batch back into its samples."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"expected a collated batch (a dict of tensors/lists), got {type(batch).__name__}")
+    n = batch_size_of(batch)
+    for name, value in batch.items():
+        if not hasattr(value, "__getitem__") or len(value) != n:
+            raise TypeError(
+                f"cannot split batch field {name!r} ({type(value).__name__}) into {n} samples; "
+                "every field of a batch must be a tensor or list with one entry per sample"
+            )
+    return [{name: value[i] for name, value in batch.items()} for i in range(n)]
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Samples [start, stop) of a batch (views for tensors)."""
+    return {name: value[start:stop] for name, value in batch.items()}
+
+
+def take(batch: Batch, idx: Tensor) -> Batch:
+    """The rows `idx` of a batch, in the order of `idx` (tensors indexed on their own device, lists picked)."""
+    idx = idx.cpu()
+    out = {}
+    for name, value in batch.items():
+        if isinstance(value, Tensor):
+            out[name] = value.index_select(0, idx.to(value.device))
+        else:
+            out[name] = [value[i] for i in idx.tolist()]
+    return out
+
