@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results_io import write_json  # benchmarks/ is on sys.path when a script runs
 
 import curate  # noqa: E402
-from curate import Scores  # noqa: E402
+from curate import ModelScores  # noqa: E402
 
 
 class RandomScores:
@@ -44,13 +44,13 @@ class RandomScores:
         self.contrastive, self.dim = contrastive, dim
         self.generator = torch.Generator().manual_seed(0)
 
-    def scores(self, batch: dict, scorer) -> Scores:
+    def scores(self, batch: dict, scorer, micro_batch_size: int) -> ModelScores:
         n = len(batch["__key__"])
         if not self.contrastive:
-            return Scores.of_losses(torch.rand(n, generator=self.generator))
+            return ModelScores.of_losses(torch.rand(n, generator=self.generator))
         emb = [torch.nn.functional.normalize(torch.randn(n, self.dim, generator=self.generator), dim=1)
                for _ in range(2)]
-        return Scores(kind="sigmoid", image_emb=emb[0], text_emb=emb[1], scale=10.0, bias=-10.0)
+        return ModelScores(kind="sigmoid", image_emb=emb[0], text_emb=emb[1], scale=10.0, bias=-10.0)
 
 
 class InMemory(Dataset):

@@ -41,13 +41,13 @@ from results_io import write_json  # benchmarks/ is on sys.path when a script ru
 
 from curate.losses import sigmoid_pair_losses  # noqa: E402
 from curate.rules import get_rule  # noqa: E402
-from curate.scorers import Scores  # noqa: E402
+from curate.scorers import ModelScores  # noqa: E402
 from curate.selection import DenseGain, SigmoidGain, joint  # noqa: E402
 
 SIZES = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
 
-def embeddings(n: int, d: int, seed: int, device: torch.device) -> Scores:
+def embeddings(n: int, d: int, seed: int, device: torch.device) -> ModelScores:
     """Random unit-norm image/text embeddings, generated in place (no temporaries that would inflate the RSS)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -55,22 +55,22 @@ def embeddings(n: int, d: int, seed: int, device: torch.device) -> Scores:
         x = torch.empty(n, d).normal_(generator=g)
         x /= x.norm(dim=1, keepdim=True)
         out.append(x.to(device))
-    return Scores(kind="sigmoid", image_emb=out[0], text_emb=out[1], scale=10.0, bias=-10.0)
+    return ModelScores(kind="sigmoid", image_emb=out[0], text_emb=out[1], scale=10.0, bias=-10.0)
 
 
-def sampler(learner: Scores, reference: Scores, k: int, chunks: int, seed: int) -> torch.Tensor:
+def sampler(learner: ModelScores, reference: ModelScores, k: int, chunks: int, seed: int) -> torch.Tensor:
     gain = SigmoidGain(learner, reference, get_rule("learnability"))
     return joint(gain, k, n_chunks=chunks, generator=torch.Generator().manual_seed(seed))
 
 
-def dense(learner: Scores, reference: Scores, k: int, chunks: int, seed: int) -> torch.Tensor:
+def dense(learner: ModelScores, reference: ModelScores, k: int, chunks: int, seed: int) -> torch.Tensor:
     pairs = [sigmoid_pair_losses(m.image_emb, m.text_emb, m.scale, m.bias) for m in (learner, reference)]
     gain = DenseGain(get_rule("learnability")(*pairs))
     del pairs
     return joint(gain, k, n_chunks=chunks, generator=torch.Generator().manual_seed(seed))
 
 
-def bound(learner: Scores, reference: Scores, k: int, products: int = 4) -> None:
+def bound(learner: ModelScores, reference: ModelScores, k: int, products: int = 4) -> None:
     """`products` (B×d)·(d×b) matmuls against b selected rows (gathered beforehand)."""
     sel = torch.arange(k, device=learner.image_emb.device)
     pairs = [(learner.image_emb, learner.text_emb[sel]), (learner.text_emb, learner.image_emb[sel]),

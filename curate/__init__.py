@@ -3,66 +3,92 @@
 The public API. Everything a user needs is importable from here; submodules are implementation.
 """
 
-from .actor import Actor
+from .actor import Actor, TrainActor
 from .cache import ScoreCache, model_hash, write_part
 from .curation import DedupResult, balance, read_keys, semantic_dedup, write_keys
-from .distributed import Shards, local_sizes, resolve_world
-from .flops import forward_flops
+from .distributed import GlobalScope, Lockstep, RankSplit, Shards, local_sizes, resolve_world
+from .flops import TrainingFlops, forward_flops
+from .joint_select import METHODS, JointSelect, LocalScope
+from .learner import LearnerSide, resolve_learner
 from .losses import cross_entropy_losses, sigmoid_example_losses, sigmoid_pair_losses, softmax_example_losses
 from .nodes import Batch, KeepKeys, Shuffle, Source, Superbatch, Unbatch
-from .pipeline import Pipeline, Prefetch, pipeline, superbatch_size_for
-from .rules import RULES, get_rule
-from .score import Score, Scored, ScoreProvider
-from .scorers import ClassificationScorer, ContrastiveScorer, Scores
+from .pipeline import Pipeline, pipeline, superbatch_size_for
+from .prefetch import Prefetch
+from .rules import RULES, Rule, get_rule
+from .score import Score, ScoredSuperbatch
+from .scorers import (
+    ClassificationScorer,
+    ContrastiveScorer,
+    ModelProvider,
+    ModelScores,
+    ScoreProvider,
+    Scorer,
+    score_model,
+)
 from .seeding import derive_seed, make_generator
-from .select import METHODS, JointSelect
 from .selection import joint, sample, topk
+from .stage import Counter, Merge, Stage
 from .sync import WeightSync
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "pipeline",
-    "Pipeline",
-    "superbatch_size_for",
-    "Shards",
-    "resolve_world",
-    "local_sizes",
-    "WeightSync",
     "Actor",
-    "Prefetch",
-    "forward_flops",
-    "Source",
-    "KeepKeys",
-    "Shuffle",
-    "Superbatch",
-    "Score",
-    "JointSelect",
-    "Unbatch",
     "Batch",
-    "Scored",
-    "Scores",
-    "ScoreProvider",
     "ClassificationScorer",
     "ContrastiveScorer",
-    "RULES",
-    "get_rule",
-    "METHODS",
-    "topk",
-    "sample",
-    "joint",
-    "cross_entropy_losses",
-    "sigmoid_pair_losses",
-    "sigmoid_example_losses",
-    "softmax_example_losses",
-    "semantic_dedup",
-    "balance",
-    "write_keys",
-    "read_keys",
+    "Counter",
     "DedupResult",
+    "GlobalScope",
+    "JointSelect",
+    "KeepKeys",
+    "LearnerSide",
+    "LocalScope",
+    "Lockstep",
+    "METHODS",
+    "Merge",
+    "ModelProvider",
+    "ModelScores",
+    "Pipeline",
+    "Prefetch",
+    "RULES",
+    "RankSplit",
+    "Rule",
+    "Score",
     "ScoreCache",
-    "write_part",
-    "model_hash",
+    "ScoreProvider",
+    "ScoredSuperbatch",
+    "Scorer",
+    "Shards",
+    "Shuffle",
+    "Source",
+    "Stage",
+    "Superbatch",
+    "TrainActor",
+    "TrainingFlops",
+    "Unbatch",
+    "WeightSync",
+    "balance",
+    "cross_entropy_losses",
     "derive_seed",
+    "forward_flops",
+    "get_rule",
+    "joint",
+    "local_sizes",
     "make_generator",
+    "model_hash",
+    "pipeline",
+    "read_keys",
+    "resolve_learner",
+    "resolve_world",
+    "sample",
+    "score_model",
+    "semantic_dedup",
+    "sigmoid_example_losses",
+    "sigmoid_pair_losses",
+    "softmax_example_losses",
+    "superbatch_size_for",
+    "topk",
+    "write_keys",
+    "write_part",
 ]

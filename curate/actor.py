@@ -16,7 +16,8 @@ from torchdata.nodes import BaseNode
 
 from .batch import batch_size_of
 from .flops import FlopLedger
-from .scorers import Scores, score_model
+from .scorers import ModelScores, Scorer, score_model
+from .stage import LAST, SUM, Stage
 
 __all__ = ["Actor", "TrainActor"]
 
@@ -48,7 +49,7 @@ class Actor:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.counts = {"updates": 0, "trained": 0, "loss_sum": 0.0, "last_loss": None}
 
-    def scores(self, batch: dict, scorer, micro_batch_size: int = 1024) -> Scores:
+    def scores(self, batch: dict, scorer: Scorer, micro_batch_size: int = 1024) -> ModelScores:
         """The actor's scores of `batch` (the `ScoreProvider` protocol)."""
         return score_model(self.model, batch, scorer, micro_batch_size)
 
@@ -88,7 +89,7 @@ class Actor:
         return {"actor_updates": c["updates"], "actor_loss_mean": mean, "actor_last_loss": c["last_loss"]}
 
 
-class TrainActor(BaseNode):
+class TrainActor(Stage[dict]):
     """Trains the actor on each selected batch, then passes the batch on.
 
     The actor's weights are part of this stage's state, so a resumed pipeline scores with the actor
@@ -101,14 +102,16 @@ class TrainActor(BaseNode):
         count_flops: measure the actor's training FLOPs (forward + backward) on its first update.
     """
 
-    def __init__(self, source: BaseNode, actor: Actor, scorer, count_flops: bool = True):
-        super().__init__()
-        self.source, self.actor, self.scorer, self.count_flops = source, actor, scorer, count_flops
+    gauges = {"flops_per_sample": LAST, "actor_training_flops": SUM, "actor_updates": LAST, "actor_loss_mean": LAST,
+              "actor_last_loss": LAST}
+
+    def __init__(self, source: BaseNode, actor: Actor, scorer: Scorer, count_flops: bool = True):
+        super().__init__(source)
+        self.actor, self.scorer, self.count_flops = actor, scorer, count_flops
         self.ledger = FlopLedger()
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        self.source.reset(None if initial_state is None else initial_state["source"])
         if initial_state is not None:  # a new epoch (None) keeps the actor as trained so far
             self.actor.load_state_dict(initial_state["actor"])
             self.ledger.load(initial_state["ledger"])
@@ -120,4 +123,11 @@ class TrainActor(BaseNode):
         return batch
 
     def get_state(self) -> dict:
-        return {"source": self.source.state_dict(), "actor": self.actor.state_dict(), "ledger": self.ledger.state()}
+        return {**super().get_state(), "actor": self.actor.state_dict(), "ledger": self.ledger.state()}
+
+    def stats(self) -> dict:
+        out = self.actor.stats()
+        if self.count_flops:
+            out["flops_per_sample"] = dict(self.ledger.per_sample)
+            out["actor_training_flops"] = self.ledger.total("actor_train")
+        return out

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .batch import split_batch, take
 from .files import atomic_write, filesystem
-from .scorers import Scores, score_model
+from .scorers import ModelScores, score_model
 
 __all__ = ["ScoreCache", "write_part", "scan", "model_hash", "polars_storage_options", "SCHEMA_VERSION"]
 
@@ -297,13 +297,12 @@ class ScoreCache:
         self.counts["looked_up"] += len(query)
         return rows, found
 
-    def scores(self, batch: dict, scorer, micro_batch_size: int = 1024) -> Scores:
-        """The reference's `Scores` for a superbatch, from the cache (the ScoreProvider protocol).
+    def scores(self, batch: dict, scorer, micro_batch_size: int = 1024) -> ModelScores:
+        """The reference's `ModelScores` for a superbatch, from the cache (the ScoreProvider protocol).
         `micro_batch_size` bounds the fallback's forward passes (missing="online"); `Score` passes its own."""
         keys = batch[KEY]
         rows, found = self._lookup(keys)
-        kind = getattr(scorer, "loss", None)
-        kind = kind if kind in ("sigmoid", "softmax") else "example"
+        kind = scorer.kind
         cached = self._gather(np.maximum(rows, 0), kind)
         if found.all():
             return cached
@@ -318,17 +317,17 @@ class ScoreCache:
         if kind == "example":
             loss = cached.loss.clone()
             loss[absent] = online.loss
-            return Scores.of_losses(loss)
+            return ModelScores.of_losses(loss)
         image, text = cached.image_emb.clone(), cached.text_emb.clone()
         image[absent], text[absent] = online.image_emb, online.text_emb
-        return Scores(kind, image, text, cached.scale, cached.bias)
+        return ModelScores(kind, image, text, cached.scale, cached.bias)
 
-    def _gather(self, rows: np.ndarray, kind: str) -> Scores:
+    def _gather(self, rows: np.ndarray, kind: str) -> ModelScores:
         if kind == "example":
             if self.ref_loss is None:
                 raise ValueError(f"ScoreCache: {self.path} holds embeddings, not per-example losses; use a "
                                  f"ContrastiveScorer or regenerate with losses via {REGENERATE}")
-            return Scores.of_losses(torch.from_numpy(self.ref_loss[rows]))
+            return ModelScores.of_losses(torch.from_numpy(self.ref_loss[rows]))
         if self.image_emb is None:
             raise ValueError(f"ScoreCache: a contrastive scorer needs reference embeddings but {self.path} holds "
                              f"only per-example losses (they depend on the superbatch); regenerate with {REGENERATE}")
@@ -338,7 +337,8 @@ class ScoreCache:
         # exp in float32 like ContrastiveScorer's model.logit_scale.exp(), so cached and online scales match bitwise
         scale = float(torch.tensor(self.logit_scale, dtype=torch.float32).exp())
         bias = self.logit_bias if kind == "sigmoid" else 0.0
-        return Scores(kind, torch.from_numpy(self.image_emb[rows]), torch.from_numpy(self.text_emb[rows]), scale, bias)
+        image, text = torch.from_numpy(self.image_emb[rows]), torch.from_numpy(self.text_emb[rows])
+        return ModelScores(kind, image, text, scale, bias)
 
     def filter(self, samples: Iterable[dict], chunk: int = 256) -> Iterable[dict]:
         """Only the samples (or samples of collated batches) whose keys are cached, in order; what it drops

@@ -37,13 +37,13 @@ from torch.utils.data.distributed import DistributedSampler
 from torchdata.nodes import BaseNode
 
 from .batch import batch_size_of, take
-from .score import Scored
-from .scorers import Scores
-from .seeding import make_generator
-from .select import JointSelect
+from .joint_select import Share
+from .score import ScoredSuperbatch
+from .scorers import ModelScores
+from .stage import Counter, Stage
 
-__all__ = ["resolve_world", "Comm", "Shards", "RankSplit", "Lockstep", "GlobalSelect", "local_sizes",
-           "merge_stats", "SCOPES"]
+__all__ = ["resolve_world", "Comm", "Shards", "RankSplit", "Lockstep", "GlobalScope", "local_sizes", "SCOPES",
+           "shards_of", "already_split"]
 
 SCOPES = ("local", "global")
 
@@ -206,7 +206,7 @@ def already_split(source) -> bool:
     return False
 
 
-class RankSplit(BaseNode):
+class RankSplit(Stage[dict]):
     """Rank r of W keeps samples r, r + W, r + 2W, ... of the stream (the fallback for sources without shards).
 
     Args:
@@ -215,12 +215,11 @@ class RankSplit(BaseNode):
     """
 
     def __init__(self, source: BaseNode, rank: int, world_size: int):
-        super().__init__()
-        self.source, self.rank, self.world_size = source, rank, world_size
+        super().__init__(source)
+        self.rank, self.world_size = rank, world_size
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        self.source.reset(None if initial_state is None else initial_state["source"])
         self._index = 0 if initial_state is None else initial_state["index"]
 
     def next(self) -> dict:
@@ -231,10 +230,10 @@ class RankSplit(BaseNode):
                 return sample
 
     def get_state(self) -> dict:
-        return {"source": self.source.state_dict(), "index": self._index}
+        return {**super().get_state(), "index": self._index}
 
 
-class Lockstep(BaseNode):
+class Lockstep(Stage[dict]):
     """Passes full superbatches while every rank has one; all ranks stop at the same step (see the module doc).
 
     When the ranks stop, the superbatch each still holds is counted in `stats()["dropped_unequal"]`; the rest
@@ -246,20 +245,19 @@ class Lockstep(BaseNode):
         comm: the ranks to keep in step (`Comm` with a group).
     """
 
+    counters = {"dropped_unequal": Counter()}
+
     def __init__(self, source: BaseNode, size: int, comm: Comm):
-        super().__init__()
-        self.source, self.size, self.comm = source, size, comm
-        self.counts = {"dropped_unequal": 0}
+        super().__init__(source)
+        self.size, self.comm = size, comm
         self._epoch = -1
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        self.source.reset(None if initial_state is None else initial_state["source"])
         if initial_state is None:
             self._epoch, self._step, self._done = self._epoch + 1, 0, False
         else:
             self._epoch, self._step, self._done = (initial_state[k] for k in ("epoch", "step", "done"))
-            self.counts = dict(initial_state["counts"])
 
     def next(self) -> dict:
         if self._done:  # no further collective: the other ranks have stopped too
@@ -286,63 +284,47 @@ class Lockstep(BaseNode):
         raise StopIteration
 
     def get_state(self) -> dict:
-        return {"source": self.source.state_dict(), "epoch": self._epoch, "step": self._step, "done": self._done,
-                "counts": dict(self.counts)}
-
-    def stats(self) -> dict:
-        return dict(self.counts)
+        return {**super().get_state(), "epoch": self._epoch, "step": self._step, "done": self._done}
 
 
-class GlobalSelect(JointSelect):
-    """Selects world·b of the world·B candidates of all ranks' superbatches; this rank trains on its b of them.
+class GlobalScope:
+    """`JointSelect(..., scope=GlobalScope(comm))`: one selection over all ranks' superbatches (see the module doc).
+
+    Every rank gathers both models' scores of the global superbatch (rank order), runs the same seeded selection
+    of world·b of the world·B candidates, and trains on positions [rank·b, (rank+1)·b) of the selected list, its
+    rows fetched from the ranks that hold them. Needs full superbatches on every rank (`Lockstep`).
 
     Args:
-        source: node of `Scored` local superbatches, full size on every rank (`Lockstep`).
-        batch_size, superbatch_size: per rank (b, B).
-        method, n_chunks, temperature, seed: as `JointSelect`, applied to the global superbatch.
         comm: the ranks (`Comm` with a group).
-
-    Counts are this rank's share (its B candidates, its b kept), so summing them over ranks gives the totals.
     """
 
-    def __init__(self, source: BaseNode, batch_size: int, method: str = "joint", *, superbatch_size: int, comm: Comm,
-                 n_chunks: int = 16, temperature: float = 1.0, seed: int = 0):
-        world = comm.world_size
-        super().__init__(source, batch_size * world, method, n_chunks=min(n_chunks, batch_size * world),
-                         temperature=temperature, seed=seed, superbatch_size=superbatch_size * world)
-        self.local_batch, self.local_superbatch, self.comm = batch_size, superbatch_size, comm
+    def __init__(self, comm: Comm):
+        if comm.group is None:
+            raise ValueError("GlobalScope: needs a Comm with a process group (Comm.create(..., need_group=True))")
+        self.comm = comm
+        self.world_size = comm.world_size
 
-    def next(self) -> dict:
-        scored = next(self.source)
-        assert scored.size == self.local_superbatch, "Lockstep passes only full superbatches"
-        whole = Scored({}, _gather(scored.learner, self.comm), _gather(scored.reference, self.comm), scored.rule,
-                       scored.size * self.comm.world_size)
-        generator = make_generator(self.seed, "select", self._epoch, self._step)
-        self._step += 1
-        idx, score = self.select(whole, generator)
-        idx, score = idx.cpu(), score.detach().float().cpu()
-        b, rank = self.local_batch, self.comm.rank
-        mine = idx[rank * b : (rank + 1) * b]
-        c = self.counts
-        c["superbatches"] += 1
-        c["seen"] += scored.size
-        c["kept"] += b
-        c["score_sum"] += float(score[rank * scored.size : (rank + 1) * scored.size].sum())
-        c["kept_score_sum"] += float(score[mine].sum())
-        c["last_quantiles"] = torch.quantile(score, torch.tensor((0.1, 0.5, 0.9))).tolist()
-        return _exchange(scored.batch, idx.view(self.comm.world_size, b), self.local_superbatch, self.comm)
+    def gather(self, scored: ScoredSuperbatch) -> ScoredSuperbatch:
+        return ScoredSuperbatch({}, _gather(scored.learner, self.comm), _gather(scored.reference, self.comm),
+                                scored.rule, scored.size * self.world_size)
+
+    def share(self, scored: ScoredSuperbatch, idx: Tensor, score: Tensor) -> Share:
+        rank, n = self.comm.rank, scored.size
+        parts = idx.view(self.world_size, -1)
+        batch = _exchange(scored.batch, parts, n, self.comm)
+        return Share(batch, score[rank * n : (rank + 1) * n], score[parts[rank]])
 
 
-def _gather(scores: Scores | None, comm: Comm) -> Scores | None:
+def _gather(scores: ModelScores | None, comm: Comm) -> ModelScores | None:
     """One model's scores of the global superbatch (rank order); scale and bias are rank 0's."""
     if scores is None:
         return None
     if not scores.contrastive:
-        return Scores.of_losses(comm.gather_tensor(scores.loss))
+        return ModelScores.of_losses(comm.gather_tensor(scores.loss))
     d = scores.image_emb.shape[1]
     both = comm.gather_tensor(torch.cat([scores.image_emb, scores.text_emb], 1))
     scale, bias = comm.gather_tensor(torch.tensor([[scores.scale, scores.bias]], dtype=torch.float64))[0].tolist()
-    return Scores(scores.kind, both[:, :d], both[:, d:], scale, bias)
+    return ModelScores(scores.kind, both[:, :d], both[:, d:], scale, bias)
 
 
 def _exchange(batch: dict, parts: Tensor, local_size: int, comm: Comm) -> dict:
@@ -356,28 +338,3 @@ def _exchange(batch: dict, parts: Tensor, local_size: int, comm: Comm) -> dict:
     position = torch.empty_like(order)
     position[order] = torch.arange(len(order))
     return take(rows, position)
-
-
-_SUMMED = ("superbatches", "seen", "kept", "dropped_tail", "dropped_by_keep_keys", "dropped_unequal", "scoring_flops",
-           "actor_training_flops", "training_flops")
-
-
-def merge_stats(parts: list[dict]) -> dict:
-    """Every rank's `Pipeline.stats()` as job totals: counts and FLOPs summed, means weighted, ratios recomputed;
-    what does not add up (quantiles, per-sample FLOPs, sync, actor) is rank 0's; score_seconds is the slowest rank's."""
-    out = dict(parts[0])
-    for key in _SUMMED:
-        if out.get(key) is not None:
-            out[key] = sum(p[key] for p in parts)
-    out["score_seconds"] = max(p.get("score_seconds", 0.0) for p in parts)
-    seen, kept = out["seen"], out["kept"]
-    out["kept_fraction"] = kept / seen if seen else 0.0
-    if seen:
-        out["score_mean"] = sum(p["score_mean"] * p["seen"] for p in parts if p["seen"]) / seen
-        out["kept_score_mean"] = sum(p["kept_score_mean"] * p["kept"] for p in parts if p["kept"]) / kept
-    if out.get("training_flops"):
-        out["flops_overhead"] = (out["scoring_flops"] + out["actor_training_flops"]) / out["training_flops"]
-        out["break_even_step_saving"] = 1 + out["flops_overhead"]
-    out.pop("rank", None)
-    out["world_size"] = len(parts)
-    return out

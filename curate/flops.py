@@ -26,9 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torchdata.nodes import BaseNode
 
 from .batch import batch_size_of
-from .scorers import score_model
+from .scorers import Scorer, score_model
+from .stage import LAST, Counter, Stage
 
-__all__ = ["FlopLedger", "TrainingFlops", "count_flops", "forward_flops", "ledger_stats"]
+__all__ = ["FlopLedger", "TrainingFlops", "count_flops", "forward_flops"]
 
 
 def _native_mha_flop(query, key, value, embed_dim, num_heads, *args, out_shape=None, **kwargs) -> int:
@@ -112,63 +113,60 @@ class FlopLedger:
         self.per_sample, self.samples = dict(state["per_sample"]), dict(state["samples"])
 
 
-class TrainingFlops(BaseNode):
-    """Passes training batches through; on the first one, measures the trained model's forward FLOPs.
+class TrainingFlops(Stage[dict]):
+    """Passes training batches through and counts the FLOPs of training on them: 3 × the trained model's forward
+    (forward + backward) per sample trained on.
 
-    Only needed when the scoring forward is not the training forward (a `score_transform`, an `Actor`):
-    otherwise the learner's scoring FLOPs per sample are the training forward's. It runs where the
-    training loop runs (after any prefetch thread) because it forwards the live model (no grad, eval).
+    The forward's FLOPs per sample are the "train" entry of the ledger: measured here on the first batch when
+    `model` is given, or reported by `Score` when the learner's scoring forward is its training forward (a
+    live learner, no score_transform), so that it is not run twice. It runs where the training loop runs
+    (last, after any prefetch thread) because it forwards the live model (no grad, eval mode, once). It
+    reports `training_flops` (None when the trained model is unknown), `flops_overhead` = (scoring + actor
+    training) / training, and `break_even_step_saving` = 1 + overhead (selection saves compute only if it
+    needs fewer steps than uniform training by more than this factor).
 
     Args:
         source: node of selected training batches.
-        model: the model trained on the batches.
-        scorer: runs the forward (`scorer(model, batch)`), as when scoring.
+        model: the model whose training forward to measure; None when `Score` reports it, or it is unknown.
+        scorer: runs the training forward (`scorer(model, batch)`): the full forward, not a cheaper scoring one.
         micro_batch_size: samples per measuring forward.
     """
 
-    def __init__(self, source: BaseNode, model: nn.Module, scorer, micro_batch_size: int = 1024):
-        super().__init__()
-        self.source, self.model, self.scorer, self.micro_batch_size = source, model, scorer, micro_batch_size
+    counters = {"_trained": Counter()}
+    gauges = {"flops_per_sample": LAST}
+
+    def __init__(self, source: BaseNode, model: nn.Module | None = None, scorer: Scorer | None = None,
+                 micro_batch_size: int = 1024):
+        super().__init__(source)
+        if model is not None and scorer is None:
+            raise ValueError("TrainingFlops: measuring the trained model's forward needs its scorer")
+        self.model, self.scorer, self.micro_batch_size = model, scorer, micro_batch_size
         self.ledger = FlopLedger()
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        self.source.reset(None if initial_state is None else initial_state["source"])
         if initial_state is not None:
             self.ledger.load(initial_state["ledger"])
 
     def next(self) -> dict:
         batch = next(self.source)
-        if "train" not in self.ledger.per_sample:
-            fn = lambda: score_model(self.model, batch, self.scorer, self.micro_batch_size)  # noqa: E731
-            self.ledger.measure("train", batch_size_of(batch), fn)
+        n = batch_size_of(batch)
+        if self.model is not None and "train" not in self.ledger.per_sample:
+            self.ledger.measure("train", n, lambda: score_model(self.model, batch, self.scorer, self.micro_batch_size))
+        self.counts["_trained"] += n
         return batch
 
     def get_state(self) -> dict:
-        return {"source": self.source.state_dict(), "ledger": self.ledger.state()}
+        return {**super().get_state(), "ledger": self.ledger.state()}
 
+    def stats(self) -> dict:
+        return {**super().stats(), **({"flops_per_sample": dict(self.ledger.per_sample)} if self.model else {})}
 
-def ledger_stats(scoring: FlopLedger, actor: FlopLedger | None, train_forward: float | None, kept: int) -> dict:
-    """The ledger's figures for `Pipeline.stats()`.
-
-    Args:
-        scoring: the Score stage's ledger (learner / reference / score_transform forwards).
-        actor: the TrainActor stage's ledger (actor forward + backward), if any.
-        train_forward: forward FLOPs per sample of the trained model; None when unknown.
-        kept: samples selected for training.
-    """
-    per_sample = {**scoring.per_sample, **(actor.per_sample if actor else {})}
-    if train_forward is not None:
-        per_sample["train"] = train_forward
-    score = sum(scoring.total(role) for role in scoring.per_sample)
-    actor_train = actor.total("actor_train") if actor else 0.0
-    train = None if train_forward is None else 3 * train_forward * kept  # forward + backward ≈ 3 forwards
-    ratio = (score + actor_train) / train if train else None
-    return {
-        "flops_per_sample": per_sample,
-        "scoring_flops": score,
-        "actor_training_flops": actor_train,
-        "training_flops": train,
-        "flops_overhead": ratio,
-        "break_even_step_saving": None if ratio is None else 1 + ratio,
-    }
+    @staticmethod
+    def derive(totals: dict) -> dict:
+        forward = totals.get("flops_per_sample", {}).get("train")
+        training = None if forward is None else 3 * forward * totals["_trained"]  # forward + backward ≈ 3 forwards
+        scoring, actor = totals.get("scoring_flops", 0.0), totals.get("actor_training_flops", 0.0)
+        overhead = (scoring + actor) / training if training else None
+        return {"scoring_flops": scoring, "actor_training_flops": actor, "training_flops": training,
+                "flops_overhead": overhead, "break_even_step_saving": None if overhead is None else 1 + overhead}

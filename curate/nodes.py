@@ -1,8 +1,8 @@
-"""Data-movement stages: Source, Shuffle, Superbatch, Unbatch, Batch.
+"""Data-movement stages: Source, KeepKeys, Shuffle, Superbatch, Unbatch, Batch.
 
-Each is a `torchdata.nodes.BaseNode`: `source` (the upstream node) comes first, `get_state()` captures
-everything needed to resume the exact stream, and `reset(state)` restores it. Random stages keep an
-epoch counter so every epoch draws fresh, seeded randomness (`curate.seeding`).
+Each is a `curate.stage.Stage`: `source` (the upstream node) comes first, `get_state()` captures everything
+needed to resume the exact stream, and `reset(state)` restores it. Random stages keep an epoch counter so
+every epoch draws fresh, seeded randomness (`curate.seeding`).
 """
 
 from __future__ import annotations
@@ -10,17 +10,21 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, default_collate
 from torchdata.nodes import BaseNode
 
+from .batch import Batch as BatchDict
 from .batch import Sample, split_batch
 from .seeding import make_generator
+from .stage import Counter, Stage
 
 __all__ = ["Source", "KeepKeys", "Shuffle", "Superbatch", "Unbatch", "Batch", "as_node"]
 
-class Source(BaseNode):
+
+class Source(Stage[Sample]):
     """Any iterable as a checkpointable node of samples (dicts).
 
     Accepts a torch DataLoader (yielding samples or collated batches), a webdataset pipeline, a list,
@@ -37,7 +41,7 @@ class Source(BaseNode):
     """
 
     def __init__(self, iterable: Iterable, *, batched: bool | None = None):
-        super().__init__()
+        super().__init__(None)
         if not hasattr(iterable, "__iter__"):
             raise TypeError(f"Source: expected an iterable of samples, got {type(iterable).__name__}")
         self.iterable = iterable
@@ -116,32 +120,27 @@ def _loader_generator(iterable) -> torch.Generator | None:
     return iterable.generator
 
 
-def as_node(source) -> BaseNode:
+def as_node(source: Iterable | BaseNode) -> BaseNode:
     """A BaseNode as is; anything else iterable wrapped in `Source`."""
     return source if isinstance(source, BaseNode) else Source(source)
 
 
-class KeepKeys(BaseNode):
+class KeepKeys(Stage[Sample]):
     """Passes only samples whose `__key__` is in `keys` (e.g. a curated key list from `curate.curation`).
 
     Args:
         source: upstream node of samples.
         keys: the keys to keep (any iterable of str).
 
-    What it drops is counted in `stats()["dropped"]`, never silently lost; a sample without `__key__`
-    is an error, since it cannot be matched.
+    What it drops is counted (`dropped_by_keep_keys`), never silently lost; a sample without `__key__` is an
+    error, since it cannot be matched.
     """
 
-    def __init__(self, source: BaseNode, keys):
-        super().__init__()
-        self.source, self.keys = source, frozenset(keys)
-        self.counts = {"kept": 0, "dropped": 0}
+    counters = {"dropped_by_keep_keys": Counter()}
 
-    def reset(self, initial_state: dict | None = None):
-        super().reset(initial_state)
-        self.source.reset(None if initial_state is None else initial_state["source"])
-        if initial_state is not None:
-            self.counts = dict(initial_state["counts"])
+    def __init__(self, source: BaseNode, keys: Iterable[str]):
+        super().__init__(source)
+        self.keys = frozenset(keys)
 
     def next(self) -> Sample:
         while True:
@@ -150,18 +149,11 @@ class KeepKeys(BaseNode):
                 raise ValueError(f"KeepKeys: a sample has no '__key__' (fields {sorted(sample)}); key lists "
                                  "match samples by __key__, so give every sample one")
             if sample["__key__"] in self.keys:
-                self.counts["kept"] += 1
                 return sample
-            self.counts["dropped"] += 1
-
-    def get_state(self) -> dict:
-        return {"source": self.source.state_dict(), "counts": dict(self.counts)}
-
-    def stats(self) -> dict:
-        return dict(self.counts)
+            self.counts["dropped_by_keep_keys"] += 1
 
 
-class Shuffle(BaseNode):
+class Shuffle(Stage[Sample]):
     """Seeded buffer shuffle: keeps `buffer_size` samples and emits a random one as each new one arrives.
 
     Args:
@@ -174,21 +166,19 @@ class Shuffle(BaseNode):
     """
 
     def __init__(self, source: BaseNode, buffer_size: int = 1024, seed: int = 0):
-        super().__init__()
+        super().__init__(source)
         if not isinstance(buffer_size, int) or buffer_size < 0:
             raise ValueError(f"Shuffle: buffer_size must be an int >= 0, got {buffer_size=}")
-        self.source, self.buffer_size, self.seed = source, buffer_size, seed
+        self.buffer_size, self.seed = buffer_size, seed
         self._epoch = -1
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
         if initial_state is None:
-            self.source.reset(None)
             self._epoch += 1
             self._generator = make_generator(self.seed, "shuffle", self._epoch)
             self._buffer: list[Sample] = []
             return
-        self.source.reset(initial_state["source"])
         self._epoch = initial_state["epoch"]
         self._generator = torch.Generator()
         self._generator.set_state(initial_state["rng"])
@@ -209,15 +199,22 @@ class Shuffle(BaseNode):
         return self._buffer.pop()
 
     def get_state(self) -> dict:
-        return {
-            "source": self.source.state_dict(),
-            "epoch": self._epoch,
-            "rng": self._generator.get_state(),
-            "buffer": list(self._buffer),
-        }
+        return {**super().get_state(), "epoch": self._epoch, "rng": self._generator.get_state(),
+                "buffer": list(self._buffer)}
 
 
-class Superbatch(BaseNode):
+def _collect(source: BaseNode, n: int) -> list[Any]:
+    """Up to `n` items of `source` (fewer at the end of an epoch)."""
+    items = []
+    for _ in range(n):
+        try:
+            items.append(next(source))
+        except StopIteration:
+            break
+    return items
+
+
+class Superbatch(Stage[BatchDict]):
     """Collects `size` samples into one collated superbatch (dict of tensors, `__key__` a list).
 
     Args:
@@ -226,56 +223,36 @@ class Superbatch(BaseNode):
         collate: list of samples → batch; default `torch.utils.data.default_collate`.
         drop_last: a short final superbatch (fewer than `size` samples at the end of an epoch) is
             yielded by default (selection then keeps the same fraction of it); True drops it, counted
-            in `stats()["dropped_tail"]`.
+            in `dropped_tail`.
     """
 
+    counters = {"dropped_tail": Counter()}
+
     def __init__(self, source: BaseNode, size: int, collate: Callable | None = None, drop_last: bool = False):
-        super().__init__()
+        super().__init__(source)
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"Superbatch: size must be a positive int, got {size=}")
-        self.source, self.size, self.drop_last = source, size, drop_last
+        self.size, self.drop_last = size, drop_last
         self.collate = collate or default_collate
-        self.counts = {"superbatches": 0, "samples": 0, "dropped_tail": 0}
 
-    def reset(self, initial_state: dict | None = None):
-        super().reset(initial_state)
-        self.source.reset(None if initial_state is None else initial_state["source"])
-        if initial_state is not None:
-            self.counts = dict(initial_state["counts"])
-
-    def next(self) -> dict:
-        samples = []
-        for _ in range(self.size):
-            try:
-                samples.append(next(self.source))
-            except StopIteration:
-                break
+    def next(self) -> BatchDict:
+        samples = _collect(self.source, self.size)
         if not samples:
             raise StopIteration
         if len(samples) < self.size and self.drop_last:
             self.counts["dropped_tail"] += len(samples)
             raise StopIteration
-        self.counts["superbatches"] += 1
-        self.counts["samples"] += len(samples)
         return self.collate(samples)
 
-    def get_state(self) -> dict:
-        return {"source": self.source.state_dict(), "counts": dict(self.counts)}
 
-    def stats(self) -> dict:
-        return dict(self.counts)
-
-
-class Unbatch(BaseNode):
+class Unbatch(Stage[Sample]):
     """Collated batches in, their samples out, one at a time."""
 
     def __init__(self, source: BaseNode):
-        super().__init__()
-        self.source = source
+        super().__init__(source)
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        self.source.reset(None if initial_state is None else initial_state["source"])
         self._pending = deque() if initial_state is None else deque(initial_state["pending"])
 
     def next(self) -> Sample:
@@ -284,10 +261,10 @@ class Unbatch(BaseNode):
         return self._pending.popleft()
 
     def get_state(self) -> dict:
-        return {"source": self.source.state_dict(), "pending": list(self._pending)}
+        return {**super().get_state(), "pending": list(self._pending)}
 
 
-class Batch(BaseNode):
+class Batch(Stage[BatchDict]):
     """Samples in, collated batches of `batch_size` out.
 
     Args:
@@ -298,26 +275,14 @@ class Batch(BaseNode):
     """
 
     def __init__(self, source: BaseNode, batch_size: int, collate: Callable | None = None, drop_last: bool = False):
-        super().__init__()
+        super().__init__(source)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Batch: batch_size must be a positive int, got {batch_size=}")
-        self.source, self.batch_size, self.drop_last = source, batch_size, drop_last
+        self.batch_size, self.drop_last = batch_size, drop_last
         self.collate = collate or default_collate
 
-    def reset(self, initial_state: dict | None = None):
-        super().reset(initial_state)
-        self.source.reset(None if initial_state is None else initial_state["source"])
-
-    def next(self) -> dict:
-        samples = []
-        for _ in range(self.batch_size):
-            try:
-                samples.append(next(self.source))
-            except StopIteration:
-                break
+    def next(self) -> BatchDict:
+        samples = _collect(self.source, self.batch_size)
         if not samples or (self.drop_last and len(samples) < self.batch_size):
             raise StopIteration
         return self.collate(samples)
-
-    def get_state(self) -> dict:
-        return {"source": self.source.state_dict()}

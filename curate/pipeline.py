@@ -1,38 +1,32 @@
 """`curate.pipeline`: wrap any dataloader in shuffle → superbatch → score → select (→ train actor) (→ prefetch).
 
-Under torch DDP (world size > 1) the chain also splits the data by rank, keeps ranks in step and can select
-over the global superbatch; see `curate.distributed`.
+`pipeline()` only chooses and connects stages; everything it returns can be built by hand from the public
+stages and wrapped in `Pipeline`, with the same batches, state and stats. Under torch DDP (world size > 1) the
+chain also splits the data by rank, keeps ranks in step and can select over the global superbatch; see
+`curate.distributed`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 
 from torch import nn
 from torchdata.nodes import BaseNode, Loader
 
-from .actor import Actor, TrainActor
-from .distributed import (
-    SCOPES,
-    Comm,
-    GlobalSelect,
-    Lockstep,
-    RankSplit,
-    already_split,
-    merge_stats,
-    resolve_world,
-    shards_of,
-)
-from .flops import TrainingFlops, ledger_stats
+from .actor import TrainActor
+from .distributed import SCOPES, Comm, GlobalScope, Lockstep, RankSplit, already_split, resolve_world, shards_of
+from .flops import TrainingFlops
+from .joint_select import METHODS, JointSelect
+from .learner import resolve_learner, unwrap_ddp
 from .nodes import KeepKeys, Shuffle, Superbatch, as_node
-from .rules import Rule
+from .prefetch import Prefetch
+from .rules import Rule, RuleFn, as_rule
 from .score import Score
-from .select import METHODS, JointSelect
-from .sync import WeightSync
+from .scorers import Scorer
+from .stage import chain, chain_stats, local_stats, stage_name
 
-__all__ = ["pipeline", "Pipeline", "Prefetch", "superbatch_size_for"]
+__all__ = ["pipeline", "Pipeline", "superbatch_size_for"]
 
 
 def superbatch_size_for(batch_size: int, filter_ratio: float) -> int:
@@ -43,103 +37,25 @@ def superbatch_size_for(batch_size: int, filter_ratio: float) -> int:
     return round(batch_size / (1 - filter_ratio))
 
 
-class Prefetch(BaseNode):
-    """Produces the next item in a background thread while the training loop uses the current one.
-
-    Item n+1 (a superbatch loaded, scored and selected) is started when item n is handed out, so its
-    scores come from the weights before training step n: one step earlier than live scoring. The
-    scoring weights must not change while item n+1 is scored, so the upstream scores from a
-    `WeightSync` snapshot:
-
-    * `push_sync=True` (the pipeline's own sync): the snapshot is pushed from the learner at every
-      hand-out, in the training thread, before item n+1 starts, while nothing reads it.
-    * `push_sync=False` (a user's sync, pushed by its optimizer hook): the sync's lock is taken at
-      hand-out and released when item n+1 is ready, so a push during step n waits for that scoring.
+class Pipeline(Loader):
+    """An iterable of training batches over a chain of stages (what `curate.pipeline` returns), with
+    `state_dict()` / `load_state_dict()` (resume mid-epoch to exactly the same stream) and `stats()`.
+    Each `iter()` is one epoch.
 
     Args:
-        source: upstream node (everything up to selection).
-        sync: the `WeightSync` the upstream scores from, or None when it scores no changing model.
-        push_sync: push `sync` at every hand-out (True) or hold its lock while scoring (False).
-
-    `get_state()` is the upstream's state right after the item last handed out (captured in the
-    thread), so a resumed pipeline replays the prefetched item instead of skipping it. (torchdata's
-    `Prefetcher` snapshots state the same way but starts item n+1 inside its own `next()`, before the
-    weights can be pinned, hence this node.)
+        root: the last node of the chain (its batches are what the pipeline yields).
+        comm: this rank's place in a DDP job, for `global_stats()` and the `rank` / `world_size` stats.
     """
 
-    def __init__(self, source: BaseNode, sync: WeightSync | None = None, push_sync: bool = False):
-        super().__init__()
-        self.source, self.sync, self.push_sync = source, sync, push_sync
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="curate-prefetch")
-        self._future = None
-
-    def reset(self, initial_state: dict | None = None):
-        super().reset(initial_state)
-        self._drain()
-        self.source.reset(None if initial_state is None else initial_state["source"])
-        self._state = self.source.state_dict()
-        self._done = False
-
-    def _drain(self) -> None:
-        if self._future is not None:
-            self._future.exception()  # wait for it; what it produced or raised belongs to the old epoch
-            self._future = None
-
-    def _job(self, hold: bool):
-        try:
-            try:
-                item = next(self.source)
-            except StopIteration:
-                item = StopIteration
-            return item, self.source.state_dict()
-        finally:
-            if hold:
-                self.sync.lock.release()
-
-    def _submit(self) -> None:
-        hold = self.sync is not None and not self.push_sync
-        if self.sync is not None and self.push_sync:
-            self.sync.push()  # the thread is idle: nothing reads the snapshot now
-        elif hold:
-            self.sync.lock.acquire()  # released by the job: pushes wait until this item is scored
-        self._future = self._pool.submit(self._job, hold)
-
-    def next(self):
-        if self._done:
-            raise StopIteration
-        if self._future is None:
-            self._submit()
-        item, state = self._future.result()
-        self._future = None
-        if item is StopIteration:
-            self._done = True
-            raise StopIteration
-        self._state = state
-        self._submit()
-        return item
-
-    def get_state(self) -> dict:
-        return {"source": self._state}
-
-    def wait(self) -> None:
-        """Block until the item being prepared in the background is ready (it is kept for the next `next()`)."""
-        if self._future is not None:
-            self._future.exception()
-
-    def __del__(self):
-        self._pool.shutdown(wait=False)
-
-
-class Pipeline(Loader):
-    """The iterable `curate.pipeline` returns: training batches, with `state_dict()`, `load_state_dict()`
-    (resume mid-epoch to exactly the same stream) and `stats()`. Each `iter()` is one epoch."""
-
-    def __init__(self, root: BaseNode, stages: dict[str, BaseNode], sync: WeightSync | None = None,
-                 prefetch: int = 0, learner=None, comm: Comm | None = None):
+    def __init__(self, root: BaseNode, comm: Comm | None = None):
         super().__init__(root)
-        self.stages, self.sync, self.prefetch = stages, sync, prefetch
-        self.learner = learner  # a WeightSync holds its learner weakly; the pipeline was given it, so keeps it
         self.comm = comm or Comm(0, 1)
+        self.chain = chain(root)
+
+    @property
+    def stages(self) -> dict[str, BaseNode]:
+        """The chain's nodes by type name ("source", "shuffle", "score", "joint_select", "prefetch", ...)."""
+        return {stage_name(node): node for node in self.chain}
 
     @property
     def rank(self) -> int:
@@ -149,19 +65,12 @@ class Pipeline(Loader):
     def world_size(self) -> int:
         return self.comm.world_size
 
-    def global_stats(self) -> dict:
-        """`stats()` totalled over all ranks (`curate.distributed.merge_stats`): counts and FLOPs summed, so rank 0
-        can report the job's FLOP ledger. A collective: every rank must call it at the same point. With one
-        process (or ranks not kept in step) it is `stats()`."""
-        if self.comm.group is None:
-            return self.stats()
-        if "prefetch" in self.stages:  # its thread may be in a collective on the same group: let it finish
-            self.stages["prefetch"].wait()
-        return merge_stats(self.comm.gather_object(self.stats()))
-
     def stats(self) -> dict:
-        """Counts so far: seen / kept samples, score means and the last superbatch's score quantiles,
-        seconds spent scoring, and samples dropped as a short last superbatch (drop_last=True).
+        """What the stages counted so far, merged over the chain (`curate.stage.chain_stats`).
+
+        Selection: `superbatches`, `seen` / `kept` samples, `kept_fraction`, `score_mean`, `kept_score_mean`,
+        the last superbatch's `score_quantiles`; `score_seconds` spent scoring; `dropped_tail` (a short last
+        superbatch with drop_last=True), `dropped_by_keep_keys`, `dropped_unequal` (DDP: another rank ran out).
 
         Learner side: `prefetch`; `score_lag_steps`, the optimizer steps between the weights that scored
         the batches now being selected and the weights they train (prefetch + the WeightSync's staleness);
@@ -169,44 +78,30 @@ class Pipeline(Loader):
 
         FLOP ledger (`curate.flops`): `flops_per_sample` (forward FLOPs per sample of each model, measured
         on its first batch), `scoring_flops`, `actor_training_flops`, `training_flops` (3 × forward of the
-        trained model per kept sample; None when no trained model is known), `flops_overhead`
+        trained model per sample trained on; None when no trained model is known), `flops_overhead`
         ((scoring + actor training) / training) and `break_even_step_saving` (1 + overhead: selection
         saves compute only if it needs fewer steps than uniform training by more than this factor).
 
-        With prefetch, counts include the superbatch being prepared in the background.
-
-        Under DDP these are this rank's (`global_stats()` totals them), plus `rank`, `world_size` and
-        `dropped_unequal` (samples dropped because another rank ran out first).
+        With prefetch, selection counts include the superbatch being prepared in the background.
+        Under DDP these are this rank's (`global_stats()` totals them), plus `rank` and `world_size`.
         """
-        out = dict(self.stages["select"].stats())
-        score = self.stages["score"]
-        out["score_seconds"] = score.stats()["score_seconds"]
-        out["dropped_tail"] = self.stages["superbatch"].stats()["dropped_tail"]
-        if "keep_keys" in self.stages:
-            out["dropped_by_keep_keys"] = self.stages["keep_keys"].stats()["dropped"]
-        out["prefetch"] = self.prefetch
-        if "lockstep" in self.stages:
-            out["dropped_unequal"] = self.stages["lockstep"].stats()["dropped_unequal"]
+        out = chain_stats(self.chain)
         if self.comm.world_size > 1:
             out["rank"], out["world_size"] = self.comm.rank, self.comm.world_size
-        if isinstance(score.learner, Actor):
-            out["score_lag_steps"] = 0  # trained and scored in order, in one thread
-        elif score.learner is not None:  # (a sync made here is pushed at every batch: staleness 0)
-            out["score_lag_steps"] = self.prefetch + (self.sync.staleness if self.sync is not None else 0)
-        if self.sync is not None:
-            out["sync"] = self.sync.stats()
-        if "actor" in self.stages:
-            out.update(self.stages["actor"].actor.stats())
-        if score.count_flops:
-            actor, training = self.stages.get("actor"), self.stages.get("training_flops")
-            if training is not None:
-                train_forward = training.ledger.per_sample.get("train")
-            else:  # the learner's scoring forward is its training forward
-                learner = isinstance(score.learner, nn.Module | WeightSync)
-                train_forward = score.ledger.per_sample.get("learner") if learner else None
-            out.update(ledger_stats(score.ledger, actor and actor.ledger, train_forward, out["kept"]))
-            if actor is not None and "learner" in out["flops_per_sample"]:
-                out["flops_per_sample"]["actor"] = out["flops_per_sample"].pop("learner")
+        return out
+
+    def global_stats(self) -> dict:
+        """`stats()` totalled over all ranks, each figure merged as its stage declares (counts and FLOPs summed,
+        seconds the slowest rank's, snapshots rank 0's), so rank 0 can report the job's FLOP ledger. A
+        collective: every rank must call it at the same point. With one process (or ranks not kept in step)
+        it is `stats()`."""
+        if self.comm.group is None:
+            return self.stats()
+        for node in self.chain:
+            if isinstance(node, Prefetch):  # its thread may be in a collective on the same group: let it finish
+                node.wait()
+        out = chain_stats(self.chain, self.comm.gather_object(local_stats(self.chain)))
+        out["world_size"] = self.comm.world_size
         return out
 
 
@@ -216,8 +111,8 @@ def pipeline(
     batch_size: int,
     learner=None,
     reference=None,
-    scorer=None,
-    rule: str | Rule = "learnability",
+    scorer: Scorer | None = None,
+    rule: str | Rule | RuleFn = "learnability",
     method: str = "joint",
     filter_ratio: float = 0.8,
     superbatch_size: int | None = None,
@@ -231,6 +126,7 @@ def pipeline(
     prefetch: int = 0,
     score_transform: Callable[[dict], dict] | None = None,
     train_model: nn.Module | None = None,
+    train_scorer: Scorer | None = None,
     count_flops: bool = True,
     keep_keys: Iterable[str] | str | PathLike | None = None,
     rank: int | None = None,
@@ -247,7 +143,8 @@ def pipeline(
         learner: the model being trained, scored live (no grad, eval mode); a `curate.WeightSync` of it
             (scores from a snapshot pushed after optimizer steps); a `curate.Actor` (ACL: a small proxy
             trained here on every selected batch, after selection, and scoring instead of the learner);
-            or any `ScoreProvider`.
+            any `ScoreProvider`; or a `curate.resolve_learner(...)` result. A learner wrapped in
+            DistributedDataParallel is scored through its `.module`.
         reference, scorer, rule: see `curate.Score`.
         method: "joint" (JEST), "sample" or "topk" (RHO-LOSS); see `curate.JointSelect`.
         filter_ratio: fraction of the data filtered out; the superbatch is B = round(b / (1 − f)).
@@ -273,14 +170,15 @@ def pipeline(
         score_transform: applied to superbatches before scoring only, e.g. downsampled images for
             cheaper scoring (Flexi-JEST); see `curate.Score`. Its saving shows in the FLOP ledger.
         train_model: the model trained on the batches, for the FLOP ledger's training FLOPs. Default: the
-            learner (a WeightSync's copy); needed with an Actor or a ScoreProvider learner.
+            learner (a WeightSync's learner); needed with an Actor or a ScoreProvider learner.
+        train_scorer: runs the training forward the ledger measures, when it is not `scorer`'s (e.g. a scorer
+            that drops image patches to score cheaply: Flexi-JEST). Default: `scorer`.
         count_flops: keep the FLOP ledger (one measured forward per model; see `Pipeline.stats`).
         rank, world_size: this process's place in a multi-process job; default from torch.distributed if it
             is initialised, else the RANK / WORLD_SIZE environment (torchrun), else 0 of 1. With more than one
             rank: the data is split by rank (see `rank_split`), ranks are kept in step (every rank yields the
             same number of batches per epoch; only full superbatches are used, the rest is counted in
-            `stats()["dropped_unequal"]`), and `batch_size` / `superbatch_size` are per rank. A learner wrapped
-            in DistributedDataParallel is scored through its `.module`.
+            `stats()["dropped_unequal"]`), and `batch_size` / `superbatch_size` are per rank.
         selection_scope: "local": each rank selects b of its own superbatch of B. "global": every rank selects
             the same world·b of the world·B samples of all ranks' superbatches (the decision a single process
             makes over the concatenated superbatch) and trains on its own b of them (JEST at scale). Needs an
@@ -301,9 +199,10 @@ def pipeline(
     if prefetch not in (0, 1):
         raise ValueError(f"pipeline: prefetch must be 0 or 1, got {prefetch=}; each further superbatch "
                          "prepared ahead would be scored with weights one more step stale")
-    if rule == "uniform" and method == "topk":
-        raise ValueError("pipeline: rule='uniform' with method='topk' would keep the first samples of every "
-                         "superbatch; use method='sample'")
+    rule = as_rule(rule, learner=learner is not None, reference=reference is not None)
+    if method == "topk" and not rule.uses_models:
+        raise ValueError(f"pipeline: rule={rule.name!r} reads no model, so method='topk' would keep the first "
+                         "samples of every superbatch; use method='sample'")
 
     rank, world_size = resolve_world(rank, world_size)
     if selection_scope not in SCOPES:
@@ -314,58 +213,39 @@ def pipeline(
     if shards is not None and (shards.rank, shards.world_size) != (rank, world_size):
         raise ValueError(f"pipeline: the source {shards!r} is split for rank {shards.rank} of {shards.world_size} but "
                          f"the pipeline runs as rank {rank} of {world_size}; give both the same rank= and world_size=")
-    learner, train_model = _unwrap_ddp(learner), _unwrap_ddp(train_model)
     comm = Comm.create(rank, world_size, need_group=selection_scope == "global")
-    rule_name = rule if isinstance(rule, str) else getattr(rule, "__name__", type(rule).__name__)
     comm.check_same("pipeline configuration", {  # a rank with other options would silently train differently
         "batch_size": batch_size, "superbatch_size": superbatch_size, "method": method, "n_chunks": n_chunks,
-        "temperature": temperature, "seed": seed, "rule": rule_name, "selection_scope": selection_scope,
+        "temperature": temperature, "seed": seed, "rule": rule.name, "selection_scope": selection_scope,
         "shuffle_buffer": shuffle_buffer, "prefetch": prefetch, "drop_last": drop_last})
+    side = resolve_learner(learner, prefetch=prefetch, train_model=train_model) if rule.uses_learner else None
 
     node = as_node(source)
-    stages: dict[str, BaseNode] = {"source": node}
     if world_size > 1 and rank_split == "auto" and not already_split(source):
-        node = stages["rank_split"] = RankSplit(node, rank, world_size)
+        node = RankSplit(node, rank, world_size)
     if keep_keys is not None:
         if isinstance(keep_keys, str | PathLike):
             from .curation import read_keys
 
             keep_keys = read_keys(keep_keys)
-        node = stages["keep_keys"] = KeepKeys(node, keep_keys)
+        node = KeepKeys(node, keep_keys)
     if shuffle_buffer > 1:
-        node = stages["shuffle"] = Shuffle(node, shuffle_buffer, seed=seed)
-    node = stages["superbatch"] = Superbatch(node, superbatch_size, collate=collate, drop_last=drop_last)
+        node = Shuffle(node, shuffle_buffer, seed=seed)
+    node = Superbatch(node, superbatch_size, collate=collate, drop_last=drop_last)
     if comm.group is not None:
-        node = stages["lockstep"] = Lockstep(node, superbatch_size, comm)
-    node = stages["score"] = Score(node, learner, reference, scorer, rule, micro_batch_size=micro_batch_size,
-                                   score_transform=score_transform, count_flops=count_flops)
-    sync = stages["score"].learner if isinstance(stages["score"].learner, WeightSync) else None
-    if prefetch and isinstance(stages["score"].learner, nn.Module):
-        sync = stages["score"].learner = WeightSync(learner)  # pushed by Prefetch at every hand-out
-    if selection_scope == "global" and world_size > 1:
-        node = stages["select"] = GlobalSelect(node, batch_size, method, superbatch_size=superbatch_size, comm=comm,
-                                               n_chunks=n_chunks, temperature=temperature, seed=seed)
-    else:
-        node = stages["select"] = JointSelect(node, batch_size, method, n_chunks=min(n_chunks, batch_size),
-                                              temperature=temperature, seed=seed, superbatch_size=superbatch_size)
-    if isinstance(stages["score"].learner, Actor):
-        node = stages["actor"] = TrainActor(node, learner, scorer, count_flops=count_flops)
+        node = Lockstep(node, superbatch_size, comm)
+    node = Score(node, side, reference, scorer, rule, micro_batch_size=micro_batch_size,
+                 score_transform=score_transform, count_flops=count_flops)
+    scope = GlobalScope(comm) if selection_scope == "global" and world_size > 1 else None
+    node = JointSelect(node, batch_size, method, n_chunks=min(n_chunks, batch_size), temperature=temperature,
+                       seed=seed, superbatch_size=superbatch_size, scope=scope)
+    if side is not None and side.actor is not None:
+        node = TrainActor(node, side.actor, scorer, count_flops=count_flops)
     if prefetch:
-        node = stages["prefetch"] = Prefetch(node, sync, push_sync=sync is not None and sync is not learner)
-    trained = train_model  # measured apart only when its forward is not the learner's scoring forward
-    if trained is None and score_transform is not None and isinstance(learner, nn.Module | WeightSync):
-        trained = learner.module if isinstance(learner, WeightSync) else learner
-    if count_flops and trained is not None and scorer is not None:
-        # a cheaper scoring pass (e.g. patch dropout) exposes the full forward as `scorer.full`
-        full = getattr(scorer, "full", scorer)
-        node = stages["training_flops"] = TrainingFlops(node, trained, full, micro_batch_size)
-    return Pipeline(node, stages, sync=sync, prefetch=prefetch, learner=learner, comm=comm)
-
-
-def _unwrap_ddp(model):
-    """Score (and measure) the module inside DistributedDataParallel: its forward would synchronise buffers
-    across ranks, a collective the pipeline (maybe in a prefetch thread) must not start."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
+        sync = None if side is None else side.sync
+        node = Prefetch(node, sync, push_sync=side is not None and side.owns_sync)
+    if count_flops:
+        scored = side is not None and side.scores_training_forward and score_transform is None and train_scorer is None
+        trained = None if scored else side.trained if side is not None else unwrap_ddp(train_model)
+        node = TrainingFlops(node, trained if scorer is not None else None, train_scorer or scorer, micro_batch_size)
+    return Pipeline(node, comm)

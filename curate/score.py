@@ -2,44 +2,37 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchdata.nodes import BaseNode
 
-from .batch import batch_size_of
+from .batch import Batch, batch_size_of
 from .flops import FlopLedger
-from .rules import RULES, Rule, get_rule, needs_learner, needs_reference
-from .scorers import Scores, score_model
+from .learner import LearnerSide, as_provider, resolve_learner
+from .rules import Rule, RuleFn, as_rule
+from .scorers import ModelScores, ScoreProvider, Scorer
+from .stage import LAST, MAX, SUM, Counter, Stage
 
-__all__ = ["Score", "Scored", "ScoreProvider"]
-
-
-@runtime_checkable
-class ScoreProvider(Protocol):
-    """Anything that scores a batch without being an nn.Module (a ScoreCache, a WeightSync snapshot)."""
-
-    def scores(self, batch: dict, scorer: Any) -> Scores: ...
+__all__ = ["Score", "ScoredSuperbatch"]
 
 
 @dataclass
-class Scored:
+class ScoredSuperbatch:
     """A superbatch with what selection needs: both models' scores and the rule that combines them."""
 
-    batch: dict
-    learner: Scores | None
-    reference: Scores | None
+    batch: Batch
+    learner: ModelScores | None
+    reference: ModelScores | None
     rule: Rule
     size: int
 
     @property
     def score(self) -> Tensor:
-        """Per-example score (B,): rule(learner loss, reference loss); zeros when neither model is used."""
+        """Per-example score (B,): rule(learner loss, reference loss); zeros when neither model is scored."""
         if self.learner is None and self.reference is None:
             return torch.zeros(self.size)
         return self.rule(
@@ -49,21 +42,28 @@ class Scored:
 
     @property
     def keys(self) -> list:
+        """The samples' `__key__`s (their positions when they have none)."""
         return list(self.batch.get("__key__", range(self.size)))
 
+    @property
+    def contrastive(self) -> bool:
+        return any(s is not None and s.contrastive for s in (self.learner, self.reference))
 
-class Score(BaseNode):
-    """Scores each superbatch with the learner and the reference.
+
+class Score(Stage[ScoredSuperbatch]):
+    """Scores each superbatch with the learner and the reference (only those the rule reads).
 
     Args:
         source: node of collated superbatches (`Superbatch`).
-        learner: the model being trained (nn.Module), or a `ScoreProvider`. Not needed by rules that
-            do not use it (`easy_reference`, `uniform`).
+        learner: the model being trained (nn.Module, or DDP model), a `WeightSync`, an ACL `Actor`, any
+            `ScoreProvider`, or a `LearnerSide` from `curate.resolve_learner`. Not needed by rules that do not
+            read it (`easy_reference`, `uniform`).
         reference: the frozen reference (nn.Module) or a `ScoreProvider` such as a `ScoreCache`.
-        scorer: computes one model's `Scores` from a batch (`ClassificationScorer`, `ContrastiveScorer`).
-        rule: a name from `curate.RULES` or a function `rule(learner, reference)`.
+        scorer: computes one model's scores from a batch (`ClassificationScorer`, `ContrastiveScorer`, or
+            any `curate.Scorer`).
+        rule: a name from `curate.RULES`, a `curate.Rule`, or a function `rule(learner, reference)` (which then
+            reads the models that are given).
         micro_batch_size: samples per forward pass; bounds activation memory at large superbatches.
-            Passed on to providers whose `scores` takes a `micro_batch_size` keyword (WeightSync, Actor).
         score_transform: applied to the superbatch before the scoring forwards only (the selected samples
             are trained on as they came), e.g. downsampled images for cheaper scoring (Flexi-JEST):
             `lambda batch: {**batch, "image": F.avg_pool2d(batch["image"], 2)}`. It may change each
@@ -74,57 +74,50 @@ class Score(BaseNode):
     otherwise silently decide what is trained on.
     """
 
-    def __init__(self, source: BaseNode, learner=None, reference=None, scorer=None, rule: str | Rule = "learnability",
-                 micro_batch_size: int = 1024, score_transform: Callable[[dict], dict] | None = None,
-                 count_flops: bool = True):
-        super().__init__()
-        self.rule = get_rule(rule) if isinstance(rule, str) else rule
-        if needs_learner(self.rule) and learner is None:
-            raise ValueError(f"Score: rule {_name(rule)!r} needs a learner; pass learner=model")
-        if needs_reference(self.rule) and reference is None:
+    counters = {"score_seconds": Counter(MAX, 0.0)}  # a DDP job is as slow as its slowest rank
+    gauges = {"flops_per_sample": LAST, "scoring_flops": SUM, "score_lag_steps": LAST, "sync": LAST}
+
+    def __init__(self, source: BaseNode, learner=None, reference=None, scorer: Scorer | None = None,
+                 rule: str | Rule | RuleFn = "learnability", micro_batch_size: int = 1024,
+                 score_transform: Callable[[Batch], Batch] | None = None, count_flops: bool = True):
+        super().__init__(source)
+        self.rule = as_rule(rule, learner=learner is not None, reference=reference is not None)
+        if self.rule.uses_learner and learner is None:
+            raise ValueError(f"Score: rule {self.rule.name!r} needs a learner; pass learner=model")
+        if self.rule.uses_reference and reference is None:
             raise ValueError(
-                f"Score: rule {_name(rule)!r} needs a reference; pass reference=model or a ScoreCache, "
+                f"Score: rule {self.rule.name!r} needs a reference; pass reference=model or a ScoreCache, "
                 "or use rule='hard_learner' / 'uniform'"
             )
-        builtin = self.rule in RULES.values()
-        # a built-in rule scores only with the models it reads; a custom rule gets whatever is given
-        learner = learner if needs_learner(self.rule) or not builtin else None
-        reference = reference if needs_reference(self.rule) or not builtin else None
-        if (learner is not None or reference is not None) and scorer is None:
+        if self.rule.uses_models and scorer is None:
             raise ValueError("Score: scorer is required, e.g. curate.ClassificationScorer(input_key, target_key)")
-        for name, model in (("learner", learner), ("reference", reference)):
-            if model is not None and not isinstance(model, nn.Module | ScoreProvider):
-                raise TypeError(f"Score: {name} must be an nn.Module or have .scores(batch, scorer), "
-                                f"got {type(model).__name__}")
+        if scorer is not None and not (callable(scorer) and hasattr(scorer, "keys") and hasattr(scorer, "kind")):
+            raise TypeError(f"Score: scorer must be a curate.Scorer (keys, kind, __call__(model, batch)), got "
+                            f"{type(scorer).__name__}")
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
             raise ValueError(f"Score: micro_batch_size must be a positive int, got {micro_batch_size=}")
         if score_transform is not None and not callable(score_transform):
             raise TypeError(f"Score: score_transform must be a function batch -> batch, got {score_transform!r}")
-        self.source, self.scorer, self.micro_batch_size = source, scorer, micro_batch_size
-        self.learner, self.reference = learner, reference
+        # a model the rule does not read is never scored
+        self.learner: LearnerSide | None = resolve_learner(learner) if self.rule.uses_learner else None
+        self.reference: ScoreProvider | None = (as_provider(reference, "reference") if self.rule.uses_reference
+                                                else None)
+        self.scorer, self.micro_batch_size = scorer, micro_batch_size
         self.score_transform, self.count_flops = score_transform, count_flops
-        self.counts = {"scored": 0, "score_seconds": 0.0}
         self.ledger = FlopLedger()
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        self.source.reset(None if initial_state is None else initial_state["source"])
         if initial_state is not None:
-            self.counts = dict(initial_state["counts"])
-            self.ledger.load(initial_state.get("ledger"))
+            self.ledger.load(initial_state["ledger"])
 
-    def _scores(self, role: str, model, batch: dict, n: int) -> Scores | None:
-        if model is None:
+    def _scores(self, role: str, provider: ScoreProvider | None, batch: Batch, n: int) -> ModelScores | None:
+        if provider is None:
             return None
-        if isinstance(model, nn.Module):
-            fn = lambda: score_model(model, batch, self.scorer, self.micro_batch_size)  # noqa: E731
-        elif "micro_batch_size" in inspect.signature(model.scores).parameters:
-            fn = lambda: model.scores(batch, self.scorer, micro_batch_size=self.micro_batch_size)  # noqa: E731
-        else:
-            fn = lambda: model.scores(batch, self.scorer)  # noqa: E731
+        fn = lambda: provider.scores(batch, self.scorer, self.micro_batch_size)  # noqa: E731
         return self.ledger.run(role, n, fn) if self.count_flops else fn()
 
-    def _transform(self, batch: dict, n: int) -> dict:
+    def _transform(self, batch: Batch, n: int) -> Batch:
         fn = lambda: self.score_transform(batch)  # noqa: E731
         out = self.ledger.run("score_transform", n, fn) if self.count_flops else fn()
         if not isinstance(out, dict):
@@ -140,24 +133,24 @@ class Score(BaseNode):
                                  "must keep all of them, in order")
         return out
 
-    def next(self) -> Scored:
+    def next(self) -> ScoredSuperbatch:
         batch = next(self.source)
         self._check_keys(batch)
         start = time.perf_counter()
         n = batch_size_of(batch)
         scoring = batch if self.score_transform is None else self._transform(batch, n)
-        learner = self._scores("learner", self.learner, scoring, n)
+        side = self.learner
+        learner = self._scores(side.role, side.provider, scoring, n) if side is not None else None
         reference = self._scores("reference", self.reference, scoring, n)
         if learner is not None and reference is not None:
             reference = reference.to(learner.image_emb.device if learner.contrastive else learner.loss.device)
         for name, scores in (("learner", learner), ("reference", reference)):
             if scores is not None:
                 self._check_finite(name, scores, batch)
-        self.counts["scored"] += n
         self.counts["score_seconds"] += time.perf_counter() - start
-        return Scored(batch, learner, reference, self.rule, n)
+        return ScoredSuperbatch(batch, learner, reference, self.rule, n)
 
-    def _check_keys(self, batch: dict) -> None:
+    def _check_keys(self, batch: Batch) -> None:
         for key in getattr(self.scorer, "keys", ()):
             if key not in batch:
                 raise ValueError(
@@ -166,7 +159,7 @@ class Score(BaseNode):
                 )
 
     @staticmethod
-    def _check_finite(name: str, scores: Scores, batch: dict) -> None:
+    def _check_finite(name: str, scores: ModelScores, batch: Batch) -> None:
         bad = scores.nonfinite()
         if bad.any():
             idx = bad.nonzero().flatten().tolist()
@@ -177,11 +170,19 @@ class Score(BaseNode):
             )
 
     def get_state(self) -> dict:
-        return {"source": self.source.state_dict(), "counts": dict(self.counts), "ledger": self.ledger.state()}
+        return {**super().get_state(), "ledger": self.ledger.state()}
 
     def stats(self) -> dict:
-        return dict(self.counts)
-
-
-def _name(rule) -> str:
-    return rule if isinstance(rule, str) else getattr(rule, "__name__", repr(rule))
+        out = super().stats()
+        if self.count_flops:
+            out["flops_per_sample"] = per_sample = dict(self.ledger.per_sample)
+            out["scoring_flops"] = sum(self.ledger.total(role) for role in per_sample)
+            side = self.learner
+            if side is not None and side.scores_training_forward and self.score_transform is None and \
+                    side.role in per_sample:  # the training forward, measured as scored (TrainingFlops counts it)
+                per_sample["train"] = per_sample[side.role]
+        if self.learner is not None:
+            out["score_lag_steps"] = self.learner.lag
+            if self.learner.sync is not None:
+                out["sync"] = self.learner.sync.stats()
+        return out

@@ -1,15 +1,19 @@
-"""Scorers: how one model's losses (or embeddings) are computed from a collated batch.
+"""Scorers and score providers: how one model's losses (or embeddings) are computed from a collated batch.
 
-A scorer is called on micro-batches by the `Score` stage (under `torch.no_grad()`, model in eval
-mode) and returns `Scores`. Built-ins: `ClassificationScorer` (per-example cross-entropy) and
-`ContrastiveScorer` (the open_clip API: `encode_image`, `encode_text`, `logit_scale`, `logit_bias`).
-A custom scorer is any object with `keys` (the batch fields it reads) and `__call__(model, batch)`.
+A `Scorer` is called on micro-batches (under `torch.no_grad()`, model in eval mode, by `score_model`) and
+returns `ModelScores`. Built-ins: `ClassificationScorer` (per-example cross-entropy) and `ContrastiveScorer`
+(the open_clip API: `encode_image`, `encode_text`, `logit_scale`, `logit_bias`). A custom scorer is any object
+with `keys` (the batch fields it reads), `kind` (what its scores are) and `__call__(model, batch)`.
+
+A `ScoreProvider` scores a whole superbatch without being a model the pipeline forwards itself: a
+`ScoreCache` (offline reference scores), a `WeightSync` snapshot, an ACL `Actor`, or `ModelProvider`, which
+is how a plain `nn.Module` is scored.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -17,11 +21,14 @@ from torch import Tensor, nn
 from .batch import batch_size_of, slice_batch
 from .losses import cross_entropy_losses, sigmoid_example_losses, softmax_example_losses
 
-__all__ = ["Scores", "ClassificationScorer", "ContrastiveScorer", "model_device", "score_model"]
+__all__ = ["ModelScores", "Scorer", "ScoreProvider", "ModelProvider", "ClassificationScorer", "ContrastiveScorer",
+           "Kind", "model_device", "score_model"]
+
+Kind = Literal["example", "sigmoid", "softmax"]
 
 
 @dataclass
-class Scores:
+class ModelScores:
     """One model's view of a superbatch.
 
     Args:
@@ -32,7 +39,7 @@ class Scores:
         kind: "example" (per-example losses only), "sigmoid" or "softmax".
     """
 
-    kind: Literal["example", "sigmoid", "softmax"] = "example"
+    kind: Kind = "example"
     image_emb: Tensor | None = None
     text_emb: Tensor | None = None
     scale: float = 1.0
@@ -59,19 +66,19 @@ class Scores:
         return self.kind != "example"
 
     @classmethod
-    def of_losses(cls, loss: Tensor) -> Scores:
+    def of_losses(cls, loss: Tensor) -> ModelScores:
         return cls(kind="example", _loss=loss)
 
-    def to(self, device: torch.device | str) -> Scores:
+    def to(self, device: torch.device | str) -> ModelScores:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Scores(self.kind, move(self.image_emb), move(self.text_emb), self.scale, self.bias,
+        return ModelScores(self.kind, move(self.image_emb), move(self.text_emb), self.scale, self.bias,
                       move(self._loss))
 
-    def index(self, idx: Tensor) -> Scores:
+    def index(self, idx: Tensor) -> ModelScores:
         """The scores of a subset. Contrastive per-example losses are recomputed within the subset."""
         take = lambda t: None if t is None else t[idx.to(t.device)]  # noqa: E731
         loss = take(self._loss) if self.kind == "example" else None
-        return Scores(self.kind, take(self.image_emb), take(self.text_emb), self.scale, self.bias, loss)
+        return ModelScores(self.kind, take(self.image_emb), take(self.text_emb), self.scale, self.bias, loss)
 
     def nonfinite(self) -> Tensor:
         """Bool mask (B,) of examples whose loss or embeddings are NaN/inf."""
@@ -83,11 +90,11 @@ class Scores:
         return bad
 
     @staticmethod
-    def cat(parts: list[Scores]) -> Scores:
+    def cat(parts: list[ModelScores]) -> ModelScores:
         """Concatenate the scores of consecutive micro-batches."""
         head = parts[0]
         cat = lambda name: None if getattr(head, name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-        return Scores(head.kind, cat("image_emb"), cat("text_emb"), head.scale, head.bias,
+        return ModelScores(head.kind, cat("image_emb"), cat("text_emb"), head.scale, head.bias,
                       cat("_loss") if head.kind == "example" else None)
 
 
@@ -99,8 +106,47 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def score_model(model: nn.Module, batch: dict, scorer, micro_batch_size: int) -> Scores:
-    """Scores of `model` on `batch`, forwarded in slices of `micro_batch_size` without grad, in eval mode.
+@runtime_checkable
+class Scorer(Protocol):
+    """Computes one model's `ModelScores` from a (micro-)batch.
+
+    Attributes:
+        keys: the batch fields it reads (checked against every superbatch, so a typo fails naming them).
+        kind: what its scores are: "example" (per-example losses), "sigmoid" or "softmax" (embeddings for the
+            contrastive losses). A `ScoreCache` serves the matching columns.
+    """
+
+    keys: tuple[str, ...]
+    kind: Kind
+
+    def __call__(self, model: nn.Module, batch: dict) -> ModelScores: ...
+
+
+@runtime_checkable
+class ScoreProvider(Protocol):
+    """Scores a superbatch in a model's place (a ScoreCache, a WeightSync snapshot, an Actor, a ModelProvider).
+
+    `micro_batch_size` bounds any forward pass the provider runs (the Score stage passes its own).
+    """
+
+    def scores(self, batch: dict, scorer: Scorer, micro_batch_size: int) -> ModelScores: ...
+
+
+class ModelProvider:
+    """A plain `nn.Module` as a `ScoreProvider`: scored live, without grad, in eval mode (`score_model`)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def scores(self, batch: dict, scorer: Scorer, micro_batch_size: int) -> ModelScores:
+        return score_model(self.model, batch, scorer, micro_batch_size)
+
+    def __repr__(self) -> str:
+        return f"ModelProvider({type(self.model).__name__})"
+
+
+def score_model(model: nn.Module, batch: dict, scorer: Scorer, micro_batch_size: int) -> ModelScores:
+    """The scores of `model` on `batch`, forwarded in slices of `micro_batch_size` without grad, in eval mode.
 
     The model's train/eval mode is restored afterwards (eval so dropout does not add noise to the
     scores and batch-norm statistics are not updated by the scoring pass).
@@ -113,7 +159,7 @@ def score_model(model: nn.Module, batch: dict, scorer, micro_batch_size: int) ->
             parts = [scorer(model, slice_batch(batch, i, i + micro_batch_size)) for i in range(0, n, micro_batch_size)]
     finally:
         model.train(was_training)
-    return Scores.cat(parts)
+    return ModelScores.cat(parts)
 
 
 class ClassificationScorer:
@@ -124,14 +170,16 @@ class ClassificationScorer:
         target_key: the integer class labels.
     """
 
+    kind: Kind = "example"
+
     def __init__(self, input_key: str = "input", target_key: str = "target"):
         self.input_key, self.target_key = input_key, target_key
         self.keys = (input_key, target_key)
 
-    def __call__(self, model: nn.Module, batch: dict) -> Scores:
+    def __call__(self, model: nn.Module, batch: dict) -> ModelScores:
         device = model_device(model)
         logits = model(batch[self.input_key].to(device, non_blocking=True))
-        return Scores.of_losses(cross_entropy_losses(logits, batch[self.target_key].to(device)))
+        return ModelScores.of_losses(cross_entropy_losses(logits, batch[self.target_key].to(device)))
 
     def __repr__(self) -> str:
         return f"ClassificationScorer(input_key={self.input_key!r}, target_key={self.target_key!r})"
@@ -150,9 +198,10 @@ class ContrastiveScorer:
         if loss not in ("sigmoid", "softmax"):
             raise ValueError(f"ContrastiveScorer: loss must be 'sigmoid' or 'softmax', got {loss=}")
         self.image_key, self.text_key, self.loss = image_key, text_key, loss
+        self.kind: Kind = loss
         self.keys = (image_key, text_key)
 
-    def __call__(self, model: nn.Module, batch: dict) -> Scores:
+    def __call__(self, model: nn.Module, batch: dict) -> ModelScores:
         device = model_device(model)
         image = model.encode_image(batch[self.image_key].to(device, non_blocking=True), normalize=True)
         text = model.encode_text(batch[self.text_key].to(device, non_blocking=True), normalize=True)
@@ -166,7 +215,7 @@ class ContrastiveScorer:
             bias = float(model.logit_bias)
         else:
             bias = 0.0
-        return Scores(self.loss, image.float(), text.float(), scale, bias)
+        return ModelScores(self.loss, image.float(), text.float(), scale, bias)
 
     def __repr__(self) -> str:
         return f"ContrastiveScorer(image_key={self.image_key!r}, text_key={self.text_key!r}, loss={self.loss!r})"

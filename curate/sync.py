@@ -30,7 +30,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from .scorers import Scores, model_device, score_model
+from .scorers import ModelScores, model_device, score_model
 
 __all__ = ["WeightSync"]
 
@@ -90,6 +90,11 @@ class WeightSync:
         self._copy(_tensors(learner))
 
     # ---- owner side -------------------------------------------------------------------------------
+
+    @property
+    def learner(self) -> nn.Module | None:
+        """The model being trained (None once it was garbage-collected, and in worker processes)."""
+        return self._learner()
 
     @property
     def lock(self) -> threading.Lock:
@@ -153,7 +158,7 @@ class WeightSync:
 
     # ---- reader side ------------------------------------------------------------------------------
 
-    def scores(self, batch: dict, scorer, micro_batch_size: int = 1024) -> Scores:
+    def scores(self, batch: dict, scorer, micro_batch_size: int = 1024) -> ModelScores:
         """Scores of `batch` from the latest pushed weights (the `ScoreProvider` protocol)."""
         return score_model(self.scoring_module(), batch, scorer, micro_batch_size)
 

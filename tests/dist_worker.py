@@ -32,7 +32,7 @@ class Recording:
     """A scorer that notes the keys of every superbatch it scores (learner and reference: each one twice)."""
 
     def __init__(self, scorer):
-        self.scorer, self.keys, self.seen = scorer, scorer.keys, []
+        self.scorer, self.keys, self.kind, self.seen = scorer, scorer.keys, scorer.kind, []
 
     def __call__(self, model, batch):
         if not self.seen or self.seen[-1] != list(batch["__key__"]):

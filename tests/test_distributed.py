@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import curate
-from curate.distributed import RankSplit, Shards, local_sizes, merge_stats, resolve_world
+from curate.distributed import RankSplit, Shards, local_sizes, resolve_world
 from curate.recipe import RecipeError, parse_recipe
+from curate.stage import Stage, chain_stats, local_stats
 
 from .conftest import make_samples
 from .dist_worker import GLOBAL_CASES, TRAIN, linear_models
@@ -137,15 +138,27 @@ def test_recipes_take_a_distributed_section():
 
 
 def test_merged_stats_add_counts_and_recompute_ratios():
-    parts = [{"seen": 40, "kept": 10, "score_mean": 1.0, "kept_score_mean": 2.0, "scoring_flops": 100.0,
-              "actor_training_flops": 0.0, "training_flops": 50.0, "score_seconds": s, "rank": r}
-             for r, s in enumerate((1.0, 3.0))]
-    parts[1].update(seen=20, kept=5, score_mean=4.0, kept_score_mean=5.0)
-    merged = merge_stats(parts)
-    assert (merged["seen"], merged["kept"], merged["world_size"], merged["score_seconds"]) == (60, 15, 2, 3.0)
-    assert merged["score_mean"] == pytest.approx((40 * 1 + 20 * 4) / 60)
-    assert merged["kept_score_mean"] == pytest.approx((10 * 2 + 5 * 5) / 15)
-    assert merged["flops_overhead"] == pytest.approx(200 / 100) and "rank" not in merged
+    """Two ranks' stats merged as their stages declare: counts and FLOPs added, means weighted by the counts,
+    ratios recomputed from the totals, seconds the slowest rank's (two real chains stand for the ranks)."""
+    ranks = []
+    for n in (40, 20):
+        learner, reference = linear_models()
+        p = curate.pipeline(make_samples(n), learner=learner, reference=reference, scorer=curate.ClassificationScorer(),
+                            method="topk", batch_size=5, superbatch_size=20, shuffle_buffer=0)
+        list(p)
+        ranks.append(p)
+    parts = [local_stats(p.chain) for p in ranks]
+    stages = [s for s in ranks[1].chain if isinstance(s, Stage)]
+    parts[1][next(i for i, s in enumerate(stages) if isinstance(s, curate.Score))]["score_seconds"] = 1e3  # slow
+    merged = chain_stats(ranks[0].chain, parts)
+    one, two = (p.stats() for p in ranks)
+    assert (merged["seen"], merged["kept"], merged["score_seconds"]) == (60, 15, 1e3)
+    assert merged["score_mean"] == pytest.approx((one["score_mean"] * 40 + two["score_mean"] * 20) / 60)
+    assert merged["kept_score_mean"] == pytest.approx((one["kept_score_mean"] * 10 + two["kept_score_mean"] * 5) / 15)
+    assert merged["scoring_flops"] == one["scoring_flops"] + two["scoring_flops"]
+    assert merged["training_flops"] == one["training_flops"] + two["training_flops"]
+    assert merged["flops_overhead"] == pytest.approx(merged["scoring_flops"] / merged["training_flops"])
+    assert merged["score_quantiles"] == one["score_quantiles"] and "rank" not in merged  # snapshots: rank 0's
 
 
 # ---------------------------------------------------------------- torchrun: data split and step counts

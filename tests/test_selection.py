@@ -5,7 +5,7 @@ from open_clip.loss import SigLipLoss
 
 from curate.losses import sigmoid_pair_losses, softmax_example_losses
 from curate.rules import get_rule
-from curate.scorers import Scores
+from curate.scorers import ModelScores
 from curate.selection import DenseGain, SigmoidGain, SoftmaxGain, chunk_sizes, joint, sample, topk
 
 
@@ -13,7 +13,7 @@ def _scores(kind, n=64, d=16, seed=0, scale=8.0, bias=-4.0):
     g = torch.Generator().manual_seed(seed)
     u = F.normalize(torch.randn(n, d, generator=g), dim=1)
     v = F.normalize(u + torch.randn(n, d, generator=g), dim=1)
-    return Scores(kind, u, v, scale, bias if kind == "sigmoid" else 0.0)
+    return ModelScores(kind, u, v, scale, bias if kind == "sigmoid" else 0.0)
 
 
 def _gen(seed):
@@ -71,7 +71,7 @@ def test_memory_efficient_joint_equals_dense(rule, seed):
     assert a.tolist() == b.tolist()
 
 
-def _siglip_set_score(scores: Scores, subset: list[int]) -> torch.Tensor:
+def _siglip_set_score(scores: ModelScores, subset: list[int]) -> torch.Tensor:
     """Brute force from open_clip: the summed SigLIP loss of the sub-batch, |S| · SigLipLoss(S)."""
     idx = torch.tensor(subset)
     loss = SigLipLoss()(scores.image_emb[idx], scores.text_emb[idx], torch.tensor(scores.scale),

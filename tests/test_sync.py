@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 import curate
 from curate.nodes import Source, Superbatch
-from curate.score import Score, score_model
+from curate.score import Score
+from curate.scorers import score_model
 from curate.sync import WeightSync
 
 from .conftest import make_samples

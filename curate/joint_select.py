@@ -1,0 +1,182 @@
+"""The JointSelect stage: keeps `batch_size` of every scored superbatch, over this rank's candidates or all ranks'.
+
+Where the candidates come from is the stage's `scope`: `LocalScope` (this process's superbatch) or
+`curate.distributed.GlobalScope` (every rank's, gathered; the same seeded decision on every rank, each training
+on its share). The selection itself is the same code either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torchdata.nodes import BaseNode
+
+from .batch import Batch, take
+from .score import ScoredSuperbatch
+from .seeding import make_generator
+from .selection import SigmoidGain, SoftmaxGain, joint, sample, topk
+from .stage import LAST, Counter, Stage
+
+__all__ = ["JointSelect", "METHODS", "Scope", "LocalScope", "Share"]
+
+METHODS = ("topk", "sample", "joint")
+_QUANTILES = (0.1, 0.5, 0.9)
+
+
+@dataclass(frozen=True)
+class Share:
+    """This rank's part of a selection.
+
+    Args:
+        batch: the rows this rank trains on.
+        own: the scores of this rank's candidates.
+        kept: the scores of the rows in `batch`.
+    """
+
+    batch: Batch
+    own: Tensor
+    kept: Tensor
+
+
+class Scope(Protocol):
+    """Which candidates one selection is over, and which of the selected rows this process trains on."""
+
+    world_size: int
+
+    def gather(self, scored: ScoredSuperbatch) -> ScoredSuperbatch:
+        """All candidates of this selection (this rank's superbatch, or every rank's)."""
+        ...
+
+    def share(self, scored: ScoredSuperbatch, idx: Tensor, score: Tensor) -> Share:
+        """This rank's part of the selection `idx` (indices into `gather(scored)`, whose scores are `score`)."""
+        ...
+
+
+class LocalScope:
+    """Each process selects from its own superbatch (the default; one process, or ranks selecting apart)."""
+
+    world_size = 1
+
+    def gather(self, scored: ScoredSuperbatch) -> ScoredSuperbatch:
+        return scored
+
+    def share(self, scored: ScoredSuperbatch, idx: Tensor, score: Tensor) -> Share:
+        return Share(take(scored.batch, idx), score, score[idx])
+
+
+class JointSelect(Stage[Batch]):
+    """Keeps `batch_size` samples of each scored superbatch and yields them as a collated batch.
+
+    Args:
+        source: node of `ScoredSuperbatch`es (`Score`).
+        batch_size: samples kept per superbatch (b), per rank.
+        method: "topk" (RHO-LOSS: the b best scores), "sample" (b draws without replacement,
+            P ∝ exp(score / temperature)), or "joint" (JEST: chunked sampling from the conditional
+            learnability of contrastive pairs; for per-example losses it is the same as "sample").
+        n_chunks: JEST chunks per batch, capped at the number kept; chunk sizes differ by at most one
+            when b is not divisible by n_chunks.
+        temperature: softmax temperature for "sample" and "joint"; 0 is greedy.
+        seed: selection in epoch e, superbatch s is seeded by (seed, "select", e, s).
+        superbatch_size: the full superbatch size B, per rank. A short final superbatch of n samples keeps
+            round(n·b/B) (at least 1). Default: the size of the first superbatch seen.
+        scope: `LocalScope()` (default) or `curate.distributed.GlobalScope(comm)`: select world·b of the
+            world·B candidates of all ranks, each rank training on its b.
+
+    Counts are this rank's (its B candidates, its b kept), so summing them over ranks gives the job's totals.
+    """
+
+    counters = {"superbatches": Counter(), "seen": Counter(), "kept": Counter(), "_score_sum": Counter(initial=0.0),
+                "_kept_score_sum": Counter(initial=0.0), "_last_quantiles": Counter(LAST, [])}
+
+    def __init__(self, source: BaseNode, batch_size: int, method: str = "joint", n_chunks: int = 16,
+                 temperature: float = 1.0, seed: int = 0, superbatch_size: int | None = None,
+                 scope: Scope | None = None):
+        super().__init__(source)
+        if method not in METHODS:
+            raise ValueError(f"JointSelect: unknown method {method!r}; valid methods are {list(METHODS)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"JointSelect: batch_size must be a positive int, got {batch_size=}")
+        if not isinstance(n_chunks, int) or n_chunks < 1:
+            raise ValueError(f"JointSelect: n_chunks must be a positive int, got {n_chunks=}")
+        if temperature < 0:
+            raise ValueError(f"JointSelect: temperature must be >= 0, got {temperature=}")
+        if superbatch_size is not None and superbatch_size < batch_size:
+            raise ValueError(f"JointSelect: batch_size must be smaller than the superbatch, got {batch_size=} "
+                             f"{superbatch_size=}")
+        self.batch_size, self.method = batch_size, method
+        self.n_chunks, self.temperature, self.seed = n_chunks, temperature, seed
+        self.superbatch_size = superbatch_size
+        self.scope: Scope = scope or LocalScope()
+        self._full = superbatch_size
+        self._epoch = -1
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        if initial_state is None:
+            self._epoch += 1
+            self._step = 0
+            return
+        self._epoch, self._step, self._full = initial_state["epoch"], initial_state["step"], initial_state["full"]
+
+    def _keep(self, n: int) -> int:
+        """Samples this rank keeps of its `n` candidates."""
+        self._full = self._full or n
+        if n == self._full and n < self.batch_size:
+            raise ValueError(f"JointSelect: batch_size must be smaller than the superbatch, got "
+                             f"batch_size={self.batch_size} superbatch size={n}")
+        return max(1, round(n * self.batch_size / self._full))
+
+    def select(self, scored: ScoredSuperbatch, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """`k` indices into `scored` and the per-example logits used (for stats)."""
+        if self.method == "joint" and scored.contrastive:
+            kind = (scored.learner or scored.reference).kind
+            if kind == "sigmoid":
+                gain = SigmoidGain(scored.learner, scored.reference, scored.rule)
+            else:
+                losses = (None if s is None else s.loss for s in (scored.learner, scored.reference))
+                gain = SoftmaxGain(scored.learner, scored.reference, scored.rule, *losses)
+            first = gain.first()
+            idx = joint(gain, k, n_chunks=min(self.n_chunks, k), temperature=self.temperature, generator=generator)
+            return idx, first
+        score = scored.score
+        if self.method == "topk":
+            if scored.learner is None and scored.reference is None:
+                raise ValueError("JointSelect: method='topk' with rule='uniform' would keep the first samples; "
+                                 "use method='sample' for uniform selection")
+            return topk(score, k), score
+        return sample(score, k, temperature=self.temperature, generator=generator), score
+
+    def next(self) -> Batch:
+        scored = next(self.source)
+        k = self.scope.world_size * self._keep(scored.size)
+        generator = make_generator(self.seed, "select", self._epoch, self._step)
+        self._step += 1
+        whole = self.scope.gather(scored)
+        idx, score = self.select(whole, k, generator)
+        score = score.detach().float().cpu()
+        share = self.scope.share(scored, idx.cpu(), score)
+        c = self.counts
+        c["superbatches"] += 1
+        c["seen"] += scored.size
+        c["kept"] += len(share.kept)
+        c["_score_sum"] += float(share.own.sum())
+        c["_kept_score_sum"] += float(share.kept.sum())
+        c["_last_quantiles"] = torch.quantile(score, torch.tensor(_QUANTILES)).tolist()
+        return share.batch
+
+    def get_state(self) -> dict:
+        return {**super().get_state(), "epoch": self._epoch, "step": self._step, "full": self._full}
+
+    @staticmethod
+    def derive(totals: dict) -> dict:
+        seen, kept = totals["seen"], totals["kept"]
+        out = {"kept_fraction": kept / seen if seen else 0.0}
+        if seen:
+            out["score_mean"] = totals["_score_sum"] / seen
+            out["kept_score_mean"] = totals["_kept_score_sum"] / kept
+            out["score_quantiles"] = dict(zip((f"q{int(q * 100)}" for q in _QUANTILES), totals["_last_quantiles"],
+                                              strict=True))
+        return out

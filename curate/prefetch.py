@@ -1,0 +1,106 @@
+"""`Prefetch`: the next superbatch loaded, scored and selected in a background thread while step n trains."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from torchdata.nodes import BaseNode
+
+from .stage import LAST, Stage
+from .sync import WeightSync
+
+__all__ = ["Prefetch"]
+
+T = TypeVar("T")
+
+
+class Prefetch(Stage[T]):
+    """Produces the next item in a background thread while the training loop uses the current one.
+
+    Item n+1 (a superbatch loaded, scored and selected) is started when item n is handed out, so its
+    scores come from the weights before training step n: one step earlier than live scoring. The
+    scoring weights must not change while item n+1 is scored, so the upstream scores from a
+    `WeightSync` snapshot:
+
+    * `push_sync=True` (the pipeline's own sync): the snapshot is pushed from the learner at every
+      hand-out, in the training thread, before item n+1 starts, while nothing reads it.
+    * `push_sync=False` (a user's sync, pushed by its optimizer hook): the sync's lock is taken at
+      hand-out and released when item n+1 is ready, so a push during step n waits for that scoring.
+
+    Args:
+        source: upstream node (everything up to selection).
+        sync: the `WeightSync` the upstream scores from, or None when it scores no changing model.
+        push_sync: push `sync` at every hand-out (True) or hold its lock while scoring (False).
+
+    `get_state()` is the upstream's state right after the item last handed out (captured in the
+    thread), so a resumed pipeline replays the prefetched item instead of skipping it. (torchdata's
+    `Prefetcher` snapshots state the same way but starts item n+1 inside its own `next()`, before the
+    weights can be pinned, hence this node.)
+    """
+
+    gauges = {"prefetch": LAST}
+
+    def __init__(self, source: BaseNode, sync: WeightSync | None = None, push_sync: bool = False):
+        super().__init__(source)
+        self.sync, self.push_sync = sync, push_sync
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="curate-prefetch")
+        self._future = None
+
+    def reset(self, initial_state: dict | None = None):
+        self._drain()  # before the upstream is reset: the thread may still be reading it
+        super().reset(initial_state)
+        self._state = self.source.state_dict()
+        self._done = False
+
+    def _drain(self) -> None:
+        if self._future is not None:
+            self._future.exception()  # wait for it; what it produced or raised belongs to the old epoch
+            self._future = None
+
+    def _job(self, hold: bool):
+        try:
+            try:
+                item = next(self.source)
+            except StopIteration:
+                item = StopIteration
+            return item, self.source.state_dict()
+        finally:
+            if hold:
+                self.sync.lock.release()
+
+    def _submit(self) -> None:
+        hold = self.sync is not None and not self.push_sync
+        if self.sync is not None and self.push_sync:
+            self.sync.push()  # the thread is idle: nothing reads the snapshot now
+        elif hold:
+            self.sync.lock.acquire()  # released by the job: pushes wait until this item is scored
+        self._future = self._pool.submit(self._job, hold)
+
+    def next(self):
+        if self._done:
+            raise StopIteration
+        if self._future is None:
+            self._submit()
+        item, state = self._future.result()
+        self._future = None
+        if item is StopIteration:
+            self._done = True
+            raise StopIteration
+        self._state = state
+        self._submit()
+        return item
+
+    def get_state(self) -> dict:
+        return {self.SOURCE_KEY: self._state}
+
+    def stats(self) -> dict:
+        return {"prefetch": 1}
+
+    def wait(self) -> None:
+        """Block until the item being prepared in the background is ready (it is kept for the next `next()`)."""
+        if self._future is not None:
+            self._future.exception()
+
+    def __del__(self):
+        self._pool.shutdown(wait=False)
