@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["Sample", "Batch", "batch_size_of", "split_batch", "slice_batch", "take"]
+__all__ = ["Batch", "Sample", "batch_size_of", "slice_batch", "split_batch", "take"]
 
 Sample = dict[str, Any]
 Batch = dict[str, Any]

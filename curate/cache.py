@@ -30,7 +30,7 @@ from .batch import split_batch, take
 from .files import atomic_write, filesystem
 from .scorers import ModelScores, score_model
 
-__all__ = ["ScoreCache", "write_part", "scan", "model_hash", "polars_storage_options", "SCHEMA_VERSION"]
+__all__ = ["SCHEMA_VERSION", "ScoreCache", "model_hash", "polars_storage_options", "scan", "write_part"]
 
 SCHEMA_VERSION = 1
 KEY = "__key__"

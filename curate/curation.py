@@ -33,7 +33,7 @@ import polars as pl
 from .files import atomic_write
 from .seeding import derive_seed
 
-__all__ = ["DedupResult", "semantic_dedup", "balance", "write_keys", "read_keys"]
+__all__ = ["DedupResult", "balance", "read_keys", "semantic_dedup", "write_keys"]
 
 KEY = "__key__"
 # Identical rows have cosine 1 ± a few float32 ulps; the slack lets threshold=1.0 mean "exact duplicates".

@@ -42,8 +42,8 @@ from .score import ScoredSuperbatch
 from .scorers import ModelScores
 from .stage import Counter, Stage
 
-__all__ = ["resolve_world", "Comm", "Shards", "RankSplit", "Lockstep", "GlobalScope", "local_sizes", "SCOPES",
-           "shards_of", "already_split"]
+__all__ = ["Comm", "GlobalScope", "Lockstep", "RankSplit", "SCOPES", "Shards", "already_split", "local_sizes",
+           "resolve_world", "shards_of"]
 
 SCOPES = ("local", "global")
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_json", "filesystem", "stale_temps", "S3_CONFIG"]
+__all__ = ["S3_CONFIG", "atomic_write", "filesystem", "stale_temps", "write_json"]
 
 # Bounded retries/timeouts so an unreachable endpoint fails in seconds instead of botocore's minutes.
 S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}

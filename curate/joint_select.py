@@ -20,7 +20,7 @@ from .seeding import make_generator
 from .selection import SigmoidGain, SoftmaxGain, joint, sample, topk
 from .stage import LAST, Counter, Stage
 
-__all__ = ["JointSelect", "METHODS", "Scope", "LocalScope", "Share"]
+__all__ = ["JointSelect", "LocalScope", "METHODS", "Scope", "Share"]
 
 METHODS = ("topk", "sample", "joint")
 _QUANTILES = (0.1, 0.5, 0.9)

@@ -17,7 +17,7 @@ from .actor import Actor
 from .scorers import ModelProvider, ScoreProvider
 from .sync import WeightSync
 
-__all__ = ["LearnerSide", "resolve_learner", "as_provider", "unwrap_ddp"]
+__all__ = ["LearnerSide", "as_provider", "resolve_learner", "unwrap_ddp"]
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "cross_entropy_losses",
-    "sigmoid_pair_losses",
-    "sigmoid_example_losses",
-    "softmax_example_losses",
-]
+__all__ = ["cross_entropy_losses", "sigmoid_example_losses", "sigmoid_pair_losses", "softmax_example_losses"]
 
 _BLOCK = 4096  # rows per block for O(B²) reductions: 4096 × 64k floats = 1 GiB at most
 

@@ -21,7 +21,7 @@ from .batch import Sample, split_batch
 from .seeding import make_generator
 from .stage import Counter, Stage
 
-__all__ = ["Source", "KeepKeys", "Shuffle", "Superbatch", "Unbatch", "Batch", "as_node"]
+__all__ = ["Batch", "KeepKeys", "Shuffle", "Source", "Superbatch", "Unbatch", "as_node"]
 
 
 class Source(Stage[Sample]):

@@ -26,7 +26,7 @@ from .score import Score
 from .scorers import Scorer
 from .stage import chain, chain_stats, local_stats, stage_name
 
-__all__ = ["pipeline", "Pipeline", "superbatch_size_for"]
+__all__ = ["Pipeline", "pipeline", "superbatch_size_for"]
 
 
 def superbatch_size_for(batch_size: int, filter_ratio: float) -> int:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .rules import RULES
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "parse_recipe", "apply_overrides"]
+__all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_recipe"]
 
 
 class RecipeError(ValueError):

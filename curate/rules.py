@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Rule", "RULES", "get_rule", "as_rule"]
+__all__ = ["RULES", "Rule", "as_rule", "get_rule"]
 
 RuleFn = Callable[[Tensor | None, Tensor | None], Tensor]
 

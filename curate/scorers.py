@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from .batch import batch_size_of, slice_batch
 from .losses import cross_entropy_losses, sigmoid_example_losses, softmax_example_losses
 
-__all__ = ["ModelScores", "Scorer", "ScoreProvider", "ModelProvider", "ClassificationScorer", "ContrastiveScorer",
-           "Kind", "model_device", "score_model"]
+__all__ = ["ClassificationScorer", "ContrastiveScorer", "Kind", "ModelProvider", "ModelScores", "ScoreProvider",
+           "Scorer", "model_device", "score_model"]
 
 Kind = Literal["example", "sigmoid", "softmax"]
 

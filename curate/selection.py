@@ -24,16 +24,7 @@ from torch import Tensor
 from .losses import sigmoid_pair_losses
 from .rules import Rule
 
-__all__ = [
-    "topk",
-    "sample",
-    "joint",
-    "chunk_sizes",
-    "Gain",
-    "DenseGain",
-    "SigmoidGain",
-    "SoftmaxGain",
-]
+__all__ = ["DenseGain", "Gain", "SigmoidGain", "SoftmaxGain", "chunk_sizes", "joint", "sample", "topk"]
 
 
 def topk(scores: Tensor, k: int) -> Tensor:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from torchdata.nodes import BaseNode
 
-__all__ = ["Stage", "Counter", "Merge", "chain", "chain_stats", "local_stats", "stage_name", "SUM", "MAX", "LAST"]
+__all__ = ["Counter", "LAST", "MAX", "Merge", "SUM", "Stage", "chain", "chain_stats", "local_stats", "stage_name"]
 
 T = TypeVar("T")
 

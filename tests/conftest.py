@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -61,29 +62,58 @@ def assert_same_item(x, y, where: str = "") -> None:
             assert_same_item(x[k], y[k], f"{where}.{k}")
     elif isinstance(x, torch.Tensor):
         assert torch.equal(x, y), f"{where}: tensors differ"
+    elif isinstance(x, list | tuple):
+        assert type(x) is type(y) and len(x) == len(y), f"{where}: {type(x).__name__} of {len(x)} vs {y!r:.80}"
+        for i, (a, b) in enumerate(zip(x, y, strict=True)):
+            assert_same_item(a, b, f"{where}[{i}]")
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):  # e.g. a ScoredSuperbatch and its ModelScores
+        assert type(x) is type(y), f"{where}: {type(x).__name__} != {type(y).__name__}"
+        for field in dataclasses.fields(x):
+            assert_same_item(getattr(x, field.name), getattr(y, field.name), f"{where}.{field.name}")
     else:
         assert x == y, f"{where}: {x!r} != {y!r}"
 
 
-def check_resume(build, points: list[int]) -> list:
-    """The shared resume harness.
+def check_resume(build, points: list[int], epochs: int = 2) -> list:
+    """The shared resume harness (torchdata's `run_test_save_load_state` cases, through a real checkpoint).
 
-    `build()` returns a fresh iterable with state_dict()/load_state_dict() (a curate.Pipeline or a
-    torchdata Loader over a stage). For every point p, consume p items, checkpoint (through
-    torch.save), resume in a fresh build and finish: the result must equal the uninterrupted stream.
+    `build()` returns a fresh iterable with state_dict()/load_state_dict() (a curate.Pipeline or a torchdata
+    Loader over a stage); each `iter()` is one epoch. The reference is `epochs` epochs of one uninterrupted
+    build. Checkpoints are taken after p items for every p in `points` (counted across epochs), and always at
+    the end of epoch 1 (after its last item, and after its StopIteration) and in the middle of epoch 2; each goes
+    through torch.save and a weights-only load into a fresh build, which finishes the `epochs` epochs: the
+    stream must equal the reference. Returns the first epoch's stream.
     """
-    full = list(build())
-    assert len(full) > max(points), f"harness: stream of {len(full)} items is too short for {points=}"
-    for p in points:
+    reference = build()
+    per_epoch = [list(reference) for _ in range(epochs)]
+    full = [item for epoch in per_epoch for item in epoch]
+    n1 = len(per_epoch[0])
+    assert n1 > max(points), f"harness: an epoch of {n1} items is too short for {points=}"
+    assert len(per_epoch[1]) >= 2, "harness: epoch 2 must have at least 2 items to resume inside it"
+    cases = [(p, False) for p in points] + [(n1, False), (n1, True), (n1 + len(per_epoch[1]) // 2, False)]
+    for p, after_stop in cases:
         first = build()
-        it = iter(first)
-        head = [next(it) for _ in range(p)]
+        it, head = iter(first), []
+        while len(head) < p:
+            try:
+                head.append(next(it))
+            except StopIteration:  # the next epoch
+                it = iter(first)
+        if after_stop:
+            assert next(it, None) is None, "harness: the epoch went on past its reference length"
         state = roundtrip(first.state_dict())
         second = build()
         second.load_state_dict(state)
-        tail = list(second)
-        assert_same_stream(head + tail, full)
-    return full
+        tail: list = []
+        for _ in range(epochs + 1):  # the rest of this epoch, then the next ones
+            if len(head) + len(tail) >= len(full):
+                break
+            tail.extend(second)
+        where = f"resumed after {p} items{' and the end of the epoch' if after_stop else ''}"
+        assert len(head) + len(tail) == len(full), f"{where}: {len(head) + len(tail)} items, expected {len(full)}"
+        for i, (x, y) in enumerate(zip(head + tail, full, strict=True)):
+            assert_same_item(x, y, where=f"{where}, item {i}")
+    return per_epoch[0]
 
 
 @pytest.fixture(scope="session")

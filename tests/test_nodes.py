@@ -5,7 +5,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchdata.nodes import Loader
 
-from curate import ClassificationScorer, JointSelect, Score, Shuffle, Source, Superbatch, Unbatch
+from curate import (
+    Actor,
+    ClassificationScorer,
+    JointSelect,
+    KeepKeys,
+    Prefetch,
+    RankSplit,
+    Score,
+    Shuffle,
+    Source,
+    Superbatch,
+    TrainActor,
+    TrainingFlops,
+    Unbatch,
+)
 from curate.batch import split_batch
 from curate.nodes import Batch
 
@@ -28,33 +42,38 @@ def _models():
     return torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
 
 
+STAGES = ["source", "rank_split", "keep_keys", "shuffle", "superbatch", "score", "select", "train_actor", "prefetch",
+          "training_flops", "unbatch", "batch"]
+
+
 def _chain(stage: str, data):
-    node = Source(data)
-    if stage == "source":
-        return Loader(node)
-    node = Shuffle(node, buffer_size=37, seed=1)
-    if stage == "shuffle":
-        return Loader(node)
-    node = Superbatch(node, 50)
-    if stage == "superbatch":
-        return Loader(node)
+    """The chain of every public stage, in pipeline order, up to `stage`; fresh models (and actor) per build."""
     learner, reference = _models()
-    node = Score(node, learner, reference, ClassificationScorer(), "learnability")
-    node = JointSelect(node, 10, method="sample", seed=3)
-    if stage == "select":
-        return Loader(node)
-    node = Unbatch(node)
-    if stage == "unbatch":
-        return Loader(node)
-    return Loader(Batch(node, 7))
-
-
-STAGES = ["source", "shuffle", "superbatch", "select", "unbatch", "batch"]
+    actor = Actor(learner, torch.optim.SGD(learner.parameters(), lr=0.1))
+    scorer = ClassificationScorer()
+    steps = {
+        "source": lambda node: Source(data),
+        "rank_split": lambda node: RankSplit(node, rank=1, world_size=2),
+        "keep_keys": lambda node: KeepKeys(node, [s["__key__"] for s in data if int(s["__key__"][1:]) % 5]),
+        "shuffle": lambda node: Shuffle(node, buffer_size=37, seed=1),
+        "superbatch": lambda node: Superbatch(node, 20),
+        "score": lambda node: Score(node, actor, reference, scorer, "learnability"),
+        "select": lambda node: JointSelect(node, 4, method="sample", seed=3),
+        "train_actor": lambda node: TrainActor(node, actor, scorer),
+        "prefetch": lambda node: Prefetch(node),
+        "training_flops": lambda node: TrainingFlops(node, reference, scorer),
+        "unbatch": lambda node: Unbatch(node),
+        "batch": lambda node: Batch(node, 7),
+    }
+    node = None
+    for name in STAGES[: STAGES.index(stage) + 1]:
+        node = steps[name](node)
+    return Loader(node)
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_resumes_exactly(stage):
-    data = make_samples(230)
+    data = make_samples(460)
     full = check_resume(lambda: _chain(stage, data), points=[0, 1, 3, 4])
     assert full, "the stage yielded nothing"
 
