@@ -15,7 +15,7 @@ import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from torchdata.nodes import BaseNode
 
@@ -60,7 +60,8 @@ class Stage(BaseNode[T], Generic[T]):
 
     def __init__(self, source: BaseNode | None):
         super().__init__()
-        self.source = source
+        # typed as always there: only a Source, the start of a chain, has none (and never reads it)
+        self.source: BaseNode = cast(BaseNode, source)
         self.counts: dict[str, Any] = {name: counter.initial for name, counter in self.counters.items()}
 
     def reset(self, initial_state: dict | None = None):

@@ -51,6 +51,8 @@ def _cli(*args, cwd=ROOT) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_run_killed_then_resumed_equals_an_uninterrupted_run(digits, tmp_path):
     recipe = str(ROOT / "recipes" / "rho_loss.yaml")
     common = [*_small(digits, tmp_path / "a", steps=30), "--set", "train.eval_every=5",

@@ -319,6 +319,8 @@ def test_balance_argument_errors() -> None:
         balance(KEYS[:3], np.zeros(4, int), per_cluster=1)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_faiss_is_lazy_and_its_absence_says_how_to_install(monkeypatch) -> None:
     code = "import sys, curate.curation; assert 'faiss' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -249,6 +249,8 @@ def test_rerun_replaces_shards_and_removes_stale_ones(tmp_path):
     assert count == manifest["pairs"]["splits"]["train"]["count"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_killed_run_leaves_no_partial_shard(tmp_path):
     """A real subprocess killed mid-write: every *.tar present is complete, and there is no manifest."""
     script = (f"from pipelines.data import make_digits; make_digits({str(tmp_path)!r}, n_train=12000, n_curated=10,"

@@ -164,6 +164,8 @@ def test_merged_stats_add_counts_and_recompute_ratios():
 # ---------------------------------------------------------------- torchrun: data split and step counts
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_samples_are_split_disjointly_and_ranks_take_equal_steps(library):
     keys = [s["__key__"] for s in make_samples(203)]  # 102 for rank 0, 101 for rank 1; superbatch 10
     for epoch in range(2):
@@ -174,6 +176,8 @@ def test_samples_are_split_disjointly_and_ranks_take_equal_steps(library):
     assert [out["split_samples_stats"]["dropped_unequal"] for out in library] == [2 * 2, 1 * 2]  # counted, per epoch
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_unequal_shards_are_split_by_rank_and_worker_and_ranks_stop_together(library, digits):
     from pipelines.data import load_digits, shard_urls
 
@@ -198,6 +202,8 @@ def _merge(parts: list[dict]) -> dict:
             for k, v in parts[0].items()}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", list(GLOBAL_CASES))
 def test_global_selection_equals_one_process_selecting_over_the_concatenated_superbatch(library, case):
     spec = GLOBAL_CASES[case]
@@ -226,6 +232,8 @@ def test_global_selection_equals_one_process_selecting_over_the_concatenated_sup
     assert exchanged > 0  # rank 0 trained on samples rank 1 had read: the rows were exchanged
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_ddp_training_on_global_selection_with_prefetch_equals_one_process(library):
     runs = [out["train"] for out in library]
     assert torch.equal(runs[0]["weights"]["weight"], runs[1]["weights"]["weight"])  # DDP kept the ranks equal
@@ -254,6 +262,8 @@ def test_ddp_training_on_global_selection_with_prefetch_equals_one_process(libra
     assert total["seen"] == sum(run["stats"]["seen"] for run in runs)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_global_pipeline_resumes_mid_epoch_exactly(library):
     for out in library:
         assert len(out["resume"]["full"]) == 6
@@ -263,6 +273,8 @@ def test_global_pipeline_resumes_mid_epoch_exactly(library):
 # ---------------------------------------------------------------- torchrun: bad input
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_bad_input_fails_every_rank_before_training_and_nothing_hangs(digits, tmp_path):
     outs = _worker("bad", tmp_path, str(digits["even"]), str(digits["one_shard"]))
     expected = {
@@ -309,6 +321,8 @@ def _metrics(out: Path, run: str) -> list[dict]:
     return records
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_curate_run_under_torchrun_resumes_exactly_after_a_restart(digits, tmp_path):
     recipe = _recipe(tmp_path, digits["even"])
 

@@ -13,6 +13,8 @@ import curate
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_import_curate_does_not_import_heavy_optional_packages():
     code = "import sys, curate; print(sorted(m for m in ('open_clip', 'ray', 'faiss') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

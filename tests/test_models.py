@@ -94,6 +94,8 @@ def test_hashed_embedding_keeps_caption_tokens_apart():
         tiny_clip(vocab_size=60_000)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_model_hash_is_stable_and_sensitive():
     """In a fresh process the same seed gives the same hash (and importing our modules loads no heavy extra)."""
     torch.manual_seed(0)

@@ -20,7 +20,6 @@ from curate import (
     TrainingFlops,
     Unbatch,
 )
-from curate.batch import split_batch
 from curate.nodes import Batch
 
 from .conftest import check_resume, make_samples, roundtrip
@@ -125,14 +124,6 @@ def test_superbatch_short_tail_is_kept_or_counted():
     node = Superbatch(Source(data), 50, drop_last=True)
     assert [len(b["__key__"]) for b in Loader(node)] == [50, 50]
     assert node.stats()["dropped_tail"] == 5
-
-
-def test_split_batch_round_trips():
-    batch = {"__key__": ["a", "b"], "x": torch.arange(6).view(2, 3), "meta": ["m0", "m1"]}
-    samples = split_batch(batch)
-    assert samples[1]["__key__"] == "b" and samples[1]["x"].tolist() == [3, 4, 5] and samples[1]["meta"] == "m1"
-    with pytest.raises(TypeError, match="field 'x'"):
-        split_batch({"__key__": ["a", "b"], "x": torch.zeros(3)})
 
 
 def test_source_rejects_non_iterables():

@@ -203,50 +203,6 @@ def test_pipeline_resumes_exactly_jest():
     check_resume(build, points=[1, 3])
 
 
-# ---------------------------------------------------------------- Score stage behaviour
-
-
-def test_score_runs_without_grad_and_restores_train_mode():
-    data = make_samples(64)
-    learner, reference = _linear_models()
-    learner.train()
-    reference.eval()
-    modes = []
-    learner.register_forward_hook(lambda m, i, o: modes.append((m.training, torch.is_grad_enabled())))
-    batch = next(iter(curate.pipeline(data, learner=learner, reference=reference,
-                                      scorer=curate.ClassificationScorer(), batch_size=8, filter_ratio=0.5,
-                                      micro_batch_size=5, shuffle_buffer=0)))
-    assert len(batch["__key__"]) == 8
-    assert modes and all(m == (False, False) for m in modes)
-    assert len(modes) == math.ceil(16 / 5)  # forwarded in micro-batches
-    assert learner.training and not reference.training
-
-
-def test_stats_report_counts_and_quantiles():
-    data = make_samples(200)
-    learner, reference = _linear_models()
-    p = curate.pipeline(data, learner=learner, reference=reference, scorer=curate.ClassificationScorer(),
-                        method="topk", batch_size=10, filter_ratio=0.5)
-    list(p)
-    stats = p.stats()
-    assert stats["seen"] == 200 and stats["kept"] == 100 and stats["kept_fraction"] == 0.5
-    assert stats["kept_score_mean"] > stats["score_mean"]
-    q = stats["score_quantiles"]
-    assert q["q10"] <= q["q50"] <= q["q90"]
-
-
-def test_short_last_superbatch_keeps_the_same_fraction_or_is_dropped():
-    data = make_samples(1000)
-    learner, reference = _linear_models()
-    kwargs = dict(learner=learner, reference=reference, scorer=curate.ClassificationScorer(), method="topk",
-                  batch_size=32, filter_ratio=0.8, shuffle_buffer=0)
-    sizes = [len(b["__key__"]) for b in curate.pipeline(data, **kwargs)]
-    assert sizes == [32] * 6 + [8]  # B = 160: 6 full superbatches, then 40 samples keep 40·32/160
-    p = curate.pipeline(data, drop_last=True, **kwargs)
-    assert [len(b["__key__"]) for b in p] == [32] * 6
-    assert p.stats()["dropped_tail"] == 40
-
-
 # ---------------------------------------------------------------- bad input
 
 
@@ -271,30 +227,6 @@ def _kwargs(**over):
 def test_bad_arguments_name_the_problem(over, message):
     with pytest.raises(ValueError, match=message):
         curate.pipeline(make_samples(10), **_kwargs(**over))
-
-
-def test_missing_scorer_key_names_the_key_and_the_fields():
-    p = curate.pipeline(make_samples(40), **_kwargs(scorer=curate.ClassificationScorer(input_key="pixels")))
-    fields = r"field 'pixels' but the samples have fields \['__key__', 'input', 'target'\]"
-    with pytest.raises(ValueError, match=fields):
-        next(iter(p))
-
-
-def test_nan_losses_name_the_samples():
-    data = make_samples(40)
-    data[3]["input"] = torch.full((8,), float("nan"))
-    p = curate.pipeline(data, shuffle_buffer=0, **_kwargs())
-    with pytest.raises(ValueError, match=r"learner produced NaN/inf .* 1 samples \(keys \['s00003'\]\)"):
-        next(iter(p))
-
-
-def test_pipeline_works_without_keys_and_nan_errors_give_positions():
-    data = [{"input": s["input"], "target": s["target"]} for s in make_samples(40)]
-    batches = list(curate.pipeline(data, shuffle_buffer=0, filter_ratio=0.5, **_kwargs()))
-    assert sum(len(b["input"]) for b in batches) == 20
-    data[5]["input"] = torch.full((8,), float("inf"))
-    with pytest.raises(ValueError, match=r"keys \[5\]"):
-        next(iter(curate.pipeline(data, shuffle_buffer=0, filter_ratio=0.5, **_kwargs())))
 
 
 # ---------------------------------------------------------------- curated key lists

@@ -118,6 +118,8 @@ def test_inspect_prints_describe_and_writes_a_histogram(digits, trained, capsys)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_killed_mid_run_then_rerun_has_every_key_once(digits, trained):
     out = run_dir(trained, "killed")
     values = overrides(digits, out, **{"cache.batch_size": 25})
@@ -238,6 +240,8 @@ def test_ray_backend_writes_the_same_rows_as_local(digits, trained, tmp_path):
     assert remote["skipped"] == local["skipped"] and local["skipped"][0]["shard"] == url
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_ray_is_optional_and_its_absence_says_how_to_install(digits, trained, monkeypatch):
     code = "import sys, pipelines.cli, pipelines.precompute; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -166,6 +166,8 @@ def _read_while_pushed(sync, reads, results):
     results.put((torn, len(seen), error))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_workers_never_score_with_half_written_weights():
     """A reader copies while the owner pushes as fast as it can: every copy must be one whole version."""
     model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(8)])
