@@ -19,6 +19,12 @@ def make_samples(n: int, dim: int = 8, n_classes: int = 3, seed: int = 0) -> lis
     return [{"__key__": f"s{i:05d}", "input": x[i], "target": y[i]} for i in range(n)]
 
 
+def linear_models(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """A learner and a reference for 8-dim inputs, 3 classes (make_samples), the same for the same seed."""
+    torch.manual_seed(seed)
+    return nn.Linear(8, 3), nn.Linear(8, 3)
+
+
 def tiny_clip(loss: str = "sigmoid", embed_dim: int = 16, image_size: int = 8, vocab_size: int = 64,
               context_length: int = 6, seed: int = 0) -> nn.Module:
     """A real open_clip CLIP built from a config (no download), small enough for CPU tests."""

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import curate  # noqa: E402
-from tests.conftest import make_pairs, make_samples, tiny_clip  # noqa: E402
+from tests.conftest import linear_models, make_pairs, make_samples, tiny_clip  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -38,11 +38,6 @@ class Recording:
         if not self.seen or self.seen[-1] != list(batch["__key__"]):
             self.seen.append(list(batch["__key__"]))
         return self.scorer(model, batch)
-
-
-def linear_models(seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(seed)
-    return nn.Linear(8, 3), nn.Linear(8, 3)
 
 
 # the global-selection cases: (name, data, models, scorer, options); the test rebuilds the same

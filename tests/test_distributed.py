@@ -27,8 +27,8 @@ from curate.distributed import RankSplit, Shards, local_sizes, resolve_world
 from curate.recipe import RecipeError, parse_recipe
 from curate.stage import Stage, chain_stats, local_stats
 
-from .conftest import make_samples
-from .dist_worker import GLOBAL_CASES, TRAIN, linear_models
+from .conftest import linear_models, make_samples
+from .dist_worker import GLOBAL_CASES, TRAIN
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"

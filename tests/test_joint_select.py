@@ -2,21 +2,15 @@
 
 import pytest
 import torch
-from torch import nn
 
 import curate
 
-from .conftest import make_samples
-
-
-def _linear_models(seed=0):
-    torch.manual_seed(seed)
-    return nn.Linear(8, 3), nn.Linear(8, 3)
+from .conftest import linear_models, make_samples
 
 
 def test_stats_report_counts_and_quantiles():
     data = make_samples(200)
-    learner, reference = _linear_models()
+    learner, reference = linear_models()
     p = curate.pipeline(data, learner=learner, reference=reference, scorer=curate.ClassificationScorer(),
                         method="topk", batch_size=10, filter_ratio=0.5)
     list(p)
@@ -29,7 +23,7 @@ def test_stats_report_counts_and_quantiles():
 
 def test_short_last_superbatch_keeps_the_same_fraction_or_is_dropped():
     data = make_samples(1000)
-    learner, reference = _linear_models()
+    learner, reference = linear_models()
     kwargs = dict(learner=learner, reference=reference, scorer=curate.ClassificationScorer(), method="topk",
                   batch_size=32, filter_ratio=0.8, shuffle_buffer=0)
     sizes = [len(b["__key__"]) for b in curate.pipeline(data, **kwargs)]

@@ -10,20 +10,14 @@ from torch.utils.data import DataLoader
 
 import curate
 
-from .conftest import check_resume, make_pairs, make_samples, tiny_clip
-
-
-def _linear_models(seed=0):
-    torch.manual_seed(seed)
-    return nn.Linear(8, 3), nn.Linear(8, 3)
-
+from .conftest import check_resume, linear_models, make_pairs, make_samples, tiny_clip
 
 # ---------------------------------------------------------------- RHO-LOSS parity
 
 
 def test_rho_topk_is_exactly_topk_of_reducible_loss():
     data = make_samples(100)
-    learner, reference = _linear_models()
+    learner, reference = linear_models()
     batches = list(curate.pipeline(
         data, learner=learner, reference=reference, scorer=curate.ClassificationScorer(), rule="rho",
         method="topk", batch_size=20, superbatch_size=100, shuffle_buffer=0))
@@ -149,7 +143,7 @@ def test_jest_keeps_far_fewer_mismatched_pairs_than_uniform(loss):
 def test_consumes_a_dataloader_with_two_workers():
     data = make_samples(300)
     loader = DataLoader(data, batch_size=25, num_workers=2)
-    learner, reference = _linear_models()
+    learner, reference = linear_models()
     batches = list(curate.pipeline(loader, learner=learner, reference=reference,
                                    scorer=curate.ClassificationScorer(), method="sample", batch_size=10,
                                    filter_ratio=0.5, shuffle_buffer=64))
@@ -182,7 +176,7 @@ def test_consumes_webdataset_shards(tmp_path):
 
 def test_pipeline_resumes_exactly_classification():
     data = make_samples(700)
-    learner, reference = _linear_models()
+    learner, reference = linear_models()
 
     def build():
         return curate.pipeline(data, learner=learner, reference=reference, scorer=curate.ClassificationScorer(),
@@ -207,7 +201,7 @@ def test_pipeline_resumes_exactly_jest():
 
 
 def _kwargs(**over):
-    learner, reference = _linear_models()
+    learner, reference = linear_models()
     base = dict(learner=learner, reference=reference, scorer=curate.ClassificationScorer(), batch_size=8)
     base.update(over)
     return base
@@ -236,7 +230,7 @@ def test_keep_keys_filters_counts_and_resumes(tmp_path):
     data = make_samples(300)
     keep = [s["__key__"] for s in data if int(s["__key__"][1:]) % 3]  # two thirds of the keys
     curate.write_keys(tmp_path / "keys.parquet", keep)
-    learner, reference = _linear_models()
+    learner, reference = linear_models()
 
     def build():
         return curate.pipeline(data, learner=learner, reference=reference, scorer=curate.ClassificationScorer(),

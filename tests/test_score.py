@@ -10,16 +10,11 @@ from torch import nn
 import curate
 from curate.stage import chain
 
-from .conftest import make_samples
-
-
-def _linear_models(seed=0):
-    torch.manual_seed(seed)
-    return nn.Linear(8, 3), nn.Linear(8, 3)
+from .conftest import linear_models, make_samples
 
 
 def _kwargs(**over):
-    learner, reference = _linear_models()
+    learner, reference = linear_models()
     base = dict(learner=learner, reference=reference, scorer=curate.ClassificationScorer(), batch_size=8)
     base.update(over)
     return base
@@ -27,7 +22,7 @@ def _kwargs(**over):
 
 def test_score_runs_without_grad_and_restores_train_mode():
     data = make_samples(64)
-    learner, reference = _linear_models()
+    learner, reference = linear_models()
     learner.train()
     reference.eval()
     modes = []
@@ -107,7 +102,7 @@ def test_a_scorer_must_say_what_it_reads_and_what_kind_of_scores_it_gives():
 
 
 def test_the_learner_side_is_resolved_once_at_construction():
-    learner, _ = _linear_models()
+    learner, _ = linear_models()
     score = curate.Score(curate.Source([]), learner, scorer=curate.ClassificationScorer(), rule="hard_learner")
     assert isinstance(score.learner, curate.LearnerSide) and score.learner.provider.model is learner
     assert chain(score)[-1] is score
