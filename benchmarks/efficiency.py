@@ -97,7 +97,7 @@ QUICK = {"seeds": 1, "steps": 100, "ref_steps": 100, "n_train": 4000,
 def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str]):
     """The task's recipe for `seed`. One reference and cache per task, shared by every method and seed, under
     `work` in a folder named by a hash of what makes them (data, reference config), so a change retrains."""
-    from curate.recipe import parse_recipe
+    from pipelines.recipe import parse_recipe
 
     text = yaml.safe_dump({"name": f"efficiency-{task}", **TASKS[task]["recipe"]})
     own = [o.split(".", 1)[1] for o in overrides if o.startswith(f"{task}.")]  # "pairs.train.lr=3e-3"
@@ -148,7 +148,7 @@ def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list
     uses_models = options["rule"] != "uniform"
     learner = model
     if actor:  # as pipelines/train.py builds ACL's actor
-        from curate.recipe import ActorConfig
+        from pipelines.recipe import ActorConfig
 
         acfg = ActorConfig.model_validate(TASKS[task]["actor"])
         proxy = tasks.build_model(acfg.model, recipe, seed=tc.seed + 2_000)

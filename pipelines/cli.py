@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from curate.recipe import Recipe, RecipeError, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe
 
 __all__ = ["main", "prepare"]
 

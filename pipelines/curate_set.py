@@ -25,7 +25,8 @@ import polars as pl
 from curate.cache import ScoreCache
 from curate.curation import balance, semantic_dedup, write_keys
 from curate.files import atomic_write, write_json
-from curate.recipe import Recipe
+
+from .recipe import Recipe
 
 __all__ = ["curate_set", "EMBEDDINGS"]
 

@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from curate.cache import ScoreCache, model_hash, write_part
 from curate.files import filesystem, stale_temps, write_json
-from curate.recipe import Recipe
 from curate.scorers import score_model
 
 from . import tasks
+from .recipe import Recipe
 
 __all__ = ["precompute", "precompute_shard", "score_shard", "ShardError", "inspect_cache", "part_path",
            "report_path"]

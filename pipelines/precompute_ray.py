@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import math
 
-from curate.recipe import Recipe
-
 from . import tasks
 from .precompute import fail_message, score_shard
+from .recipe import Recipe
 
 __all__ = ["run_ray"]
 

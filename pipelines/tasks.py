@@ -16,10 +16,10 @@ from torch.utils.data import default_collate
 
 import curate
 from curate.files import atomic_write, write_json
-from curate.recipe import ModelConfig, Recipe
 
 from . import data as digits_data
 from . import models
+from .recipe import ModelConfig, Recipe
 
 __all__ = ["resolve_device", "manifest", "shard_urls", "load_split", "build_model", "scorer_for", "train_loss",
            "evaluate", "in_memory_batches", "MissingDataError",

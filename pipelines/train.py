@@ -31,9 +31,9 @@ import curate
 from curate.distributed import Comm, Shards, local_sizes, resolve_world
 from curate.files import atomic_write, write_json
 from curate.pipeline import superbatch_size_for
-from curate.recipe import Recipe
 
 from . import tasks
+from .recipe import Recipe
 
 __all__ = ["run", "run_one", "plan_runs", "distributed_session", "load_checkpoint"]
 

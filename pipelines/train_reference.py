@@ -6,9 +6,8 @@ import time
 
 import torch
 
-from curate.recipe import Recipe
-
 from . import tasks
+from .recipe import Recipe
 
 __all__ = ["train_reference"]
 

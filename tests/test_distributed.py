@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 import curate
 from curate.distributed import RankSplit, Shards, local_sizes, merge_stats, resolve_world
-from curate.recipe import RecipeError, parse_recipe
+from pipelines.recipe import RecipeError, parse_recipe
 
 from .conftest import make_samples
 from .dist_worker import GLOBAL_CASES, TRAIN, linear_models
