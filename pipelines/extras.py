@@ -45,7 +45,8 @@ def _message(feature: str, modules: list[str]) -> str:
     if "app" in extras and "clip" in extras:  # the app extra installs clip too
         extras.remove("clip")
     packages = ", ".join(EXTRAS[name][1] for name in modules)
-    return f'{feature} needs {packages}, which is not installed: pip install "curate[{",".join(extras)}]"'
+    verb = "is" if len(modules) == 1 else "are"
+    return f'{feature} needs {packages}, which {verb} not installed: pip install "curate[{",".join(extras)}]"'
 
 
 def explain(error: ModuleNotFoundError, feature: str) -> MissingExtraError | None:
