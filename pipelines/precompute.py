@@ -27,7 +27,7 @@ from .extras import needs_extra
 from .recipe import Recipe
 from .score_shard import ShardError, fail_message, part_path, precompute_shard, score_shard
 
-with needs_extra("curate precompute"):
+with needs_extra("pipelines.precompute (curate precompute)"):
     from tqdm import tqdm
 
 __all__ = ["precompute", "precompute_shard", "score_shard", "ShardError", "inspect_cache", "part_path",

@@ -35,7 +35,7 @@ from . import tasks
 from .extras import needs_extra
 from .recipe import Recipe
 
-with needs_extra("curate run"):
+with needs_extra("pipelines.train (curate run)"):
     from tqdm import tqdm
 
 __all__ = ["run", "run_one", "plan_runs", "distributed_session", "load_checkpoint"]
