@@ -60,12 +60,16 @@ def _cache_exists(recipe: Recipe) -> bool:
 
 
 def _recipe(args) -> Recipe:
+    import json
+
     from .recipe import load_recipe
 
     overrides = list(args.set or [])
-    if getattr(args, "compare", None):
-        overrides.append(f"compare={args.compare}")
-    return load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, overrides)
+    baseline = getattr(args, "compare", None)
+    if baseline and baseline not in recipe.compare:  # --compare RULE adds a baseline to the recipe's own list
+        recipe = load_recipe(args.recipe, [*overrides, f"compare={json.dumps([*recipe.compare, baseline])}"])
+    return recipe
 
 
 def _data(args) -> None:
