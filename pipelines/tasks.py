@@ -42,7 +42,9 @@ class Task(Protocol):
     """
 
     name: str
-    models: Mapping[str, Callable[[ModelConfig, int], nn.Module]]
+
+    @property
+    def models(self) -> Mapping[str, Callable[[ModelConfig, int], nn.Module]]: ...
 
     def load(self, urls: str | Sequence[str], *, storage_options: dict | None = None) -> Iterable[dict]:
         """The samples of these shards, decoded, in shard order (re-iterable)."""
