@@ -13,8 +13,8 @@ import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["EXTRAS", "APP_MODULES", "MissingExtraError", "needs_extra", "explain", "missing_modules",
-           "missing_message"]
+__all__ = ["APP_MODULES", "EXTRAS", "MissingExtraError", "explain", "missing_message", "missing_modules",
+           "needs_extra"]
 
 # import name → (the extra that installs it, its name on PyPI)
 EXTRAS: dict[str, tuple[str, str]] = {

@@ -14,7 +14,7 @@ from curate.scorers import score_model
 from . import tasks
 from .recipe import Recipe
 
-__all__ = ["precompute_shard", "score_shard", "ShardError", "part_path", "fail_message", "DROP"]
+__all__ = ["DROP", "ShardError", "fail_message", "part_path", "precompute_shard", "score_shard"]
 
 DROP = ("caption", "noise")  # sample fields default_collate cannot batch and scoring never reads
 

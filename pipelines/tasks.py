@@ -27,9 +27,9 @@ from .recipe import ModelConfig, Recipe
 from .task_digits import DigitsTask
 from .task_pairs import PairsTask, PatchDropoutScorer
 
-__all__ = ["Task", "TASKS", "get_task", "task_of", "resolve_device", "manifest", "shard_urls", "load_split",
-           "build_model", "scorer_for", "in_memory_batches", "save_model", "load_model", "MissingDataError",
-           "PatchDropoutScorer"]
+__all__ = ["MissingDataError", "PatchDropoutScorer", "TASKS", "Task", "build_model", "get_task", "in_memory_batches",
+           "load_model", "load_split", "manifest", "resolve_device", "save_model", "scorer_for", "shard_urls",
+           "task_of"]
 
 
 class Task(Protocol):
