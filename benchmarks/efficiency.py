@@ -14,8 +14,8 @@ ACL (a small actor trained online scores in the learner's place), and a filter-r
 method. The reference is trained on the clean curated split, once per task, and its scores are
 precomputed once into a Parquet `ScoreCache` reused by every method and seed.
 
-Each run is the `curate run` job's loop (pipelines/train.py: same model init, AdamW, loss, pipeline
-call and evaluation) with the samples decoded once into memory and no checkpoints. Figures per run:
+Each run is the `curate run` job's own training loop (`pipelines.train.run_one`: model init, AdamW, loss,
+pipeline call, evaluation) over the samples decoded once into memory, without checkpoints. Figures per run:
 steps and total FLOPs (training + scoring + actor training, from the pipeline's FLOP ledger) to reach
 uniform's best accuracy (same seed) and fixed targets, final accuracy. The offline reference cost
 (training + precompute forward) is reported apart and is not in the totals: it is paid once per dataset.
@@ -94,12 +94,16 @@ QUICK = {"seeds": 1, "steps": 100, "ref_steps": 100, "n_train": 4000,
          "methods": {"pairs": ["uniform", "jest", "acl"], "digits": ["uniform", "rho", "hard_learner"]}}
 
 
-def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str]):
-    """The task's recipe for `seed`. One reference and cache per task, shared by every method and seed, under
-    `work` in a folder named by a hash of what makes them (data, reference config), so a change retrains."""
-    from curate.recipe import parse_recipe
+def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str], *, actor: bool = False):
+    """The task's recipe for `seed` (with the task's ACL actor in `selection.actor` if `actor`). One reference and
+    cache per task, shared by every method and seed, under `work` in a folder named by a hash of what makes them
+    (data, reference config), so a change retrains."""
+    from pipelines.recipe import parse_recipe
 
-    text = yaml.safe_dump({"name": f"efficiency-{task}", **TASKS[task]["recipe"]})
+    recipe = TASKS[task]["recipe"]
+    if actor:
+        recipe = {**recipe, "selection": {**recipe["selection"], "actor": TASKS[task]["actor"]}}
+    text = yaml.safe_dump({"name": f"efficiency-{task}", **recipe})
     own = [o.split(".", 1)[1] for o in overrides if o.startswith(f"{task}.")]  # "pairs.train.lr=3e-3"
     recipe = parse_recipe(text, f"efficiency:{task}", [f"data.root={data}", *own])
     made_of = json.dumps([str(data), recipe.reference.model_dump(), recipe.model.model_dump()], sort_keys=True)
@@ -131,54 +135,31 @@ def prepare(task: str, seed: int, work: Path, data: Path, overrides: list[str]) 
 
 
 def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list[str], samples, test) -> dict:
-    """One training run: the `curate run` loop over in-memory samples; a record at every evaluation."""
+    """One training run: `curate run`'s loop (`run_one`) over in-memory samples; a record at every evaluation."""
     torch.set_num_threads(1)
-    import curate
-    from curate.cache import ScoreCache
-    from pipelines import tasks
+    from pipelines.train import run_one
 
-    recipe = recipe_for(task, seed, work, data, overrides)
-    tc, cfg, device = recipe.train, recipe.model, torch.device("cpu")
-    sel = recipe.selection
-    options = {"filter_ratio": sel.filter_ratio, "n_chunks": sel.n_chunks, "temperature": sel.temperature,
-               **METHODS[task][name]}
+    options = dict(METHODS[task][name])
     actor = options.pop("actor", False)
-    model = tasks.build_model(cfg, recipe, seed=tc.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    uses_models = options["rule"] != "uniform"
-    learner = model
-    if actor:  # as pipelines/train.py builds ACL's actor
-        from curate.recipe import ActorConfig
-
-        acfg = ActorConfig.model_validate(TASKS[task]["actor"])
-        proxy = tasks.build_model(acfg.model, recipe, seed=tc.seed + 2_000)
-        learner = curate.Actor(proxy, torch.optim.AdamW(proxy.parameters(), lr=acfg.lr),
-                               loss_fn=tasks.actor_loss(acfg.model))
-    batches = curate.pipeline(
-        samples, learner=learner if uses_models else None,
-        reference=ScoreCache.open(recipe.cache.path) if uses_models else None,
-        scorer=tasks.scorer_for(recipe), train_model=model, batch_size=tc.batch_size,
-        shuffle_buffer=recipe.selection.shuffle_buffer, seed=tc.seed, **options)
-    history, step, noisy, seen, start = [], 0, 0, 0, time.perf_counter()
-    it = iter(batches)
-    model.train()
-    while step < tc.steps:
-        try:
-            batch = next(it)
-        except StopIteration:  # next epoch
-            it = iter(batches)
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        tasks.train_loss(model, batch, cfg, device).backward()
-        optimizer.step()
-        step, noisy, seen = step + 1, noisy + int(batch["is_noisy"].sum()), seen + len(batch["is_noisy"])
-        if step % tc.eval_every == 0 or step == tc.steps:
-            stats = batches.stats()
-            online = stats["training_flops"] + stats["scoring_flops"] + stats["actor_training_flops"]
-            history.append({"step": step, **tasks.evaluate(model, test, cfg, device), "flops": online,
-                            "training_flops": stats["training_flops"], "noisy_kept": noisy / seen,
-                            "seconds": time.perf_counter() - start})
-    stats = batches.stats()
+    recipe = recipe_for(task, seed, work, data, overrides, actor=actor)
+    sel = recipe.selection
+    options = {"filter_ratio": sel.filter_ratio, "n_chunks": sel.n_chunks, "temperature": sel.temperature, **options}
+    records = run_one(recipe, name, options, progress=False, test=test, source=samples, checkpoint=False)
+    history, noisy, trained = [], 0, 0
+    for record in records:
+        stats = record["pipeline"]
+        # run_one reports the noisy share of each evaluation interval; this benchmark reports it over the run so
+        # far. The pipeline's `kept` counts every sample handed to training (batches at an epoch's end can be
+        # short), so the interval's noisy count is its share times its kept samples.
+        interval, trained = stats["kept"] - trained, stats["kept"]
+        noisy += round(record["noisy_kept"] * interval)
+        metrics = {k: v for k, v in record.items() if k not in ("run", "step", "train_loss", "noisy_kept", "seconds",
+                                                                 "pipeline")}  # the task's evaluation
+        history.append({"step": record["step"], **metrics,
+                        "flops": stats["training_flops"] + stats["scoring_flops"] + stats["actor_training_flops"],
+                        "training_flops": stats["training_flops"], "noisy_kept": noisy / trained,
+                        "seconds": record["seconds"]})
+    stats = records[-1]["pipeline"]  # the last evaluation is at the last step
     return {"task": task, "method": name, "seed": seed, "options": {**options, "actor": actor},
             "history": history, "score_seconds": stats["score_seconds"],
             "flops_per_sample": stats["flops_per_sample"], "flops_overhead": stats["flops_overhead"]}

@@ -265,7 +265,8 @@ def _faiss():
     try:
         import faiss
     except ImportError as e:
-        raise ImportError("curate.curation needs faiss: pip install faiss-cpu (or faiss-gpu-cu12 for GPU)") from e
+        raise ImportError('curate.curation needs faiss: pip install "curate[curation]" (that is pip install '
+                          "faiss-cpu; on a GPU machine install faiss-gpu-cu12 instead)") from e
     return faiss
 
 

@@ -6,6 +6,10 @@
     curate curate-set RECIPE            reference embeddings → dedup → balance → curated key list
     curate run RECIPE [--compare uniform] [--resume] [--set key=value ...]
     curate inspect CACHE                summarise a score cache, histogram PNG
+
+Only the standard library is imported here: arguments are parsed (and `--help` answered) before torch, the
+recipe schema or any job module is imported (torch alone takes ~2 s and ~700 MB), so each command imports
+its job inside its function.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from curate.recipe import Recipe, RecipeError, load_recipe
+from . import extras
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 __all__ = ["main", "prepare"]
 
@@ -52,10 +60,16 @@ def _cache_exists(recipe: Recipe) -> bool:
 
 
 def _recipe(args) -> Recipe:
+    import json
+
+    from .recipe import load_recipe
+
     overrides = list(args.set or [])
-    if getattr(args, "compare", None):
-        overrides.append(f"compare={args.compare}")
-    return load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, overrides)
+    baseline = getattr(args, "compare", None)
+    if baseline and baseline not in recipe.compare:  # --compare RULE adds a baseline to the recipe's own list
+        recipe = load_recipe(args.recipe, [*overrides, f"compare={json.dumps([*recipe.compare, baseline])}"])
+    return recipe
 
 
 def _data(args) -> None:
@@ -157,9 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_inspect)
 
     args = parser.parse_args(argv)
+    # every command runs jobs of pipelines/, which need the app extra: say so before any work starts
+    missing = extras.missing_message(f"curate {args.command}")
+    if missing:
+        print(f"curate {args.command}: error: {missing}", file=sys.stderr)
+        return 2
     try:
         args.fn(args)
-    except (RecipeError, FileNotFoundError, ValueError, RuntimeError, ImportError) as error:
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as error:  # RecipeError is a ValueError
+        if isinstance(error, ModuleNotFoundError):  # an extra the command needs beyond the app's (faiss, s3fs, ray)
+            error = extras.explain(error, f"curate {args.command}") or error
         print(f"curate {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -25,7 +25,9 @@ import polars as pl
 from curate.cache import ScoreCache
 from curate.curation import balance, semantic_dedup, write_keys
 from curate.files import atomic_write, write_json
-from curate.recipe import Recipe
+
+from .extras import needs_extra
+from .recipe import Recipe
 
 __all__ = ["curate_set", "EMBEDDINGS"]
 
@@ -115,7 +117,8 @@ def _quantiles(sizes: np.ndarray) -> dict:
 
 
 def _histogram(sizes: dict[str, np.ndarray], path: Path, title: str) -> None:
-    import matplotlib
+    with needs_extra("curate curate-set's histogram"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from curate.files import atomic_write, write_json
 from curate.seeding import make_generator
 
+from .extras import needs_extra
+
 __all__ = [
     "make_digits", "load_pairs", "load_digits", "shard_urls", "tokenize", "class_prompts", "augment",
     "DIGIT_NAMES", "CAPTION_TEMPLATES", "JUNK_TEXTS", "DEFAULT_NOISE_MIX", "SPLITS", "ZERO_SHOT_TEMPLATE",
@@ -230,6 +232,9 @@ def make_digits(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 20_
         image_size: side of the square uint8 images (≥ 8; 16 by default: see the module docstring).
         shard_size: samples per tar shard.
     """
+    with needs_extra("make_digits"):  # both, before any work: the shards are written after all rows are made
+        import sklearn.datasets  # noqa: F401
+        import webdataset  # noqa: F401
     mix = dict(DEFAULT_NOISE_MIX if noise_mix is None else noise_mix)
     for name, rate in {"pair_noise": pair_noise, "label_noise": label_noise}.items():
         if not 0.0 <= rate < 1.0:
@@ -285,10 +290,8 @@ def shard_urls(root: str | os.PathLike, dataset: str, split: str, *, storage_opt
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(context_length: int):
-    try:
+    with needs_extra("tokenizing captions"):
         from open_clip.tokenizer import SimpleTokenizer  # its BPE vocabulary ships inside the wheel
-    except ImportError as error:
-        raise ImportError("tokenizing captions needs open_clip: pip install open_clip_torch") from error
     return SimpleTokenizer(context_length=context_length)
 
 
@@ -309,7 +312,8 @@ def class_prompts(template: str = ZERO_SHOT_TEMPLATE, *, context_length: int = C
 
 
 def _expand(urls: str | os.PathLike | Sequence[str]) -> list[str]:
-    from webdataset.shardlists import expand_urls
+    with needs_extra("loading shards"):
+        from webdataset.shardlists import expand_urls
 
     parts = [urls] if isinstance(urls, str | os.PathLike) else list(urls)
     expanded = [url for part in parts for url in expand_urls(str(part))]
@@ -432,7 +436,8 @@ def _decode_digit(sample: dict, *, channels: int) -> dict:
 
 
 def _pipeline(urls, decode, storage_options: dict | None):
-    import webdataset as wds
+    with needs_extra("loading shards"):
+        import webdataset as wds
 
     return wds.DataPipeline(wds.SimpleShardList(_expand(urls)),
                             functools.partial(_read_shards, storage_options=storage_options or {}), wds.map(decode))

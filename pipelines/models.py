@@ -8,14 +8,17 @@ downloaded: weights are randomly initialised from the seed in force (`torch.manu
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from curate.cache import model_hash  # re-exported: the one provenance hash, shared with the score cache
 
-__all__ = ["tiny_clip", "HashedEmbedding", "small_cnn", "mlp", "model_hash", "zero_shot_accuracy"]
+from .extras import needs_extra
+
+__all__ = ["tiny_clip", "HashedEmbedding", "small_cnn", "mlp", "model_hash", "zero_shot_accuracy", "eval_mode"]
 
 TOKENIZER_VOCAB = 49408  # open_clip's CLIP BPE tokenizer
 
@@ -44,10 +47,8 @@ def tiny_clip(loss: str = "sigmoid", *, embed_dim: int = 64, image_size: int = 1
     are hashed into `vocab_size` rows (`HashedEmbedding`). Defaults: 16×16 images in 4×4 patches
     (17 tokens), 2 layers of width 64, ~0.4M parameters.
     """
-    try:
+    with needs_extra("tiny_clip"):
         from open_clip.model import CLIP
-    except ImportError as error:
-        raise ImportError("tiny_clip needs open_clip: pip install open_clip_torch") from error
 
     if loss not in ("sigmoid", "softmax"):
         raise ValueError(f"tiny_clip: loss must be 'sigmoid' or 'softmax', got {loss=}")
@@ -101,9 +102,7 @@ def zero_shot_accuracy(model: nn.Module, batches: Iterable[dict], *, prompts: to
     """
     from .data import class_prompts
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         prompts = class_prompts(context_length=model.context_length) if prompts is None else prompts
         prompts = prompts.to(next(model.parameters()).device)
         classes = model.encode_text(prompts, normalize=True)
@@ -113,8 +112,17 @@ def zero_shot_accuracy(model: nn.Module, batches: Iterable[dict], *, prompts: to
             image = model.encode_image(batch[image_key].to(device), normalize=True)
             correct += int(((image @ classes.T).argmax(1) == torch.as_tensor(batch[label_key], device=device)).sum())
             total += len(image)
-    finally:
-        model.train(was_training)
     if total == 0:
         raise ValueError("zero_shot_accuracy: no batches; pass a non-empty iterable of collated batches")
     return correct / total
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block, then back in the mode it was in (evaluation happens mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -19,96 +19,25 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from curate.cache import ScoreCache, model_hash, write_part
+from curate.cache import ScoreCache
 from curate.files import filesystem, stale_temps, write_json
-from curate.recipe import Recipe
-from curate.scorers import score_model
 
 from . import tasks
+from .extras import needs_extra
+from .recipe import Recipe
+from .score_shard import ShardError, fail_message, part_path, precompute_shard, score_shard
+
+with needs_extra("pipelines.precompute (curate precompute)"):
+    from tqdm import tqdm
 
 __all__ = ["precompute", "precompute_shard", "score_shard", "ShardError", "inspect_cache", "part_path",
-           "report_path"]
-
-DROP = ("caption", "noise")  # sample fields default_collate cannot batch and scoring never reads
-
-
-class ShardError(RuntimeError):
-    """A shard that could not be scored whole: `keys` are the samples read from it before the failure."""
-
-    def __init__(self, url: str, keys: list[str], cause: str):
-        super().__init__(f"shard {url} failed after {len(keys)} samples ({cause})")
-        self.url, self.keys, self.cause = url, keys, cause
-
-
-def part_path(recipe: Recipe, index: int) -> str:
-    return f"{recipe.cache.path.rstrip('/')}/part-{index:05d}.parquet"
+           "report_path", "fail_message"]
 
 
 def report_path(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Path:
     """Where a rank's summary goes: one file per rank, so concurrent ranks never overwrite each other."""
     name = "precompute_report.json" if world_size == 1 else f"precompute_report-{rank:05d}-of-{world_size:05d}.json"
     return recipe.out / name
-
-
-def precompute_shard(recipe: Recipe, index: int, url: str, model: torch.nn.Module, *,
-                     expected: int | None = None) -> int:
-    """Score one shard with the reference in batches of `cache.batch_size` and write its part; returns the
-    number of rows. Raises `ShardError` when the shard cannot be read and scored whole (`expected`: the
-    sample count the manifest lists for it); write errors (storage) propagate as they are."""
-    from torch.utils.data import default_collate
-
-    from . import data
-
-    scorer = tasks.scorer_for(recipe, recipe.reference_model)
-    load = data.load_pairs if recipe.data.dataset == "pairs" else data.load_digits
-    keys: list[str] = []  # every key read, scored or still in `chunk`: what a failure reports
-    losses, images, texts, chunk = [], [], [], []
-    try:
-        samples = iter(load([url], storage_options=recipe.data.storage_options))
-        while True:
-            sample = next(samples, None)
-            if sample is not None:
-                keys.append(sample["__key__"])
-                chunk.append({k: v for k, v in sample.items() if k not in DROP})
-            if chunk and (sample is None or len(chunk) == recipe.cache.batch_size):
-                scores = score_model(model, default_collate(chunk), scorer, recipe.cache.batch_size).to("cpu")
-                if scores.contrastive:
-                    images.append(scores.image_emb)
-                    texts.append(scores.text_emb)
-                else:
-                    losses.append(scores.loss)
-                chunk = []
-            if sample is None:
-                break
-    except Exception as error:  # anything a damaged shard can raise: tar, decode, collate, forward
-        raise ShardError(url, keys, f"{type(error).__name__}: {error}") from error
-    if expected is not None and len(keys) != expected:
-        raise ShardError(url, keys, f"read {len(keys)} samples, the manifest lists {expected}")
-    if not keys:
-        raise ShardError(url, keys, "no samples")
-    metadata = {"reference_hash": model_hash(model), "scorer": repr(scorer), "recipe": recipe.name,
-                "dataset": f"{recipe.data.root}/{recipe.data.dataset}/train", "shard": url}
-    if images:
-        bias = getattr(model, "logit_bias", None)
-        write_part(part_path(recipe, index), keys, image_emb=torch.cat(images), text_emb=torch.cat(texts),
-                   logit_scale=model.logit_scale.item(), logit_bias=None if bias is None else bias.item(),
-                   metadata=metadata, storage_options=recipe.data.storage_options)
-    else:
-        write_part(part_path(recipe, index), keys, ref_loss=torch.cat(losses), metadata=metadata,
-                   storage_options=recipe.data.storage_options)
-    return len(keys)
-
-
-def score_shard(recipe: Recipe, model: torch.nn.Module, index: int, url: str, expected: int | None) -> dict:
-    """`precompute_shard` as the record both backends collect: {index, url, rows, error, keys_read}."""
-    try:
-        rows, error, keys = precompute_shard(recipe, index, url, model, expected=expected), "", []
-    except ShardError as failure:
-        rows, error, keys = 0, failure.cause, failure.keys
-    return {"index": index, "url": url, "rows": rows, "error": error, "keys_read": keys}
 
 
 def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: str = "local",
@@ -185,12 +114,6 @@ def _run_local(recipe: Recipe, todo: list[tuple[int, str, int]], on_error: str, 
     return records
 
 
-def fail_message(record: dict) -> str:
-    return (f"precompute: shard {record['url']} cannot be read whole ({record['error']}; "
-            f"{len(record['keys_read'])} samples read before it); fix or regenerate it, or rerun with "
-            "--on-error skip to record it in the report and score the other shards")
-
-
 def _remove_stale_temps(recipe: Recipe, indices: list[int], log) -> None:
     """Temp files a killed run left for the parts still to do. Only this rank's own parts: another rank
     may be writing its temp files right now."""
@@ -203,7 +126,8 @@ def _remove_stale_temps(recipe: Recipe, indices: list[int], log) -> None:
 
 def inspect_cache(path: str, *, png: Path | None = None, storage_options: dict | None = None, log=print) -> dict:
     """Print `describe()` and write a histogram of the reference scores (losses, or positive-pair cosine)."""
-    import matplotlib
+    with needs_extra("curate inspect"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 
-from curate.recipe import Recipe
-
 from . import tasks
-from .precompute import fail_message, score_shard
+from .extras import needs_extra
+from .recipe import Recipe
+from .score_shard import fail_message, score_shard
 
 __all__ = ["run_ray"]
 
@@ -77,7 +77,8 @@ def run_ray(recipe: Recipe, todo: list[tuple[int, str, int]], *, on_error: str =
         raise ValueError(f"precompute: cpus_per_actor must be > 0, got {cpus_per_actor=}")
     if actors is not None and actors < 1:
         raise ValueError(f"precompute: actors must be >= 1, got {actors=}")
-    from safetensors.torch import save
+    with needs_extra("precompute (ray)"):
+        from safetensors.torch import save
 
     from curate.cache import model_hash
 

@@ -1,29 +1,85 @@
-"""What a recipe's task needs, in one place: data, models, the training loss, scorer and evaluation.
+"""What a recipe's task needs, in one place: data, models, the scorer, the training loss and evaluation.
 
-Two tasks on the embedded digits data: "pairs" (image-text, a tiny CLIP/SigLIP: the JEST family) and
-"digits" (noisy-label classification, a small CNN/MLP: the RHO-LOSS family).
+A task is an object in one registry, `TASKS`, named by the recipe's `data.dataset`; jobs look their task
+up once (`task_of(recipe)`) and ask it, instead of switching on the name. Two tasks on the embedded digits
+data: "pairs" (image-text, a tiny CLIP/SigLIP: the JEST family, `pipelines.task_pairs`) and "digits"
+(noisy-label classification, a small CNN/MLP: the RHO-LOSS family, `pipelines.task_digits`). A new task is
+a class with the `Task` methods and an entry in `TASKS` (and in the recipe's `data.dataset` choices).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
-import curate
 from curate.files import atomic_write, write_json
-from curate.recipe import ModelConfig, Recipe
 
 from . import data as digits_data
 from . import models
+from .extras import needs_extra
+from .recipe import ModelConfig, Recipe
+from .task_digits import DigitsTask
+from .task_pairs import PairsTask, PatchDropoutScorer
 
-__all__ = ["resolve_device", "manifest", "shard_urls", "load_split", "build_model", "scorer_for", "train_loss",
-           "evaluate", "in_memory_batches", "MissingDataError",
-           "PatchDropoutScorer", "actor_loss"]
+__all__ = ["MissingDataError", "PatchDropoutScorer", "TASKS", "Task", "build_model", "get_task", "in_memory_batches",
+           "load_model", "load_split", "manifest", "resolve_device", "save_model", "scorer_for", "shard_urls",
+           "task_of"]
+
+
+class Task(Protocol):
+    """What the jobs ask of a task. `cfg` is a recipe's `ModelConfig` (the learner's, the reference's or the
+    actor's), always of one of the task's `models`.
+
+    Attributes:
+        name: the `data.dataset` value, also the dataset's folder in the data's manifest.
+        models: `model.kind` → builder(cfg, image_size) of a fresh model (initialised from torch's global RNG).
+    """
+
+    name: str
+
+    @property
+    def models(self) -> Mapping[str, Callable[[ModelConfig, int], nn.Module]]: ...
+
+    def load(self, urls: str | Sequence[str], *, storage_options: dict | None = None) -> Iterable[dict]:
+        """The samples of these shards, decoded, in shard order (re-iterable)."""
+        ...
+
+    def scorer(self, cfg: ModelConfig, *, patch_dropout: float = 0.0, seed: int = 0):
+        """The curate scorer for a model of `cfg` (`patch_dropout`: Flexi-JEST's cheaper pass, if it has one)."""
+        ...
+
+    def train_loss(self, model: nn.Module, batch: dict, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+        """The batch loss the model trains on."""
+        ...
+
+    def actor_loss(self, cfg: ModelConfig) -> Callable[[nn.Module, dict], torch.Tensor]:
+        """Per-example training losses, with grad, for an ACL actor of `cfg`."""
+        ...
+
+    def evaluate(self, model: nn.Module, batches: list[dict], cfg: ModelConfig, device: torch.device) -> dict:
+        """Test metrics ("accuracy" always) over collated batches; leaves the model in the mode it found it in."""
+        ...
+
+
+TASKS: dict[str, Task] = {"pairs": PairsTask(), "digits": DigitsTask()}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"data.dataset: unknown task {name!r}; the tasks are {sorted(TASKS)}") from None
+
+
+def task_of(recipe: Recipe) -> Task:
+    """The recipe's task (its `data.dataset`)."""
+    return get_task(recipe.data.dataset)
 
 
 class MissingDataError(FileNotFoundError):
@@ -61,92 +117,24 @@ def shard_urls(recipe: Recipe, split: str) -> list[str]:
 
 def load_split(recipe: Recipe, split: str):
     """The samples of one split as a re-iterable webdataset pipeline."""
-    urls = shard_urls(recipe, split)
-    if recipe.data.dataset == "pairs":
-        return digits_data.load_pairs(urls, storage_options=recipe.data.storage_options)
-    return digits_data.load_digits(urls, storage_options=recipe.data.storage_options)
+    return task_of(recipe).load(shard_urls(recipe, split), storage_options=recipe.data.storage_options)
 
 
 def build_model(cfg: ModelConfig, recipe: Recipe, seed: int) -> nn.Module:
     """A fresh model of `cfg`, initialised from `seed` (the same seed gives the same weights)."""
     image_size = manifest(recipe)["image_size"]
+    task = task_of(recipe)
+    if cfg.kind not in task.models:
+        owners = [name for name, other in TASKS.items() if cfg.kind in other.models]
+        raise ValueError(f"model.kind: {cfg.kind} is a model of data.dataset: {' or '.join(owners)}, not "
+                         f"{task.name}; the models of {task.name} are {list(task.models)}")
     torch.manual_seed(seed)
-    if cfg.kind == "tiny_clip":
-        if recipe.data.dataset != "pairs":
-            raise ValueError("model.kind: tiny_clip needs data.dataset: pairs; use small_cnn or mlp for digits")
-        return models.tiny_clip(cfg.loss, image_size=image_size, **cfg.options)
-    if recipe.data.dataset != "digits":
-        raise ValueError(f"model.kind: {cfg.kind} is a classifier; it needs data.dataset: digits")
-    builder = models.small_cnn if cfg.kind == "small_cnn" else models.mlp
-    return builder(10, image_size=image_size, **cfg.options)
+    return task.models[cfg.kind](cfg, image_size)
 
 
 def scorer_for(recipe: Recipe, cfg: ModelConfig | None = None, *, patch_dropout: float = 0.0):
-    cfg = cfg or recipe.model
-    if recipe.data.dataset == "pairs":
-        if patch_dropout:
-            return PatchDropoutScorer(patch_dropout, seed=recipe.train.seed, loss=cfg.loss)
-        return curate.ContrastiveScorer(image_key="image", text_key="text", loss=cfg.loss)
-    return curate.ClassificationScorer(input_key="image", target_key="target")
-
-
-class PatchDropoutScorer(curate.ContrastiveScorer):
-    """Flexi-JEST's cheaper scoring pass: the image tower sees a random `prob` share of its patches dropped.
-
-    open_clip's PatchDropout only acts in train mode, and scoring runs in eval mode, so it is switched on
-    for the scoring forward alone. The patches dropped are seeded by (seed, the batch's first key), so a
-    resumed run drops the same ones. The FLOP ledger measures the cheaper forward.
-    """
-
-    def __init__(self, prob: float, seed: int = 0, **kwargs):
-        super().__init__(image_key="image", text_key="text", **kwargs)
-        self.prob, self.seed = prob, seed
-        self.full = curate.ContrastiveScorer(image_key="image", text_key="text", **kwargs)  # for training FLOPs
-
-    def __call__(self, model: nn.Module, batch: dict):
-        from open_clip.transformer import PatchDropout
-
-        visual = model.visual
-        original = visual.patch_dropout
-        visual.patch_dropout = PatchDropout(self.prob).train()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(curate.derive_seed(self.seed, "patch_dropout", batch["__key__"][0]))
-                return super().__call__(model, batch)
-        finally:
-            visual.patch_dropout = original
-
-    def __repr__(self) -> str:
-        return f"PatchDropoutScorer(prob={self.prob}, loss={self.loss!r})"
-
-
-def actor_loss(cfg: ModelConfig):
-    """Per-example training losses with grad for an ACL actor (logit scale and bias trained too)."""
-    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
-        if cfg.kind != "tiny_clip":
-            return F.cross_entropy(model(batch["image"]), batch["target"], reduction="none")
-        from curate.losses import sigmoid_example_losses, softmax_example_losses
-
-        device = next(model.parameters()).device
-        image = model.encode_image(batch["image"].to(device), normalize=True)
-        text = model.encode_text(batch["text"].to(device), normalize=True)
-        if cfg.loss == "sigmoid":
-            return sigmoid_example_losses(image, text, model.logit_scale.exp(), model.logit_bias)
-        return softmax_example_losses(image, text, model.logit_scale.exp())
-    return loss
-
-
-def train_loss(model: nn.Module, batch: dict, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
-    """The batch loss the model trains on: SigLIP / CLIP (open_clip's own losses) or cross-entropy."""
-    if cfg.kind == "tiny_clip":
-        from open_clip.loss import ClipLoss, SigLipLoss
-
-        image = model.encode_image(batch["image"].to(device), normalize=True)
-        text = model.encode_text(batch["text"].to(device), normalize=True)
-        if cfg.loss == "sigmoid":
-            return SigLipLoss()(image, text, model.logit_scale.exp(), model.logit_bias)
-        return ClipLoss()(image, text, model.logit_scale.exp())
-    return F.cross_entropy(model(batch["image"].to(device)), batch["target"].to(device))
+    """The task's scorer for `cfg` (default: the learner's model), seeded by train.seed where it draws."""
+    return task_of(recipe).scorer(cfg or recipe.model, patch_dropout=patch_dropout, seed=recipe.train.seed)
 
 
 def in_memory_batches(samples, batch_size: int = 512) -> list[dict]:
@@ -162,28 +150,10 @@ def in_memory_batches(samples, batch_size: int = 512) -> list[dict]:
     return out
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict], cfg: ModelConfig, device: torch.device) -> dict:
-    """Pairs: zero-shot accuracy (10 class prompts) and image→text R@1 (the top caption is of the same
-    digit; captions repeat across images, so the exact caption is not asked for). Digits: accuracy."""
-    was_training = model.training
-    model.eval()
-    try:
-        if cfg.kind != "tiny_clip":
-            correct = sum(int((model(b["image"].to(device)).argmax(1).cpu() == b["label"]).sum()) for b in batches)
-            return {"accuracy": correct / sum(len(b["label"]) for b in batches)}
-        images = torch.cat([model.encode_image(b["image"].to(device), normalize=True) for b in batches])
-        texts = torch.cat([model.encode_text(b["text"].to(device), normalize=True) for b in batches])
-        labels = torch.cat([b["label"] for b in batches]).to(device)
-        r1 = torch.cat([labels[(images[i:i + 1024] @ texts.T).argmax(1)] for i in range(0, len(images), 1024)])
-        return {"accuracy": models.zero_shot_accuracy(model, batches), "r1": float((r1 == labels).float().mean())}
-    finally:
-        model.train(was_training)
-
-
 def save_model(model: nn.Module, path: Path, info: dict) -> None:
     """Weights as safetensors plus a JSON of config, hash and evaluation, each written atomically."""
-    from safetensors.torch import save
+    with needs_extra("saving a model"):
+        from safetensors.torch import save
 
     path.mkdir(parents=True, exist_ok=True)
     with atomic_write(path / "model.safetensors") as stream:
@@ -192,7 +162,8 @@ def save_model(model: nn.Module, path: Path, info: dict) -> None:
 
 
 def load_model(path: Path, recipe: Recipe, cfg: ModelConfig) -> tuple[nn.Module, dict]:
-    from safetensors.torch import load_file
+    with needs_extra("loading a model"):
+        from safetensors.torch import load_file
 
     if not (path / "model.safetensors").is_file():
         raise MissingDataError(f"reference: no trained reference at {str(path)!r}; train it with "

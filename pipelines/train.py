@@ -18,22 +18,25 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import curate
 from curate.distributed import Comm, Shards, local_sizes, resolve_world
 from curate.files import atomic_write, write_json
 from curate.pipeline import superbatch_size_for
-from curate.recipe import Recipe
 
 from . import tasks
+from .extras import needs_extra
+from .recipe import Recipe
+
+with needs_extra("pipelines.train (curate run)"):
+    from tqdm import tqdm
 
 __all__ = ["run", "run_one", "plan_runs", "distributed_session", "load_checkpoint"]
 
@@ -120,14 +123,11 @@ def _sizes(recipe: Recipe, options: dict, world_size: int) -> dict:
     return {"batch_size": b} if big_b == b else {"batch_size": b, "superbatch_size": big_b}
 
 
-def _train_source(recipe: Recipe, comm: Comm):
+def _train_source(recipe: Recipe, task: tasks.Task, comm: Comm):
     """This rank's training data: all shards in one process, shard i % N == rank under N ranks."""
     if comm.world_size == 1:
         return tasks.load_split(recipe, "train")
-    from . import data
-
-    load = data.load_pairs if recipe.data.dataset == "pairs" else data.load_digits
-    load = functools.partial(load, storage_options=recipe.data.storage_options)
+    load = functools.partial(task.load, storage_options=recipe.data.storage_options)
     return Shards(tasks.shard_urls(recipe, "train"), load, rank=comm.rank, world_size=comm.world_size)
 
 
@@ -135,21 +135,28 @@ class _TrainLoss(nn.Module):
     """The training loss as a module's forward: DistributedDataParallel only synchronises gradients of a
     backward that follows its own forward (the loss calls encode_image / encode_text, not forward)."""
 
-    def __init__(self, model: nn.Module, cfg, device: torch.device):
+    def __init__(self, task: tasks.Task, model: nn.Module, cfg, device: torch.device):
         super().__init__()
-        self.model, self.cfg, self.device = model, cfg, device
+        self.task, self.model, self.cfg, self.device = task, model, cfg, device
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return tasks.train_loss(self.model, batch, self.cfg, self.device)
+        return self.task.train_loss(self.model, batch, self.cfg, self.device)
 
 
 def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, progress: bool = True,
-            test: list[dict] | None = None, comm: Comm | None = None) -> list[dict]:
+            test: list[dict] | None = None, comm: Comm | None = None, source: Iterable[dict] | None = None,
+            checkpoint: bool = True) -> list[dict]:
     """Train one run; returns its metrics history (one dict per evaluation).
 
     With `comm` of several ranks (`distributed_session`) this rank trains its part; the history is rank 0's.
+    `source`: samples to train on instead of the recipe's train shards (e.g. decoded once into memory and
+    shared by a benchmark's runs). `test`: collated test batches (default: the recipe's test split).
+    `checkpoint=False` writes no checkpoint (the run cannot be resumed); `metrics.jsonl` is still written.
     """
+    if resume and not checkpoint:
+        raise ValueError(f"run_one: run {name!r} with resume=True needs checkpoint=True (nothing else to resume from)")
     comm = comm or Comm(0, 1)
+    task = tasks.task_of(recipe)
     device = tasks.resolve_device(recipe.train.device)
     if comm.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -159,25 +166,27 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         out.mkdir(parents=True, exist_ok=True)
     model = tasks.build_model(cfg, recipe, seed=tc.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    forward = lambda batch: tasks.train_loss(model, batch, cfg, device)  # noqa: E731
+    forward = lambda batch: task.train_loss(model, batch, cfg, device)  # noqa: E731
     if comm.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = None if device.type == "cpu" else [device]
-        forward = DistributedDataParallel(_TrainLoss(model, cfg, device), device_ids=ids)
-    uses_models = options["rule"] != "uniform"
+        forward = DistributedDataParallel(_TrainLoss(task, model, cfg, device), device_ids=ids)
+    rule = curate.get_rule(options["rule"])
+    dropout = recipe.selection.score_patch_dropout if rule.uses_learner else 0.0
     learner = model
-    if uses_models and recipe.selection.actor:  # ACL: a small proxy scores in the learner's place
+    if rule.uses_learner and recipe.selection.actor:  # ACL: a small proxy scores in the learner's place
         actor_cfg = recipe.selection.actor
         proxy = tasks.build_model(actor_cfg.model, recipe, seed=tc.seed + 2_000).to(device)
         learner = curate.Actor(proxy, torch.optim.AdamW(proxy.parameters(), lr=actor_cfg.lr),
-                               loss_fn=tasks.actor_loss(actor_cfg.model))
+                               loss_fn=task.actor_loss(actor_cfg.model))
     batches = curate.pipeline(
-        _train_source(recipe, comm),
-        learner=learner if uses_models else None,
-        reference=_reference(recipe, device) if uses_models else None,
-        scorer=tasks.scorer_for(recipe, patch_dropout=recipe.selection.score_patch_dropout if uses_models else 0),
+        _train_source(recipe, task, comm) if source is None else source,
+        learner=learner if rule.uses_learner else None,
+        reference=_reference(recipe, device) if rule.uses_reference else None,
+        scorer=tasks.scorer_for(recipe, patch_dropout=dropout),
         train_model=model,
+        train_scorer=tasks.scorer_for(recipe) if dropout else None,  # Flexi-JEST trains on the full forward
         keep_keys=_curated_keys(recipe),
         shuffle_buffer=recipe.selection.shuffle_buffer,
         seed=tc.seed,
@@ -190,13 +199,13 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
     if comm.rank == 0 and test is None:
         test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
     step, history, noisy, seen, seconds = 0, [], 0, 0, 0.0
-    checkpoint = out / "checkpoint.pt"
-    state = load_checkpoint(checkpoint) if resume and comm.rank == 0 and checkpoint.is_file() else None
+    checkpoint_path = out / "checkpoint.pt"
+    state = load_checkpoint(checkpoint_path) if resume and comm.rank == 0 and checkpoint_path.is_file() else None
     state = comm.broadcast_object(state)  # rank 0 reads: other nodes need not share its file system
     if state is not None:
         if state.get("world_size", 1) != comm.world_size:
-            raise ValueError(f"--resume: {checkpoint} was written by {state.get('world_size', 1)} processes, this run "
-                             f"has {comm.world_size}; resume with the same number of processes")
+            raise ValueError(f"--resume: {checkpoint_path} was written by {state.get('world_size', 1)} processes, "
+                             f"this run has {comm.world_size}; resume with the same number of processes")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["pipelines"][comm.rank] if "pipelines" in state else state["pipeline"])
@@ -224,17 +233,19 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         seen += len(batch["is_noisy"])
         bar.update(1)
         if step % tc.eval_every == 0 or step == tc.steps:
-            record = _record(name, step, loss.item(), noisy, seen, batches, model, test, cfg, device, comm, start)
+            record = _record(name, step, loss.item(), noisy, seen, batches, task, model, test, cfg, device, comm,
+                             start)
             record = comm.broadcast_object(record)  # every rank keeps rank 0's history
             history.append(record)
             noisy = seen = 0
             bar.set_postfix(acc=f"{record['accuracy']:.3f}")
-            states = comm.gather_object(batches.state_dict())  # every rank's, to resume each exactly
+            states = comm.gather_object(batches.state_dict()) if checkpoint else None  # every rank's, to resume each
             if comm.rank == 0:
-                _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "pipeline": states[0], "pipelines": states, "world_size": comm.world_size,
-                              "step": step, "history": history, "noisy": noisy, "seen": seen,
-                              "seconds": record["seconds"]}, checkpoint)
+                if checkpoint:
+                    _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "pipeline": states[0], "pipelines": states, "world_size": comm.world_size,
+                                  "step": step, "history": history, "noisy": noisy, "seen": seen,
+                                  "seconds": record["seconds"]}, checkpoint_path)
                 _write_jsonl(out / "metrics.jsonl", history)
     bar.close()
     return history
@@ -255,8 +266,8 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _record(name: str, step: int, loss: float, noisy: int, seen: int, batches, model, test, cfg, device,
-            comm: Comm, start: float) -> dict | None:
+def _record(name: str, step: int, loss: float, noisy: int, seen: int, batches, task: tasks.Task, model, test, cfg,
+            device, comm: Comm, start: float) -> dict | None:
     """One evaluation's metrics (rank 0; None elsewhere): train loss averaged and noise counted over the ranks,
     the pipeline's stats totalled over them (a collective: every rank calls this)."""
     parts = comm.gather_object((loss, noisy, seen))
@@ -264,7 +275,7 @@ def _record(name: str, step: int, loss: float, noisy: int, seen: int, batches, m
     if comm.rank != 0:
         return None
     return {"run": name, "step": step, "train_loss": sum(p[0] for p in parts) / len(parts),
-            **tasks.evaluate(model, test, cfg, device),
+            **task.evaluate(model, test, cfg, device),
             "noisy_kept": sum(p[1] for p in parts) / sum(p[2] for p in parts),
             "seconds": time.perf_counter() - start, "pipeline": stats}
 
@@ -355,7 +366,8 @@ def format_summary(summary: dict) -> str:
 
 
 def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
-    import matplotlib
+    with needs_extra("the learning-curve plot"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,9 +6,8 @@ import time
 
 import torch
 
-from curate.recipe import Recipe
-
 from . import tasks
+from .recipe import Recipe
 
 __all__ = ["train_reference"]
 
@@ -16,6 +15,7 @@ __all__ = ["train_reference"]
 def train_reference(recipe: Recipe, *, log=print) -> dict:
     """Train the reference (the recipe's `reference.model`, default the learner's architecture) on the
     curated split, evaluate it on the test split, and save it to `recipe.reference_path`."""
+    task = tasks.task_of(recipe)
     device = tasks.resolve_device(recipe.train.device)
     cfg, rc = recipe.reference_model, recipe.reference
     model = tasks.build_model(cfg, recipe, seed=recipe.train.seed + 1_000).to(device)
@@ -33,11 +33,11 @@ def train_reference(recipe: Recipe, *, log=print) -> dict:
         idx, order = order[:rc.batch_size], order[rc.batch_size:]
         batch = {k: v[idx] for k, v in pool.items() if isinstance(v, torch.Tensor)}
         optimizer.zero_grad(set_to_none=True)
-        loss = tasks.train_loss(model, batch, cfg, device)
+        loss = task.train_loss(model, batch, cfg, device)
         loss.backward()
         optimizer.step()
     seconds = time.perf_counter() - start
-    metrics = tasks.evaluate(model, test, cfg, device)
+    metrics = task.evaluate(model, test, cfg, device)
     info = {"recipe": recipe.name, "model": cfg.model_dump(), "steps": rc.steps, "train_seconds": round(seconds, 2),
             "final_loss": loss.item(), "test": metrics}
     tasks.save_model(model, recipe.reference_path, info)

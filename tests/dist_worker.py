@@ -125,8 +125,8 @@ def _error(fn) -> str | None:
 
 
 def scenario_bad(out: dict, digits: str, one_shard: str) -> None:
-    from curate.recipe import Recipe
     from pipelines import train
+    from pipelines.recipe import Recipe
 
     rank = dist.get_rank()
     base = {"name": "bad", "data": {"root": digits, "dataset": "digits"}, "model": {"kind": "mlp"},

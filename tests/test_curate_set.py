@@ -11,11 +11,11 @@ import polars as pl
 import curate
 from curate.cache import ScoreCache, write_part
 from curate.curation import read_keys
-from curate.recipe import load_recipe
 from pipelines import data
 from pipelines.cli import main
 from pipelines.curate_set import curate_set
 from pipelines.precompute import precompute
+from pipelines.recipe import load_recipe
 from pipelines.train_reference import train_reference
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 
 import curate
 from curate.distributed import RankSplit, Shards, local_sizes, resolve_world
-from curate.recipe import RecipeError, parse_recipe
 from curate.stage import Stage, chain_stats, local_stats
+from pipelines.recipe import RecipeError, parse_recipe
 
 from .conftest import linear_models, make_samples
 from .dist_worker import GLOBAL_CASES, TRAIN

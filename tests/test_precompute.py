@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import default_collate
 
 from curate.cache import ScoreCache, scan
-from curate.recipe import load_recipe
 from curate.scorers import score_model
 from pipelines import data, tasks
 from pipelines.cli import main
 from pipelines.precompute import part_path, precompute, report_path
+from pipelines.recipe import load_recipe
 from pipelines.train_reference import train_reference
 
 from .conftest import make_bucket

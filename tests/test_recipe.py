@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.recipe import RecipeError, load_recipe, parse_recipe
+from pipelines.recipe import RecipeError, load_recipe, parse_recipe
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
 

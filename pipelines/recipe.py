@@ -1,8 +1,10 @@
 """YAML recipes: typed, validated configuration for the jobs the `curate` CLI runs.
 
-The only place YAML is parsed. Unknown keys and wrong types fail with the YAML path and line
-(`recipe.yaml:12: selection.n_chunks: expected an integer, got 'x'`); malformed YAML with line and
-column. `--set key.path=value` overrides are applied before validation, so they are checked too.
+The application's schema, so it lives beside the jobs, not in the library: `curate` itself needs neither
+pydantic nor pyyaml (they come with the app extra). The only place YAML is parsed. Unknown keys and wrong
+types fail with the YAML path and line (`recipe.yaml:12: selection.n_chunks: expected an integer, got 'x'`);
+malformed YAML with line and column. `--set key.path=value` overrides are applied before validation, so
+they are checked too.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from curate import RULES
 
-from .rules import RULES
+from .extras import needs_extra
+
+with needs_extra("curate recipes (pipelines.recipe)"):
+    import yaml
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_recipe"]
 
@@ -219,7 +224,7 @@ def _describe(err: dict, source: str, root) -> str:
     line = _line_of(root, loc)
     where = f"{source}:{line}: " if line else ""
     if err["type"] == "extra_forbidden":
-        return f"{where}{path}: unknown key (check the spelling; see curate/recipe.py for the valid keys)"
+        return f"{where}{path}: unknown key (check the spelling; see pipelines/recipe.py for the valid keys)"
     expected = {"int_parsing": "expected an integer", "int_type": "expected an integer",
                 "float_parsing": "expected a number", "float_type": "expected a number",
                 "bool_parsing": "expected true or false", "string_type": "expected a string",

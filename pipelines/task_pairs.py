@@ -1,0 +1,102 @@
+"""The "pairs" task: image-text pairs and a tiny CLIP/SigLIP (the JEST family).
+
+Scored by curate's contrastive scorer (embeddings; pairwise losses from them), trained on open_clip's own
+SigLIP / CLIP losses, evaluated by zero-shot accuracy and image→text R@1 on the test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+import curate
+
+from . import data, models
+from .extras import needs_extra
+from .recipe import ModelConfig
+
+__all__ = ["PairsTask", "PatchDropoutScorer"]
+
+
+class PairsTask:
+    """Image-text pairs: `load_pairs` shards, `tiny_clip` models, contrastive scoring and losses."""
+
+    name = "pairs"
+
+    def __init__(self):
+        self.models: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+            "tiny_clip": lambda cfg, image_size: models.tiny_clip(cfg.loss, image_size=image_size, **cfg.options)}
+
+    def load(self, urls: str | Sequence[str], *, storage_options: dict | None = None) -> Iterable[dict]:
+        return data.load_pairs(urls, storage_options=storage_options)
+
+    def scorer(self, cfg: ModelConfig, *, patch_dropout: float = 0.0, seed: int = 0):
+        if patch_dropout:
+            return PatchDropoutScorer(patch_dropout, seed=seed, loss=cfg.loss)
+        return curate.ContrastiveScorer(image_key="image", text_key="text", loss=cfg.loss)
+
+    def train_loss(self, model: nn.Module, batch: dict, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+        """SigLIP or CLIP, as open_clip computes them."""
+        with needs_extra("the pairs task's training loss"):
+            from open_clip.loss import ClipLoss, SigLipLoss
+
+        image = model.encode_image(batch["image"].to(device), normalize=True)
+        text = model.encode_text(batch["text"].to(device), normalize=True)
+        if cfg.loss == "sigmoid":
+            return SigLipLoss()(image, text, model.logit_scale.exp(), model.logit_bias)
+        return ClipLoss()(image, text, model.logit_scale.exp())
+
+    def actor_loss(self, cfg: ModelConfig) -> Callable[[nn.Module, dict], torch.Tensor]:
+        """Per-example losses with grad for an ACL actor (logit scale and bias trained too)."""
+        from curate.losses import sigmoid_example_losses, softmax_example_losses
+
+        def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+            device = next(model.parameters()).device
+            image = model.encode_image(batch["image"].to(device), normalize=True)
+            text = model.encode_text(batch["text"].to(device), normalize=True)
+            if cfg.loss == "sigmoid":
+                return sigmoid_example_losses(image, text, model.logit_scale.exp(), model.logit_bias)
+            return softmax_example_losses(image, text, model.logit_scale.exp())
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[dict], cfg: ModelConfig, device: torch.device) -> dict:
+        """Zero-shot accuracy (10 class prompts) and image→text R@1 (the top caption is of the same digit;
+        captions repeat across images, so the exact caption is not asked for)."""
+        with models.eval_mode(model):
+            images = torch.cat([model.encode_image(b["image"].to(device), normalize=True) for b in batches])
+            texts = torch.cat([model.encode_text(b["text"].to(device), normalize=True) for b in batches])
+            labels = torch.cat([b["label"] for b in batches]).to(device)
+            r1 = torch.cat([labels[(images[i:i + 1024] @ texts.T).argmax(1)] for i in range(0, len(images), 1024)])
+            return {"accuracy": models.zero_shot_accuracy(model, batches), "r1": float((r1 == labels).float().mean())}
+
+
+class PatchDropoutScorer(curate.ContrastiveScorer):
+    """Flexi-JEST's cheaper scoring pass: the image tower sees a random `prob` share of its patches dropped.
+
+    open_clip's PatchDropout only acts in train mode, and scoring runs in eval mode, so it is switched on
+    for the scoring forward alone. The patches dropped are seeded by (seed, the batch's first key), so a
+    resumed run drops the same ones. The FLOP ledger measures the cheaper forward.
+    """
+
+    def __init__(self, prob: float, seed: int = 0, **kwargs):
+        super().__init__(image_key="image", text_key="text", **kwargs)
+        self.prob, self.seed = prob, seed
+
+    def __call__(self, model: nn.Module, batch: dict):
+        from open_clip.transformer import PatchDropout
+
+        visual = model.visual
+        original = visual.patch_dropout
+        visual.patch_dropout = PatchDropout(self.prob).train()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(curate.derive_seed(self.seed, "patch_dropout", batch["__key__"][0]))
+                return super().__call__(model, batch)
+        finally:
+            visual.patch_dropout = original
+
+    def __repr__(self) -> str:
+        return f"PatchDropoutScorer(prob={self.prob}, loss={self.loss!r})"

@@ -1,0 +1,53 @@
+"""pipelines.train.run_one: the training loop `curate run` and the efficiency benchmark share."""
+
+import pytest
+
+from pipelines import tasks
+from pipelines.data import make_digits
+from pipelines.recipe import parse_recipe
+from pipelines.train import plan_runs, run_one
+from pipelines.train_reference import train_reference
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    make_digits(root / "data", n_train=600, n_curated=200, n_test=100, shard_size=200)
+    text = f"""name: t
+data: {{root: {root / "data"}, dataset: digits}}
+model: {{kind: mlp}}
+reference: {{steps: 20, batch_size: 32}}
+selection: {{rule: learnability, method: topk, filter_ratio: 0.75, shuffle_buffer: 64}}
+train: {{steps: 12, eval_every: 4, batch_size: 8, out: {root / "runs"}}}
+"""
+    recipe = parse_recipe(text)
+    train_reference(recipe, log=lambda *a: None)
+    return recipe
+
+
+def _without_timing(history: list[dict]) -> list[dict]:
+    return [{**r, "seconds": None, "pipeline": {k: v for k, v in r["pipeline"].items() if k != "score_seconds"}}
+            for r in history]
+
+
+def test_in_memory_samples_without_checkpoints_train_as_the_shards_do(recipe):
+    options = plan_runs(recipe)["learnability"]
+    from_shards = run_one(recipe, "shards", options, progress=False)
+    samples = [{k: v for k, v in s.items() if k not in ("caption", "noise")} for s in tasks.load_split(recipe, "train")]
+    in_memory = run_one(recipe, "memory", options, progress=False, source=samples, checkpoint=False)
+    assert [r["step"] for r in in_memory] == [4, 8, 12]
+    assert _without_timing(in_memory) == [{**r, "run": "memory"} for r in _without_timing(from_shards)]
+    assert (recipe.out / "shards" / "checkpoint.pt").is_file()
+    assert not (recipe.out / "memory" / "checkpoint.pt").exists()
+    assert (recipe.out / "memory" / "metrics.jsonl").is_file()
+    # and it trains on what it is given, not on the recipe's shards (30% of whose labels are flipped)
+    uniform = {"rule": "uniform", "method": "sample", "filter_ratio": 0.0}
+    clean = [s for s in samples if not s["is_noisy"]]
+    assert all(r["noisy_kept"] > 0 for r in run_one(recipe, "noisy", uniform, progress=False, checkpoint=False))
+    assert all(r["noisy_kept"] == 0 for r in run_one(recipe, "clean", uniform, progress=False, source=clean,
+                                                     checkpoint=False))
+
+
+def test_resume_needs_checkpoints(recipe):
+    with pytest.raises(ValueError, match="resume=True needs checkpoint=True"):
+        run_one(recipe, "x", plan_runs(recipe)["learnability"], resume=True, checkpoint=False)
