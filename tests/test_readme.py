@@ -1,0 +1,84 @@
+"""The README's commands and code, run as written (recipe runs shortened with --set, which they accept)."""
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipelines.cli import main
+
+from .conftest import make_pairs, make_samples, tiny_clip
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+SHORT = ["--set", "train.steps=4", "--set", "train.eval_every=2", "--set", "train.batch_size=8",
+         "--set", "reference.steps=5", "--set", "selection.shuffle_buffer=32", "--set", "selection.n_chunks=4"]
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+
+
+def _commands(program: str) -> list[list[str]]:
+    lines = [line.split("#")[0].strip() for block in _blocks("bash") for line in block.splitlines()]
+    return [shlex.split(line) for line in lines if line.startswith(f"{program} ")]
+
+
+def test_ci_installs_and_tests_exactly_as_the_readme_says():
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = [line.split("#")[0].strip() for line in _blocks("bash")[0].splitlines() if "pip install" in line]
+    assert install and all(line in ci for line in install)
+    (test,) = [block.strip() for block in _blocks("bash") if "pytest" in block]
+    assert test in ci
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_every_curate_command_in_the_readme_runs(tmp_path, monkeypatch, capsys):
+    commands = _commands("curate")
+    assert len(commands) >= 6 and ["curate", "run", "recipes/quickstart.yaml"] in commands
+    os.symlink(ROOT / "recipes", tmp_path / "recipes")
+    monkeypatch.chdir(tmp_path)  # the README's paths are relative: data/, runs/, recipes/
+    for command in commands:
+        args = command[1:]
+        if args[0] in ("train-reference", "precompute", "run", "curate-set"):
+            args += SHORT  # the same command, a few steps long
+        assert main(args) == 0, f"README command failed: {shlex.join(command)}\n{capsys.readouterr().err[-2000:]}"
+    assert (tmp_path / "runs" / "quickstart" / "summary.json").is_file()
+    assert (tmp_path / "runs" / "jest" / "cache").is_dir() and (tmp_path / "scores.png").is_file()
+
+
+def _snippets() -> list[str]:
+    return [block for block in _blocks("python") if "curate." in block]
+
+
+def test_the_readme_wraps_a_dataloader_as_it_shows():
+    (code,) = [s for s in _snippets() if "curate.pipeline(" in s]
+    torch.manual_seed(0)
+    samples = [{"__key__": s["__key__"], "image": s["input"], "label": s["target"]} for s in make_samples(700)]
+    model, reference_model = nn.Linear(8, 3), nn.Linear(8, 3)
+    trained = []
+    namespace = {"loader": DataLoader(samples, batch_size=32), "model": model, "reference_model": reference_model,
+                 "train_step": lambda model, batch: trained.append(len(batch["__key__"]))}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert trained == [64, 64, 12]  # superbatches of 320, 320 and the last 60 (keeping the same fifth)
+    assert namespace["batches"].stats()["seen"] == 700
+
+
+def test_the_readme_builds_a_chain_with_a_stage_of_its_own():
+    (code,) = [s for s in _snippets() if "class DropEmpty" in s]
+    pairs = make_pairs(700)
+    for pair in pairs[::7]:
+        pair["text"] = torch.zeros_like(pair["text"])  # 100 empty captions
+    namespace = {"curate": __import__("curate"), "loader": pairs, "model": tiny_clip(),
+                 "reference_model": tiny_clip(seed=1)}
+    exec(compile(code, "README.md", "exec"), namespace)
+    batches = namespace["batches"]
+    kept = [k for batch in batches for k in batch["__key__"]]
+    assert len(kept) == 64 + 56 and batches.stats()["dropped_empty"] == 100  # 600 left: superbatches of 320, 280
+    assert not {p["__key__"] for p in pairs[::7]} & set(kept)
