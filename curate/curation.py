@@ -278,8 +278,13 @@ def _check_keys(fn: str, keys: Sequence[str], n: int | None) -> list[str]:
         raise ValueError(f"{fn}: keys must be str (the samples' __key__), got {bad}")
     if len(set(keys)) != len(keys):
         seen: set[str] = set()
-        repeats = [k for k in keys if k in seen or seen.add(k)][:5]
-        raise ValueError(f"{fn}: keys must be unique, repeated: {repeats}; dedup identities before curating")
+        repeats: list[str] = []
+        for k in keys:
+            if k in seen:
+                repeats.append(k)
+            else:
+                seen.add(k)
+        raise ValueError(f"{fn}: keys must be unique, repeated: {repeats[:5]}; dedup identities before curating")
     return keys
 
 
