@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,13 +48,13 @@ class Actor:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"Actor: loss_fn must be a function (model, batch) -> losses, got {loss_fn!r}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.counts = {"updates": 0, "trained": 0, "loss_sum": 0.0, "last_loss": None}
+        self.counts: dict[str, Any] = {"updates": 0, "trained": 0, "loss_sum": 0.0, "last_loss": None}
 
     def scores(self, batch: dict, scorer: Scorer, micro_batch_size: int = 1024) -> ModelScores:
         """The actor's scores of `batch` (the `ScoreProvider` protocol)."""
         return score_model(self.model, batch, scorer, micro_batch_size)
 
-    def update(self, batch: dict, scorer) -> float:
+    def update(self, batch: dict, scorer: Scorer) -> float:
         """One optimizer step on the mean per-example loss of `batch`; returns that loss."""
         self.model.train()
         losses = self.loss_fn(self.model, batch) if self.loss_fn else scorer(self.model, batch).loss

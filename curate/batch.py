@@ -49,7 +49,7 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
 def take(batch: Batch, idx: Tensor) -> Batch:
     """The rows `idx` of a batch, in the order of `idx` (tensors indexed on their own device, lists picked)."""
     idx = idx.cpu()
-    out = {}
+    out: Batch = {}
     for name, value in batch.items():
         if isinstance(value, Tensor):
             out[name] = value.index_select(0, idx.to(value.device))

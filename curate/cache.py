@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .batch import split_batch, take
 from .files import atomic_write, filesystem
-from .scorers import ModelScores, score_model
+from .scorers import Kind, ModelScores, Scorer, score_model
 
 __all__ = ["SCHEMA_VERSION", "ScoreCache", "model_hash", "polars_storage_options", "scan", "write_part"]
 
@@ -132,16 +132,17 @@ def _float_text(value: float | None, name: str) -> str:
 
 
 def _part_frame(keys: Sequence[str], ref_loss, image_emb, text_emb) -> pl.DataFrame:
-    keys = pl.Series(KEY, keys if isinstance(keys, pl.Series) else list(keys), dtype=pl.String)
-    n = len(keys)
-    if n == 0 or keys.null_count() or (keys.str.len_bytes() == 0).any():
+    key_column = pl.Series(KEY, keys if isinstance(keys, pl.Series) else list(keys), dtype=pl.String)
+    n = len(key_column)
+    if n == 0 or key_column.null_count() or (key_column.str.len_bytes() == 0).any():
         raise ValueError(f"write_part: keys must be non-empty strings, one per sample; got {n} keys with "
-                         f"{keys.null_count()} None")
-    if keys.is_duplicated().any():
-        raise ValueError(f"write_part: duplicate keys {keys.filter(keys.is_duplicated()).unique().head(5).to_list()}")
+                         f"{key_column.null_count()} None")
+    if key_column.is_duplicated().any():
+        duplicated = key_column.filter(key_column.is_duplicated()).unique().head(5).to_list()
+        raise ValueError(f"write_part: duplicate keys {duplicated}")
     if (image_emb is None) != (text_emb is None) or (ref_loss is None and image_emb is None):
         raise ValueError("write_part: pass ref_loss, or both image_emb and text_emb, or all three")
-    columns = [keys]
+    columns = [key_column]
     for name, value, ndim in (("ref_loss", ref_loss, 1), ("image_emb", image_emb, 2), ("text_emb", text_emb, 2)):
         if value is None:
             continue
@@ -151,7 +152,8 @@ def _part_frame(keys: Sequence[str], ref_loss, image_emb, text_emb) -> pl.DataFr
                              f"got {array.shape}")
         bad = ~np.isfinite(array.reshape(n, -1)).all(1)
         if bad.any():
-            raise ValueError(f"write_part: {name} is NaN/inf for keys {keys.filter(pl.Series(bad)).head(5).to_list()}")
+            raise ValueError(f"write_part: {name} is NaN/inf for keys "
+                             f"{key_column.filter(pl.Series(bad)).head(5).to_list()}")
         columns.append(pl.Series(name, array.astype(np.float32, copy=False)))
     if image_emb is not None and columns[-1].dtype != columns[-2].dtype:
         raise ValueError(f"write_part: image_emb and text_emb must have the same width, got "
@@ -231,7 +233,9 @@ class ScoreCache:
                           "storage_options (endpoint_url, credentials)") from err
         if not files:
             raise FileNotFoundError(f"ScoreCache: no *.parquet parts at {path!r}; write them with {REGENERATE}")
-        frames, metas, local = [], [], "file" in fs.protocol
+        frames: list[pl.DataFrame] = []
+        metas: list[dict] = []
+        local = "file" in fs.protocol
         for start in range(0, len(files), 16):  # remote parts are fetched 16 at a time, concurrently by s3fs
             batch = files[start:start + 16]
             blobs = dict.fromkeys(batch) if local else fs.cat(batch, on_error="return")
@@ -297,7 +301,7 @@ class ScoreCache:
         self.counts["looked_up"] += len(query)
         return rows, found
 
-    def scores(self, batch: dict, scorer, micro_batch_size: int = 1024) -> ModelScores:
+    def scores(self, batch: dict, scorer: Scorer, micro_batch_size: int = 1024) -> ModelScores:
         """The reference's `ModelScores` for a superbatch, from the cache (the ScoreProvider protocol).
         `micro_batch_size` bounds the fallback's forward passes (missing="online"); `Score` passes its own."""
         keys = batch[KEY]
@@ -312,17 +316,20 @@ class ScoreCache:
             raise ValueError(f"ScoreCache: {len(absent)} of {len(keys)} keys are not in {self.path}, e.g. {names}; "
                              f"regenerate the cache for this dataset with {REGENERATE}, or open it with "
                              "missing='online', fallback=reference")
+        assert self.fallback is not None, "ScoreCache: __init__ requires a fallback with missing='online'"
         online = score_model(self.fallback, take(batch, absent), scorer, micro_batch_size).to("cpu")
         self.counts["online"] += len(absent)
         if kind == "example":
             loss = cached.loss.clone()
             loss[absent] = online.loss
             return ModelScores.of_losses(loss)
+        assert cached.image_emb is not None and cached.text_emb is not None  # _gather's contrastive scores
+        assert online.image_emb is not None and online.text_emb is not None, f"a {kind} scorer returns embeddings"
         image, text = cached.image_emb.clone(), cached.text_emb.clone()
         image[absent], text[absent] = online.image_emb, online.text_emb
         return ModelScores(kind, image, text, cached.scale, cached.bias)
 
-    def _gather(self, rows: np.ndarray, kind: str) -> ModelScores:
+    def _gather(self, rows: np.ndarray, kind: Kind) -> ModelScores:
         if kind == "example":
             if self.ref_loss is None:
                 raise ValueError(f"ScoreCache: {self.path} holds embeddings, not per-example losses; use a "
@@ -331,12 +338,13 @@ class ScoreCache:
         if self.image_emb is None:
             raise ValueError(f"ScoreCache: a contrastive scorer needs reference embeddings but {self.path} holds "
                              f"only per-example losses (they depend on the superbatch); regenerate with {REGENERATE}")
-        if kind == "sigmoid" and self.logit_bias is None:
+        bias = self.logit_bias if kind == "sigmoid" else 0.0
+        if bias is None:
             raise ValueError(f"ScoreCache: loss='sigmoid' needs the reference's logit_bias, which {self.path} "
                              "does not record; use loss='softmax' or regenerate with a SigLIP reference")
         # exp in float32 like ContrastiveScorer's model.logit_scale.exp(), so cached and online scales match bitwise
         scale = float(torch.tensor(self.logit_scale, dtype=torch.float32).exp())
-        bias = self.logit_bias if kind == "sigmoid" else 0.0
+        assert self.text_emb is not None, "ScoreCache: a frame with image_emb has text_emb (write_part writes both)"
         image, text = torch.from_numpy(self.image_emb[rows]), torch.from_numpy(self.text_emb[rows])
         return ModelScores(kind, image, text, scale, bias)
 

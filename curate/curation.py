@@ -188,10 +188,11 @@ def write_keys(path: str | os.PathLike, keys: Sequence[str], metadata: Mapping[s
 
 def read_keys(path: str | os.PathLike) -> list[str]:
     """The keys in a Parquet key list written by `write_keys` (sorted)."""
-    schema = pl.read_parquet_schema(path)
+    source = os.fspath(path)  # Polars takes str and Path but reads any other os.PathLike as a file object
+    schema = pl.read_parquet_schema(source)
     if KEY not in schema:
         raise ValueError(f"read_keys: {path} has no {KEY!r} column (has {list(schema)}); write it with write_keys")
-    keys = pl.read_parquet(path, columns=[KEY])[KEY]
+    keys = pl.read_parquet(source, columns=[KEY])[KEY]
     if keys.null_count():
         raise ValueError(f"read_keys: {path} has {keys.null_count()} null keys; rewrite it with write_keys")
     return keys.to_list()
@@ -279,8 +280,13 @@ def _check_keys(fn: str, keys: Sequence[str], n: int | None) -> list[str]:
         raise ValueError(f"{fn}: keys must be str (the samples' __key__), got {bad}")
     if len(set(keys)) != len(keys):
         seen: set[str] = set()
-        repeats = [k for k in keys if k in seen or seen.add(k)][:5]
-        raise ValueError(f"{fn}: keys must be unique, repeated: {repeats}; dedup identities before curating")
+        repeats: list[str] = []
+        for k in keys:
+            if k in seen:
+                repeats.append(k)
+            else:
+                seen.add(k)
+        raise ValueError(f"{fn}: keys must be unique, repeated: {repeats[:5]}; dedup identities before curating")
     return keys
 
 

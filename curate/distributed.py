@@ -321,8 +321,10 @@ def _gather(scores: ModelScores | None, comm: Comm) -> ModelScores | None:
         return None
     if not scores.contrastive:
         return ModelScores.of_losses(comm.gather_tensor(scores.loss))
-    d = scores.image_emb.shape[1]
-    both = comm.gather_tensor(torch.cat([scores.image_emb, scores.text_emb], 1))
+    image, text = scores.image_emb, scores.text_emb
+    assert image is not None and text is not None, "contrastive scores are built with image and text embeddings"
+    d = image.shape[1]
+    both = comm.gather_tensor(torch.cat([image, text], 1))
     scale, bias = comm.gather_tensor(torch.tensor([[scores.scale, scores.bias]], dtype=torch.float64))[0].tolist()
     return ModelScores(scores.kind, both[:, :d], both[:, d:], scale, bias)
 

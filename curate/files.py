@@ -71,7 +71,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, parents: bool = F
         raise ValueError(f"atomic_write: mode must be 'wb' or 'w', got {mode=}")
     fs, target = filesystem(os.fspath(path), storage_options)
     if "file" not in fs.protocol:
-        buffer: IO = io.BytesIO() if mode == "wb" else io.StringIO()
+        buffer: io.BytesIO | io.StringIO = io.BytesIO() if mode == "wb" else io.StringIO()
         yield buffer
         value = buffer.getvalue()
         fs.pipe_file(target, value if isinstance(value, bytes) else value.encode())
@@ -80,7 +80,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, parents: bool = F
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     temp = _temp(target)
     try:
-        with open(temp, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as stream:
+        with open(temp, mode, encoding=None if mode == "wb" else "utf-8") as stream:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())  # the bytes are on disk before the name points at them

@@ -71,7 +71,7 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     its attention blocks).
     """
     counter = FlopCounterMode(display=False, custom_mapping=_formulas())
-    counter.mod_tracker = _TotalOnly()
+    counter.mod_tracker = _TotalOnly()  # type: ignore[assignment]  # a stand-in for the parts the counter uses
     with counter:
         out = fn()
     return out, counter.get_total_flops()
@@ -151,8 +151,10 @@ class TrainingFlops(Stage[dict]):
     def next(self) -> dict:
         batch = next(self.source)
         n = batch_size_of(batch)
-        if self.model is not None and "train" not in self.ledger.per_sample:
-            self.ledger.measure("train", n, lambda: score_model(self.model, batch, self.scorer, self.micro_batch_size))
+        if self.model is not None and "train" not in self.ledger.per_sample:  # the first batch only
+            model, scorer = self.model, self.scorer
+            assert scorer is not None, "TrainingFlops: __init__ requires a scorer with a model"
+            self.ledger.measure("train", n, lambda: score_model(model, batch, scorer, self.micro_batch_size))
         self.counts["_trained"] += n
         return batch
 

@@ -8,7 +8,7 @@ on its share). The selection itself is the same code either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -17,8 +17,11 @@ from torchdata.nodes import BaseNode
 from .batch import Batch, take
 from .score import ScoredSuperbatch
 from .seeding import make_generator
-from .selection import SigmoidGain, SoftmaxGain, joint, sample, topk
+from .selection import Gain, SigmoidGain, SoftmaxGain, joint, sample, topk
 from .stage import LAST, Counter, Stage
+
+if TYPE_CHECKING:
+    from .selection import _Embeddings
 
 __all__ = ["JointSelect", "LocalScope", "METHODS", "Scope", "Share"]
 
@@ -132,12 +135,18 @@ class JointSelect(Stage[Batch]):
     def select(self, scored: ScoredSuperbatch, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """`k` indices into `scored` and the per-example logits used (for stats)."""
         if self.method == "joint" and scored.contrastive:
-            kind = (scored.learner or scored.reference).kind
+            some = scored.learner or scored.reference
+            assert some is not None, "a contrastive superbatch has the learner's or the reference's scores"
+            kind = some.kind
+            # contrastive ModelScores hold the embeddings the gains read, which their Optional fields cannot say
+            learner = cast("_Embeddings | None", scored.learner)
+            reference = cast("_Embeddings | None", scored.reference)
+            gain: Gain
             if kind == "sigmoid":
-                gain = SigmoidGain(scored.learner, scored.reference, scored.rule)
+                gain = SigmoidGain(learner, reference, scored.rule)
             else:
                 losses = (None if s is None else s.loss for s in (scored.learner, scored.reference))
-                gain = SoftmaxGain(scored.learner, scored.reference, scored.rule, *losses)
+                gain = SoftmaxGain(learner, reference, scored.rule, *losses)
             first = gain.first()
             idx = joint(gain, k, n_chunks=min(self.n_chunks, k), temperature=self.temperature, generator=generator)
             return idx, first

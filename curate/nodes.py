@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, default_collate
@@ -22,6 +22,14 @@ from .seeding import make_generator
 from .stage import Counter, Stage
 
 __all__ = ["Batch", "KeepKeys", "Shuffle", "Source", "Superbatch", "Unbatch", "as_node"]
+
+
+class _Stateful(Protocol):
+    """An iterable with its own resumable state (torchdata's StatefulDataLoader); `Source._stateful` checks for it."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state_dict: dict) -> None: ...
 
 
 class Source(Stage[Sample]):
@@ -39,6 +47,8 @@ class Source(Stage[Sample]):
     own `state_dict()` (e.g. torchdata's StatefulDataLoader). A shuffling DataLoader resumes exactly
     only with a seeded `generator=`; its generator state is saved at every epoch start.
     """
+
+    _pending: deque[Sample]
 
     def __init__(self, iterable: Iterable, *, batched: bool | None = None):
         super().__init__(None)
@@ -64,7 +74,7 @@ class Source(Stage[Sample]):
         if self._generator is not None:
             self._generator.set_state(self._rng_state)
         if self._stateful:
-            self.iterable.load_state_dict(initial_state["iterable"])
+            cast(_Stateful, self.iterable).load_state_dict(initial_state["iterable"])
             self._it = iter(self.iterable)
             self._items, self._offset = initial_state["items"], initial_state["offset"]
             self._pending = deque(initial_state["pending"])
@@ -101,9 +111,10 @@ class Source(Stage[Sample]):
         return self._pending.popleft()
 
     def get_state(self) -> dict:
-        state = {"epoch": self._epoch, "items": self._items, "offset": self._offset, "rng": self._rng_state}
+        state: dict[str, Any] = {"epoch": self._epoch, "items": self._items, "offset": self._offset,
+                                 "rng": self._rng_state}
         if self._stateful:
-            state["iterable"] = self.iterable.state_dict()
+            state["iterable"] = cast(_Stateful, self.iterable).state_dict()
             state["pending"] = list(self._pending)
         return state
 

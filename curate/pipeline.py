@@ -240,6 +240,7 @@ def pipeline(
     node = JointSelect(node, batch_size, method, n_chunks=min(n_chunks, batch_size), temperature=temperature,
                        seed=seed, superbatch_size=superbatch_size, scope=scope)
     if side is not None and side.actor is not None:
+        assert scorer is not None, "Score requires a scorer when the rule reads the learner"
         node = TrainActor(node, side.actor, scorer, count_flops=count_flops)
     if prefetch:
         sync = None if side is None else side.sync

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from torchdata.nodes import BaseNode
 
@@ -45,7 +46,7 @@ class Prefetch(Stage[T]):
         super().__init__(source)
         self.sync, self.push_sync = sync, push_sync
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="curate-prefetch")
-        self._future = None
+        self._future: Future[tuple[Any, dict]] | None = None  # (item or StopIteration, upstream state after it)
 
     def reset(self, initial_state: dict | None = None):
         self._drain()  # before the upstream is reset: the thread may still be reading it
@@ -58,7 +59,7 @@ class Prefetch(Stage[T]):
             self._future.exception()  # wait for it; what it produced or raised belongs to the old epoch
             self._future = None
 
-    def _job(self, hold: bool):
+    def _job(self, held: threading.Lock | None) -> tuple[Any, dict]:
         try:
             try:
                 item = next(self.source)
@@ -66,23 +67,25 @@ class Prefetch(Stage[T]):
                 item = StopIteration
             return item, self.source.state_dict()
         finally:
-            if hold:
-                self.sync.lock.release()
+            if held is not None:
+                held.release()
 
-    def _submit(self) -> None:
-        hold = self.sync is not None and not self.push_sync
+    def _submit(self) -> Future[tuple[Any, dict]]:
+        held = self.sync.lock if self.sync is not None and not self.push_sync else None
         if self.sync is not None and self.push_sync:
             self.sync.push()  # the thread is idle: nothing reads the snapshot now
-        elif hold:
-            self.sync.lock.acquire()  # released by the job: pushes wait until this item is scored
-        self._future = self._pool.submit(self._job, hold)
+        elif held is not None:
+            held.acquire()  # released by the job: pushes wait until this item is scored
+        self._future = future = self._pool.submit(self._job, held)
+        return future
 
     def next(self):
         if self._done:
             raise StopIteration
-        if self._future is None:
-            self._submit()
-        item, state = self._future.result()
+        future = self._future
+        if future is None:
+            future = self._submit()
+        item, state = future.result()
         self._future = None
         if item is StopIteration:
             self._done = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -72,9 +73,11 @@ def _uniform(learner: Tensor | None, reference: Tensor | None) -> Tensor:
     return torch.zeros_like(like)
 
 
-learnability = Rule(_learnability, True, True, "learnability")  # RHO-LOSS / JEST: reducible holdout loss
-hard_learner = Rule(_hard_learner, True, False, "hard_learner")  # the learner's own loss: hardest first
-easy_reference = Rule(_easy_reference, False, True, "easy_reference")  # the reference's negated loss
+# A Rule passes None only for a model it does not read, so each built-in takes a Tensor for the models it declares;
+# RuleFn cannot say which argument may be None, hence the casts.
+learnability = Rule(cast(RuleFn, _learnability), True, True, "learnability")  # RHO-LOSS / JEST: reducible holdout loss
+hard_learner = Rule(cast(RuleFn, _hard_learner), True, False, "hard_learner")  # the learner's own loss: hardest first
+easy_reference = Rule(cast(RuleFn, _easy_reference), False, True, "easy_reference")  # the reference's negated loss
 uniform = Rule(_uniform, False, False, "uniform")  # no preference: uniform sampling
 
 RULES: dict[str, Rule] = {

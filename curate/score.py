@@ -114,11 +114,13 @@ class Score(Stage[ScoredSuperbatch]):
     def _scores(self, role: str, provider: ScoreProvider | None, batch: Batch, n: int) -> ModelScores | None:
         if provider is None:
             return None
-        fn = lambda: provider.scores(batch, self.scorer, self.micro_batch_size)  # noqa: E731
+        scorer = self.scorer
+        assert scorer is not None, "Score: __init__ requires a scorer when the rule reads a model"
+        fn = lambda: provider.scores(batch, scorer, self.micro_batch_size)  # noqa: E731
         return self.ledger.run(role, n, fn) if self.count_flops else fn()
 
-    def _transform(self, batch: Batch, n: int) -> Batch:
-        fn = lambda: self.score_transform(batch)  # noqa: E731
+    def _transform(self, transform: Callable[[Batch], Batch], batch: Batch, n: int) -> Batch:
+        fn = lambda: transform(batch)  # noqa: E731
         out = self.ledger.run("score_transform", n, fn) if self.count_flops else fn()
         if not isinstance(out, dict):
             raise TypeError(f"Score: score_transform must return a batch dict, got {type(out).__name__}")
@@ -138,12 +140,14 @@ class Score(Stage[ScoredSuperbatch]):
         self._check_keys(batch)
         start = time.perf_counter()
         n = batch_size_of(batch)
-        scoring = batch if self.score_transform is None else self._transform(batch, n)
+        scoring = batch if self.score_transform is None else self._transform(self.score_transform, batch, n)
         side = self.learner
         learner = self._scores(side.role, side.provider, scoring, n) if side is not None else None
         reference = self._scores("reference", self.reference, scoring, n)
         if learner is not None and reference is not None:
-            reference = reference.to(learner.image_emb.device if learner.contrastive else learner.loss.device)
+            like = learner.image_emb if learner.contrastive else learner.loss
+            assert like is not None, "contrastive scores are built with embeddings"
+            reference = reference.to(like.device)
         for name, scores in (("learner", learner), ("reference", reference)):
             if scores is not None:
                 self._check_finite(name, scores, batch)

@@ -13,7 +13,7 @@ is how a plain `nn.Module` is scored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -50,16 +50,18 @@ class ModelScores:
     def loss(self) -> Tensor:
         if self._loss is None:
             if self.kind == "sigmoid":
-                self._loss = sigmoid_example_losses(self.image_emb, self.text_emb, self.scale, self.bias)
+                self._loss = sigmoid_example_losses(*self._embeddings(), self.scale, self.bias)
             elif self.kind == "softmax":
-                self._loss = softmax_example_losses(self.image_emb, self.text_emb, self.scale)
+                self._loss = softmax_example_losses(*self._embeddings(), self.scale)
             else:
                 raise AssertionError("example scores are built with a loss")
         return self._loss
 
     @property
     def size(self) -> int:
-        return (self._loss if self.kind == "example" else self.image_emb).shape[0]
+        rows = self.loss if self.kind == "example" else self.image_emb
+        assert rows is not None, f"{self.kind} scores are built with image and text embeddings"
+        return rows.shape[0]
 
     @property
     def contrastive(self) -> bool:
@@ -68,6 +70,12 @@ class ModelScores:
     @classmethod
     def of_losses(cls, loss: Tensor) -> ModelScores:
         return cls(kind="example", _loss=loss)
+
+    def _embeddings(self) -> tuple[Tensor, Tensor]:
+        """(image_emb, text_emb) of contrastive scores, which are built with both."""
+        image, text = self.image_emb, self.text_emb
+        assert image is not None and text is not None, f"{self.kind} scores are built with image and text embeddings"
+        return image, text
 
     def to(self, device: torch.device | str) -> ModelScores:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -83,8 +91,9 @@ class ModelScores:
     def nonfinite(self) -> Tensor:
         """Bool mask (B,) of examples whose loss or embeddings are NaN/inf."""
         if self.kind == "example":
-            return ~torch.isfinite(self._loss)
-        bad = ~torch.isfinite(self.image_emb).all(1) | ~torch.isfinite(self.text_emb).all(1)
+            return ~torch.isfinite(self.loss)
+        image, text = self._embeddings()
+        bad = ~torch.isfinite(image).all(1) | ~torch.isfinite(text).all(1)
         if not (torch.isfinite(torch.tensor(self.scale)) and torch.isfinite(torch.tensor(self.bias))):
             bad[:] = True
         return bad
@@ -99,10 +108,10 @@ class ModelScores:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -185,6 +194,16 @@ class ClassificationScorer:
         return f"ClassificationScorer(input_key={self.input_key!r}, target_key={self.target_key!r})"
 
 
+class _ContrastiveModel(Protocol):
+    """The open_clip API `ContrastiveScorer` calls (plus `logit_bias` for the sigmoid loss, which may be absent)."""
+
+    logit_scale: Tensor
+
+    def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor: ...
+
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor: ...
+
+
 class ContrastiveScorer:
     """Image-text embeddings from an open_clip-style model, for sigmoid (SigLIP) or softmax (CLIP) losses.
 
@@ -194,7 +213,8 @@ class ContrastiveScorer:
         loss: "sigmoid" (needs `model.logit_bias`) or "softmax".
     """
 
-    def __init__(self, image_key: str = "image", text_key: str = "text", loss: str = "sigmoid"):
+    def __init__(self, image_key: str = "image", text_key: str = "text",
+                 loss: Literal["sigmoid", "softmax"] = "sigmoid"):
         if loss not in ("sigmoid", "softmax"):
             raise ValueError(f"ContrastiveScorer: loss must be 'sigmoid' or 'softmax', got {loss=}")
         self.image_key, self.text_key, self.loss = image_key, text_key, loss
@@ -203,16 +223,18 @@ class ContrastiveScorer:
 
     def __call__(self, model: nn.Module, batch: dict) -> ModelScores:
         device = model_device(model)
-        image = model.encode_image(batch[self.image_key].to(device, non_blocking=True), normalize=True)
-        text = model.encode_text(batch[self.text_key].to(device, non_blocking=True), normalize=True)
-        scale = float(model.logit_scale.exp())
+        clip = cast(_ContrastiveModel, model)  # duck-typed: any nn.Module with open_clip's API
+        image = clip.encode_image(batch[self.image_key].to(device, non_blocking=True), normalize=True)
+        text = clip.encode_text(batch[self.text_key].to(device, non_blocking=True), normalize=True)
+        scale = float(clip.logit_scale.exp())
         if self.loss == "sigmoid":
-            if getattr(model, "logit_bias", None) is None:
+            logit_bias = getattr(model, "logit_bias", None)
+            if logit_bias is None:
                 raise ValueError(
                     "ContrastiveScorer: loss='sigmoid' needs model.logit_bias; build the model with "
                     "init_logit_bias (open_clip: a SigLIP config) or use loss='softmax'"
                 )
-            bias = float(model.logit_bias)
+            bias = float(logit_bias)
         else:
             bias = 0.0
         return ModelScores(self.loss, image.float(), text.float(), scale, bias)

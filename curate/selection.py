@@ -129,6 +129,7 @@ class SigmoidGain:
         self.models = (learner, reference)
         self.rule = rule
         some = learner if learner is not None else reference
+        assert some is not None, "SigmoidGain: the rule reads the learner's or the reference's embeddings"
         n = some.image_emb.shape[0]
         self.all = torch.arange(n, device=some.image_emb.device)
         self.gain = self._block(self.all, None, diagonal=True)
@@ -164,11 +165,12 @@ class SoftmaxGain:
     Running log-sum-exps per candidate make each update O(B·c).
     """
 
-    def __init__(self, learner, reference, rule: Rule, first_learner, first_reference):
+    def __init__(self, learner: _Embeddings | None, reference: _Embeddings | None, rule: Rule,
+                 first_learner: Tensor | None, first_reference: Tensor | None):
         self.models = (learner, reference)
         self.rule = rule
         self._first = rule(first_learner, first_reference)
-        self.state = []
+        self.state: list[list[Tensor] | None] = []  # per model; None where the model is None
         for model in self.models:
             if model is None:
                 self.state.append(None)
@@ -180,9 +182,9 @@ class SoftmaxGain:
         return self._first.float().clone()
 
     def add(self, chunk: Tensor) -> Tensor:
-        losses = []
+        losses: list[Tensor | None] = []
         for model, state in zip(self.models, self.state, strict=True):
-            if model is None:
+            if model is None or state is None:  # None together (see __init__)
                 losses.append(None)
                 continue
             chunk = chunk.to(model.image_emb.device)

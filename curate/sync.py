@@ -26,11 +26,16 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .scorers import ModelScores, model_device, score_model
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 __all__ = ["WeightSync"]
 
@@ -80,10 +85,10 @@ class WeightSync:
         self._meta = torch.zeros(3, dtype=torch.int64)  # seq (odd while writing), steps seen, step last pushed
         if shared:
             self._meta.share_memory_()
-        self._learner = weakref.ref(learner)
+        self._learner: Callable[[], nn.Module | None] = weakref.ref(learner)  # a no-op lambda in workers
         self._owner = os.getpid()
         self._lock = threading.Lock()
-        self._hook = None
+        self._hook: RemovableHandle | None = None
         self._local: nn.Module | None = None  # a worker's private copy of the shared weights
         self._local_seq, self._local_step = 0, 0  # 0: no copy yet (seq is >= 2 after construction)
         self.push_seconds = 0.0
@@ -169,12 +174,13 @@ class WeightSync:
         if not self.shared:
             raise RuntimeError("WeightSync: this copy is in another process and will never see a push; "
                                "use WeightSync(..., shared=True) to score in DataLoader workers")
-        if self._local is None:
-            self._local = copy.deepcopy(self.module)  # private: forwards never read half-written weights
-        self._refresh()
-        return self._local
+        local = self._local
+        if local is None:
+            local = self._local = copy.deepcopy(self.module)  # private: forwards never read half-written weights
+        self._refresh(local)
+        return local
 
-    def _refresh(self, timeout: float = 60.0) -> None:
+    def _refresh(self, local: nn.Module, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             seq = int(self._meta[_SEQ])
@@ -183,7 +189,7 @@ class WeightSync:
             if seq % 2 == 0:
                 step = int(self._meta[_SYNCED])
                 with torch.no_grad():
-                    for dst, src in zip(_tensors(self._local).values(), _tensors(self.module).values(), strict=True):
+                    for dst, src in zip(_tensors(local).values(), _tensors(self.module).values(), strict=True):
                         dst.copy_(src)
                 if int(self._meta[_SEQ]) == seq:  # no push started meanwhile: the copy is whole
                     self._local_seq, self._local_step = seq, step
