@@ -80,13 +80,7 @@ class ModelScores:
     def to(self, device: torch.device | str) -> ModelScores:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ModelScores(self.kind, move(self.image_emb), move(self.text_emb), self.scale, self.bias,
-                      move(self._loss))
-
-    def index(self, idx: Tensor) -> ModelScores:
-        """The scores of a subset. Contrastive per-example losses are recomputed within the subset."""
-        take = lambda t: None if t is None else t[idx.to(t.device)]  # noqa: E731
-        loss = take(self._loss) if self.kind == "example" else None
-        return ModelScores(self.kind, take(self.image_emb), take(self.text_emb), self.scale, self.bias, loss)
+                           move(self._loss))
 
     def nonfinite(self) -> Tensor:
         """Bool mask (B,) of examples whose loss or embeddings are NaN/inf."""
