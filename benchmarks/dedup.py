@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_io import write_json  # benchmarks/ is on sys.path when a script runs
 
 GIB = 1 << 30
 
@@ -125,8 +126,7 @@ def main() -> None:
     print(" ".join(f"{c:>18}" for c in cols))
     for row in rows:
         print(" ".join(f"{row[c]:>18.3f}" if isinstance(row[c], float) else f"{row[c]:>18}" for c in cols))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpus": len(os.sched_getaffinity(0)), "runs": rows}, indent=2))
+    write_json({"cpus": len(os.sched_getaffinity(0)), "runs": rows}, args.out)
     print(f"wrote {args.out}")
 
 

@@ -91,7 +91,7 @@ def epoch_seconds(iterable) -> tuple[float, int]:
 def make_pipeline(loader, options: dict, batch_size: int):
     options = dict(options)
     contrastive = options.pop("contrastive", False)
-    uses_learner = options["rule"] != "uniform"
+    uses_learner = curate.get_rule(options["rule"]).uses_learner
     return curate.pipeline(loader, batch_size=batch_size, learner=RandomScores(contrastive) if uses_learner else None,
                            scorer=curate.ContrastiveScorer(image_key="image", text_key="text"), **options)
 

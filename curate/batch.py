@@ -9,13 +9,13 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["Batch", "Sample", "batch_size_of", "slice_batch", "split_batch", "take"]
+__all__ = ["BatchDict", "Sample", "batch_size_of", "slice_batch", "split_batch", "take"]
 
 Sample = dict[str, Any]
-Batch = dict[str, Any]
+BatchDict = dict[str, Any]
 
 
-def batch_size_of(batch: Batch) -> int:
+def batch_size_of(batch: BatchDict) -> int:
     """Number of samples in a collated batch (from `__key__`, else the first tensor/list field)."""
     if "__key__" in batch:
         return len(batch["__key__"])
@@ -27,7 +27,7 @@ def batch_size_of(batch: Batch) -> int:
     raise TypeError(f"cannot tell the batch size of a batch with fields {sorted(batch)}")
 
 
-def split_batch(batch: Batch) -> list[Sample]:
+def split_batch(batch: BatchDict) -> list[Sample]:
     """A collated batch back into its samples."""
     if not isinstance(batch, dict):
         raise TypeError(f"expected a collated batch (a dict of tensors/lists), got {type(batch).__name__}")
@@ -41,15 +41,15 @@ def split_batch(batch: Batch) -> list[Sample]:
     return [{name: value[i] for name, value in batch.items()} for i in range(n)]
 
 
-def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+def slice_batch(batch: BatchDict, start: int, stop: int) -> BatchDict:
     """Samples [start, stop) of a batch (views for tensors)."""
     return {name: value[start:stop] for name, value in batch.items()}
 
 
-def take(batch: Batch, idx: Tensor) -> Batch:
+def take(batch: BatchDict, idx: Tensor) -> BatchDict:
     """The rows `idx` of a batch, in the order of `idx` (tensors indexed on their own device, lists picked)."""
     idx = idx.cpu()
-    out: Batch = {}
+    out: BatchDict = {}
     for name, value in batch.items():
         if isinstance(value, Tensor):
             out[name] = value.index_select(0, idx.to(value.device))

@@ -27,7 +27,7 @@ from torchdata.nodes import BaseNode
 
 from .batch import batch_size_of
 from .scorers import Scorer, score_model
-from .stage import LAST, Counter, Stage
+from .stage import LAST, Stage
 
 __all__ = ["FlopLedger", "TrainingFlops", "count_flops", "forward_flops"]
 
@@ -114,32 +114,25 @@ class FlopLedger:
 
 
 class TrainingFlops(Stage[dict]):
-    """Passes training batches through and counts the FLOPs of training on them: 3 × the trained model's forward
-    (forward + backward) per sample trained on.
+    """Passes training batches through; on the first one, measures the trained model's forward FLOPs, the
+    ledger's "train" entry (training costs 3 × it per sample kept: `Score.derive`).
 
-    The forward's FLOPs per sample are the "train" entry of the ledger: measured here on the first batch when
-    `model` is given, or reported by `Score` when the learner's scoring forward is its training forward (a
-    live learner, no score_transform), so that it is not run twice. It runs where the training loop runs
-    (last, after any prefetch thread) because it forwards the live model (no grad, eval mode, once). It
-    reports `training_flops` (None when the trained model is unknown), `flops_overhead` = (scoring + actor
-    training) / training, and `break_even_step_saving` = 1 + overhead (selection saves compute only if it
-    needs fewer steps than uniform training by more than this factor).
+    Only needed when the learner's scoring forward is not the training forward (an `Actor` or a provider
+    scores in the trained model's place, a `score_transform`, a cheaper scoring pass): otherwise `Score`
+    reports its measurement. It runs where the training loop runs (last, after any prefetch thread) because it
+    forwards the live model (no grad, eval mode, once).
 
     Args:
         source: node of selected training batches.
-        model: the model whose training forward to measure; None when `Score` reports it, or it is unknown.
+        model: the model trained on the batches.
         scorer: runs the training forward (`scorer(model, batch)`): the full forward, not a cheaper scoring one.
         micro_batch_size: samples per measuring forward.
     """
 
-    counters = {"_trained": Counter()}
     gauges = {"flops_per_sample": LAST}
 
-    def __init__(self, source: BaseNode, model: nn.Module | None = None, scorer: Scorer | None = None,
-                 micro_batch_size: int = 1024):
+    def __init__(self, source: BaseNode, model: nn.Module, scorer: Scorer, micro_batch_size: int = 1024):
         super().__init__(source)
-        if model is not None and scorer is None:
-            raise ValueError("TrainingFlops: measuring the trained model's forward needs its scorer")
         self.model, self.scorer, self.micro_batch_size = model, scorer, micro_batch_size
         self.ledger = FlopLedger()
 
@@ -150,25 +143,13 @@ class TrainingFlops(Stage[dict]):
 
     def next(self) -> dict:
         batch = next(self.source)
-        n = batch_size_of(batch)
-        if self.model is not None and "train" not in self.ledger.per_sample:  # the first batch only
-            model, scorer = self.model, self.scorer
-            assert scorer is not None, "TrainingFlops: __init__ requires a scorer with a model"
-            self.ledger.measure("train", n, lambda: score_model(model, batch, scorer, self.micro_batch_size))
-        self.counts["_trained"] += n
+        if "train" not in self.ledger.per_sample:
+            self.ledger.measure("train", batch_size_of(batch),
+                                lambda: score_model(self.model, batch, self.scorer, self.micro_batch_size))
         return batch
 
     def get_state(self) -> dict:
         return {**super().get_state(), "ledger": self.ledger.state()}
 
     def stats(self) -> dict:
-        return {**super().stats(), **({"flops_per_sample": dict(self.ledger.per_sample)} if self.model else {})}
-
-    @staticmethod
-    def derive(totals: dict) -> dict:
-        forward = totals.get("flops_per_sample", {}).get("train")
-        training = None if forward is None else 3 * forward * totals["_trained"]  # forward + backward ≈ 3 forwards
-        scoring, actor = totals.get("scoring_flops", 0.0), totals.get("actor_training_flops", 0.0)
-        overhead = (scoring + actor) / training if training else None
-        return {"scoring_flops": scoring, "actor_training_flops": actor, "training_flops": training,
-                "flops_overhead": overhead, "break_even_step_saving": None if overhead is None else 1 + overhead}
+        return {"flops_per_sample": dict(self.ledger.per_sample)}

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchdata.nodes import BaseNode
 
-from .batch import Batch, take
+from .batch import BatchDict, take
 from .score import ScoredSuperbatch
 from .seeding import make_generator
 from .selection import Gain, SigmoidGain, SoftmaxGain, joint, sample, topk
@@ -39,7 +39,7 @@ class Share:
         kept: the scores of the rows in `batch`.
     """
 
-    batch: Batch
+    batch: BatchDict
     own: Tensor
     kept: Tensor
 
@@ -70,7 +70,7 @@ class LocalScope:
         return Share(take(scored.batch, idx), score, score[idx])
 
 
-class JointSelect(Stage[Batch]):
+class JointSelect(Stage[BatchDict]):
     """Keeps `batch_size` samples of each scored superbatch and yields them as a collated batch.
 
     Args:
@@ -111,7 +111,6 @@ class JointSelect(Stage[Batch]):
                              f"{superbatch_size=}")
         self.batch_size, self.method = batch_size, method
         self.n_chunks, self.temperature, self.seed = n_chunks, temperature, seed
-        self.superbatch_size = superbatch_size
         self.scope: Scope = scope or LocalScope()
         self._full = superbatch_size
         self._epoch = -1
@@ -153,12 +152,12 @@ class JointSelect(Stage[Batch]):
         score = scored.score
         if self.method == "topk":
             if scored.learner is None and scored.reference is None:
-                raise ValueError("JointSelect: method='topk' with rule='uniform' would keep the first samples; "
-                                 "use method='sample' for uniform selection")
+                raise ValueError(f"JointSelect: method='topk' with rule={scored.rule.name!r}, which reads no model, "
+                                 "would keep the first samples; use method='sample' for uniform selection")
             return topk(score, k), score
         return sample(score, k, temperature=self.temperature, generator=generator), score
 
-    def next(self) -> Batch:
+    def next(self) -> BatchDict:
         scored = next(self.source)
         k = self.scope.world_size * self._keep(scored.size)
         generator = make_generator(self.seed, "select", self._epoch, self._step)

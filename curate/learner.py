@@ -9,12 +9,12 @@ prefetch thread scores from `sync`; `TrainActor` trains `actor`; the ledger meas
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from .actor import Actor
-from .scorers import ModelProvider, ScoreProvider
+from .scorers import ModelProvider, ScoreProvider, Scorer
 from .sync import WeightSync
 
 __all__ = ["LearnerSide", "as_provider", "resolve_learner", "unwrap_ddp"]
@@ -32,10 +32,8 @@ class LearnerSide:
         owns_sync: the pipeline made `sync` (a prefetching pipeline over a plain module) and pushes it.
         actor: the ACL actor, trained on every selected batch; None otherwise.
         trained: the model the selected batches train (for the ledger's training FLOPs); None when unknown.
-        scores_training_forward: `provider` runs `trained`'s own forward, so the ledger's measurement of the
-            scoring forward is also the training forward's (no second measuring forward).
-        read_ahead: superbatches scored before the batch in training is trained on (1 with a prefetch thread),
-            each one step of lag; 0 for an actor, which is trained and scores in order in that thread.
+        scores_training_forward: `provider` runs `trained`'s own training forward, so the ledger's measurement
+            of the scoring forward is also the training forward's (no second measuring forward).
     """
 
     provider: ScoreProvider
@@ -45,13 +43,21 @@ class LearnerSide:
     actor: Actor | None = None
     trained: nn.Module | None = None
     scores_training_forward: bool = False
-    read_ahead: int = 0
 
     @property
-    def lag(self) -> int:
-        """Optimizer steps between the weights that score a superbatch and the weights its batch trains."""
-        staleness = self.sync.staleness if self.sync is not None else 0  # a sync made here is pushed every batch: 0
-        return self.read_ahead + staleness
+    def live(self) -> bool:
+        """It forwards the module the optimizer rewrites in place: not safe to score from a background thread."""
+        return isinstance(self.provider, ModelProvider)
+
+    @property
+    def in_order(self) -> bool:
+        """It is trained and scores in order in one thread (an actor): reading ahead adds no lag."""
+        return self.actor is not None
+
+    @property
+    def staleness(self) -> int:
+        """Optimizer steps its weights lag the learner's by (a WeightSync's; a sync made here is pushed every batch)."""
+        return self.sync.staleness if self.sync is not None else 0
 
 
 def unwrap_ddp(model):
@@ -76,33 +82,45 @@ def as_provider(model, name: str) -> ScoreProvider:
     return model
 
 
-def resolve_learner(learner, *, prefetch: int = 0, train_model: nn.Module | None = None) -> LearnerSide:
+def resolve_learner(learner, *, prefetch: int = 0, train_model: nn.Module | None = None,
+                    train_scorer: Scorer | None = None) -> LearnerSide:
     """The `LearnerSide` of `learner=` (see the module docstring).
 
     Args:
         learner: an `nn.Module` (or DDP model), `WeightSync`, `Actor`, `ScoreProvider`, or an already resolved
-            `LearnerSide` (returned as is).
+            `LearnerSide` (returned as is, after checking it fits the other arguments).
         prefetch: 1 when superbatches are scored in a background thread: a plain module is then scored from a
             `WeightSync` copy made here (the live one is rewritten by the optimizer meanwhile).
         train_model: the model trained on the batches, when it is not the learner (an actor or a provider
             scores in its place); a DDP model is measured through its `.module`.
+        train_scorer: the training forward, when it is not the scoring one (e.g. Flexi-JEST's patch dropout
+            scores a cheaper pass): the ledger then measures the training forward apart.
     """
-    if isinstance(learner, LearnerSide):
-        return learner
-    learner, train_model = unwrap_ddp(learner), unwrap_ddp(train_model)
     if prefetch not in (0, 1):
         raise ValueError(f"resolve_learner: prefetch must be 0 or 1, got {prefetch=}")
+    train_model = unwrap_ddp(train_model)
+    if isinstance(learner, LearnerSide):
+        if prefetch and learner.live:
+            raise ValueError("resolve_learner: this LearnerSide scores the live module, which a prefetch thread must "
+                             "not read while the optimizer rewrites it; resolve it with prefetch=1")
+        if train_model is not None and train_model is not learner.trained:
+            raise ValueError("resolve_learner: train_model differs from the LearnerSide's trained model; pass it to "
+                             "the resolve_learner call that made the side")
+        return replace(learner, scores_training_forward=False) if train_scorer is not None else learner
+    learner = unwrap_ddp(learner)
+    own_forward = train_scorer is None  # the scoring forward is the training one unless told otherwise
     if isinstance(learner, Actor):
         return LearnerSide(learner, role="actor", actor=learner, trained=train_model)
     if isinstance(learner, WeightSync):
         live = learner.learner
-        return LearnerSide(learner, sync=learner, trained=train_model or live,
-                           scores_training_forward=train_model in (None, live), read_ahead=prefetch)
+        trained = live if train_model is None else train_model
+        return LearnerSide(learner, sync=learner, trained=trained,
+                           scores_training_forward=own_forward and trained is live)
     if isinstance(learner, nn.Module):
-        same = train_model in (None, learner)
+        trained = learner if train_model is None else train_model
+        same = own_forward and trained is learner
         if prefetch:
             sync = WeightSync(learner)  # pushed by Prefetch at every hand-out
-            return LearnerSide(sync, sync=sync, owns_sync=True, trained=train_model or learner,
-                               scores_training_forward=same, read_ahead=1)
-        return LearnerSide(ModelProvider(learner), trained=train_model or learner, scores_training_forward=same)
-    return LearnerSide(as_provider(learner, "learner"), trained=train_model, read_ahead=prefetch)
+            return LearnerSide(sync, sync=sync, owns_sync=True, trained=trained, scores_training_forward=same)
+        return LearnerSide(ModelProvider(learner), trained=trained, scores_training_forward=same)
+    return LearnerSide(as_provider(learner, "learner"), trained=train_model)

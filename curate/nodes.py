@@ -16,8 +16,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, default_collate
 from torchdata.nodes import BaseNode
 
-from .batch import Batch as BatchDict
-from .batch import Sample, split_batch
+from .batch import BatchDict, Sample, split_batch
 from .seeding import make_generator
 from .stage import Counter, Stage
 
@@ -258,9 +257,6 @@ class Superbatch(Stage[BatchDict]):
 
 class Unbatch(Stage[Sample]):
     """Collated batches in, their samples out, one at a time."""
-
-    def __init__(self, source: BaseNode):
-        super().__init__(source)
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)

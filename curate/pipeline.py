@@ -218,7 +218,8 @@ def pipeline(
         "batch_size": batch_size, "superbatch_size": superbatch_size, "method": method, "n_chunks": n_chunks,
         "temperature": temperature, "seed": seed, "rule": rule.name, "selection_scope": selection_scope,
         "shuffle_buffer": shuffle_buffer, "prefetch": prefetch, "drop_last": drop_last})
-    side = resolve_learner(learner, prefetch=prefetch, train_model=train_model) if rule.uses_learner else None
+    side = (resolve_learner(learner, prefetch=prefetch, train_model=train_model, train_scorer=train_scorer)
+            if rule.uses_learner and learner is not None else None)  # (Score names a missing learner)
 
     node = as_node(source)
     if world_size > 1 and rank_split == "auto" and not already_split(source):
@@ -234,19 +235,18 @@ def pipeline(
     node = Superbatch(node, superbatch_size, collate=collate, drop_last=drop_last)
     if comm.group is not None:
         node = Lockstep(node, superbatch_size, comm)
-    node = Score(node, side, reference, scorer, rule, micro_batch_size=micro_batch_size,
-                 score_transform=score_transform, count_flops=count_flops)
+    node = score = Score(node, side, reference, scorer, rule, micro_batch_size=micro_batch_size,
+                         score_transform=score_transform, count_flops=count_flops)
     scope = GlobalScope(comm) if selection_scope == "global" and world_size > 1 else None
-    node = JointSelect(node, batch_size, method, n_chunks=min(n_chunks, batch_size), temperature=temperature,
-                       seed=seed, superbatch_size=superbatch_size, scope=scope)
+    node = JointSelect(node, batch_size, method, n_chunks=n_chunks, temperature=temperature, seed=seed,
+                       superbatch_size=superbatch_size, scope=scope)
     if side is not None and side.actor is not None:
         assert scorer is not None, "Score requires a scorer when the rule reads the learner"
         node = TrainActor(node, side.actor, scorer, count_flops=count_flops)
     if prefetch:
         sync = None if side is None else side.sync
         node = Prefetch(node, sync, push_sync=side is not None and side.owns_sync)
-    if count_flops:
-        scored = side is not None and side.scores_training_forward and score_transform is None and train_scorer is None
-        trained = None if scored else side.trained if side is not None else unwrap_ddp(train_model)
-        node = TrainingFlops(node, trained if scorer is not None else None, train_scorer or scorer, micro_batch_size)
+    trained = side.trained if side is not None else unwrap_ddp(train_model)
+    if count_flops and not score.measures_training_forward and trained is not None and scorer is not None:
+        node = TrainingFlops(node, trained, train_scorer or scorer, micro_batch_size)
     return Pipeline(node, comm)

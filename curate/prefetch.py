@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 from torchdata.nodes import BaseNode
 
-from .stage import LAST, Stage
+from .score import Score
+from .stage import LAST, Stage, chain
 from .sync import WeightSync
 
 __all__ = ["Prefetch"]
@@ -43,6 +44,11 @@ class Prefetch(Stage[T]):
     gauges = {"prefetch": LAST}
 
     def __init__(self, source: BaseNode, sync: WeightSync | None = None, push_sync: bool = False):
+        for node in chain(source):
+            if isinstance(node, Score) and node.learner is not None and node.learner.live:
+                raise ValueError("Prefetch: the Score stage upstream scores the live learner, which the optimizer "
+                                 "rewrites while the next superbatch is scored in the background; score a "
+                                 "curate.WeightSync of it (curate.resolve_learner(model, prefetch=1) makes one)")
         super().__init__(source)
         self.sync, self.push_sync = sync, push_sync
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="curate-prefetch")
@@ -106,4 +112,6 @@ class Prefetch(Stage[T]):
             self._future.exception()
 
     def __del__(self):
-        self._pool.shutdown(wait=False)
+        pool = getattr(self, "_pool", None)  # absent when __init__ refused its arguments
+        if pool is not None:
+            pool.shutdown(wait=False)

@@ -28,9 +28,9 @@ class Rule:
     Args:
         fn: `fn(learner, reference) -> score`, elementwise; an argument is None when that model was not
             scored (the rule does not use it).
-        uses_learner, uses_reference: which models' losses `fn` reads; at least one (a rule that reads
-            neither gives every sample the same score: that is `uniform`, which `JointSelect` samples
-            uniformly).
+        uses_learner, uses_reference: which models' losses `fn` reads. A rule that reads neither gives every
+            sample the same score, 0 (that is `uniform`: `JointSelect` then samples uniformly, without calling
+            `fn`).
         name: for messages and stats; default `fn.__name__`.
     """
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torchdata.nodes import BaseNode
 
-from .batch import Batch, batch_size_of
+from .batch import BatchDict, batch_size_of
 from .flops import FlopLedger
 from .learner import LearnerSide, as_provider, resolve_learner
 from .rules import Rule, RuleFn, as_rule
@@ -24,7 +24,7 @@ __all__ = ["Score", "ScoredSuperbatch"]
 class ScoredSuperbatch:
     """A superbatch with what selection needs: both models' scores and the rule that combines them."""
 
-    batch: Batch
+    batch: BatchDict
     learner: ModelScores | None
     reference: ModelScores | None
     rule: Rule
@@ -75,11 +75,11 @@ class Score(Stage[ScoredSuperbatch]):
     """
 
     counters = {"score_seconds": Counter(MAX, 0.0)}  # a DDP job is as slow as its slowest rank
-    gauges = {"flops_per_sample": LAST, "scoring_flops": SUM, "score_lag_steps": LAST, "sync": LAST}
+    gauges = {"flops_per_sample": LAST, "scoring_flops": SUM, "sync": LAST, "_staleness": LAST, "_in_order": LAST}
 
     def __init__(self, source: BaseNode, learner=None, reference=None, scorer: Scorer | None = None,
                  rule: str | Rule | RuleFn = "learnability", micro_batch_size: int = 1024,
-                 score_transform: Callable[[Batch], Batch] | None = None, count_flops: bool = True):
+                 score_transform: Callable[[BatchDict], BatchDict] | None = None, count_flops: bool = True):
         super().__init__(source)
         self.rule = as_rule(rule, learner=learner is not None, reference=reference is not None)
         if self.rule.uses_learner and learner is None:
@@ -111,7 +111,7 @@ class Score(Stage[ScoredSuperbatch]):
         if initial_state is not None:
             self.ledger.load(initial_state["ledger"])
 
-    def _scores(self, role: str, provider: ScoreProvider | None, batch: Batch, n: int) -> ModelScores | None:
+    def _scores(self, role: str, provider: ScoreProvider | None, batch: BatchDict, n: int) -> ModelScores | None:
         if provider is None:
             return None
         scorer = self.scorer
@@ -119,7 +119,7 @@ class Score(Stage[ScoredSuperbatch]):
         fn = lambda: provider.scores(batch, scorer, self.micro_batch_size)  # noqa: E731
         return self.ledger.run(role, n, fn) if self.count_flops else fn()
 
-    def _transform(self, transform: Callable[[Batch], Batch], batch: Batch, n: int) -> Batch:
+    def _transform(self, transform: Callable[[BatchDict], BatchDict], batch: BatchDict, n: int) -> BatchDict:
         fn = lambda: transform(batch)  # noqa: E731
         out = self.ledger.run("score_transform", n, fn) if self.count_flops else fn()
         if not isinstance(out, dict):
@@ -154,7 +154,7 @@ class Score(Stage[ScoredSuperbatch]):
         self.counts["score_seconds"] += time.perf_counter() - start
         return ScoredSuperbatch(batch, learner, reference, self.rule, n)
 
-    def _check_keys(self, batch: Batch) -> None:
+    def _check_keys(self, batch: BatchDict) -> None:
         for key in getattr(self.scorer, "keys", ()):
             if key not in batch:
                 raise ValueError(
@@ -163,7 +163,7 @@ class Score(Stage[ScoredSuperbatch]):
                 )
 
     @staticmethod
-    def _check_finite(name: str, scores: ModelScores, batch: Batch) -> None:
+    def _check_finite(name: str, scores: ModelScores, batch: BatchDict) -> None:
         bad = scores.nonfinite()
         if bad.any():
             idx = bad.nonzero().flatten().tolist()
@@ -176,17 +176,43 @@ class Score(Stage[ScoredSuperbatch]):
     def get_state(self) -> dict:
         return {**super().get_state(), "ledger": self.ledger.state()}
 
+    @property
+    def measures_training_forward(self) -> bool:
+        """The learner's scoring forward is the training forward (a live learner, scored on the batch as it is
+        trained): the ledger's training FLOPs per sample are its measured scoring FLOPs."""
+        return self.learner is not None and self.learner.scores_training_forward and self.score_transform is None
+
     def stats(self) -> dict:
         out = super().stats()
         if self.count_flops:
             out["flops_per_sample"] = per_sample = dict(self.ledger.per_sample)
             out["scoring_flops"] = sum(self.ledger.total(role) for role in per_sample)
-            side = self.learner
-            if side is not None and side.scores_training_forward and self.score_transform is None and \
-                    side.role in per_sample:  # the training forward, measured as scored (TrainingFlops counts it)
-                per_sample["train"] = per_sample[side.role]
+            if self.measures_training_forward and self.learner is not None and self.learner.role in per_sample:
+                per_sample["train"] = per_sample[self.learner.role]
         if self.learner is not None:
-            out["score_lag_steps"] = self.learner.lag
+            out["_staleness"], out["_in_order"] = self.learner.staleness, self.learner.in_order
             if self.learner.sync is not None:
                 out["sync"] = self.learner.sync.stats()
+        return out
+
+    @staticmethod
+    def derive(totals: dict) -> dict:
+        """The learner's lag, and the FLOP ledger's totals: does selection pay for itself (`curate.flops`)?
+
+        `score_lag_steps`: optimizer steps between the weights that scored a superbatch and the weights its batch
+        trains: the WeightSync's staleness, plus one for a prefetch thread's read-ahead (not for an actor, trained
+        and scored in order in that thread). Training FLOPs: 3 × the trained model's forward (forward + backward)
+        per sample kept; `flops_overhead` = (scoring + actor training) / training; `break_even_step_saving` =
+        1 + overhead: selection saves compute only if it needs fewer steps than uniform training by more.
+        """
+        out = {"prefetch": totals.get("prefetch", 0)}
+        if "_staleness" in totals:
+            out["score_lag_steps"] = totals["_staleness"] + (0 if totals["_in_order"] else out["prefetch"])
+        if "scoring_flops" in totals:  # the ledger is on
+            forward = totals["flops_per_sample"].get("train")
+            training = None if forward is None else 3 * forward * totals.get("kept", 0)
+            scoring, actor = totals["scoring_flops"], totals.get("actor_training_flops", 0.0)
+            overhead = (scoring + actor) / training if training else None
+            out |= {"actor_training_flops": actor, "training_flops": training, "flops_overhead": overhead,
+                    "break_even_step_saving": None if overhead is None else 1 + overhead}
         return out

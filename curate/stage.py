@@ -11,6 +11,7 @@ stage reports by declaring its counters.
 
 from __future__ import annotations
 
+import copy
 import enum
 import re
 from collections.abc import Mapping, Sequence
@@ -62,21 +63,21 @@ class Stage(BaseNode[T], Generic[T]):
         super().__init__()
         # typed as always there: only a Source, the start of a chain, has none (and never reads it)
         self.source: BaseNode = cast(BaseNode, source)
-        self.counts: dict[str, Any] = {name: counter.initial for name, counter in self.counters.items()}
+        self.counts: dict[str, Any] = {name: copy.deepcopy(c.initial) for name, c in self.counters.items()}
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
         if self.source is not None:
             self.source.reset(None if initial_state is None else initial_state[self.SOURCE_KEY])
         if initial_state is not None and self.counters:
-            self.counts = dict(initial_state[self.COUNTS_KEY])
+            self.counts = copy.deepcopy(initial_state[self.COUNTS_KEY])
 
     def get_state(self) -> dict:
         state: dict[str, Any] = {}
         if self.source is not None:
             state[self.SOURCE_KEY] = self.source.state_dict()
         if self.counters:
-            state[self.COUNTS_KEY] = dict(self.counts)
+            state[self.COUNTS_KEY] = copy.deepcopy(self.counts)  # a snapshot: counting goes on after it
         return state
 
     def stats(self) -> dict:
@@ -145,7 +146,8 @@ def chain_stats(stages: Sequence[BaseNode], per_rank: Sequence[Sequence[dict]] |
         declared = stage.merges()
         for name in per_rank[0][i]:
             if name not in declared:
-                raise AssertionError(f"{type(stage).__name__} reports {name!r} without declaring how it merges")
+                raise TypeError(f"{type(stage).__name__} reports {name!r} without declaring how it merges; add it to "
+                                f"its counters (Counter(SUM | MAX | LAST)) or gauges")
             value = _merge_ranks(declared[name], [rank[i][name] for rank in per_rank])
             totals[name] = _merge_chain(declared[name], totals[name], value) if name in totals else value
     for kind in dict.fromkeys(type(s) for s in reporting):  # each stage type once, in chain order

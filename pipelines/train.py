@@ -173,7 +173,7 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         ids = None if device.type == "cpu" else [device]
         forward = DistributedDataParallel(_TrainLoss(task, model, cfg, device), device_ids=ids)
     rule = curate.get_rule(options["rule"])
-    dropout = recipe.selection.score_patch_dropout if rule.uses_learner else 0.0
+    dropout = recipe.selection.score_patch_dropout if rule.uses_models else 0.0
     learner = model
     if rule.uses_learner and recipe.selection.actor:  # ACL: a small proxy scores in the learner's place
         actor_cfg = recipe.selection.actor

@@ -49,6 +49,11 @@ GLOBAL_CASES = {
     "joint_sigmoid": dict(data=lambda: make_pairs(96), models=lambda: (tiny_clip(seed=0), tiny_clip(seed=1)),
                           scorer=lambda: curate.ContrastiveScorer(loss="sigmoid"),
                           options=dict(method="joint", batch_size=4, superbatch_size=16, n_chunks=3, shuffle_buffer=0)),
+    # more chunks than a rank keeps (b=2) but no more than the global batch (W·b=4): the cap is the global batch
+    "joint_many_chunks": dict(data=lambda: make_pairs(96), models=lambda: (tiny_clip(seed=0), tiny_clip(seed=1)),
+                              scorer=lambda: curate.ContrastiveScorer(loss="sigmoid"),
+                              options=dict(method="joint", batch_size=2, superbatch_size=8, n_chunks=4,
+                                           shuffle_buffer=0)),
     "joint_softmax": dict(data=lambda: make_pairs(96),
                           models=lambda: (tiny_clip("softmax", seed=0), tiny_clip("softmax", seed=1)),
                           scorer=lambda: curate.ContrastiveScorer(loss="softmax"),

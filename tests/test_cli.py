@@ -113,6 +113,8 @@ def _assert_same_metrics(path: Path, expected: list[str]) -> None:
     assert got == [strip(line) for line in expected]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_help_is_answered_before_torch_or_the_recipe_schema_is_imported():
     # `curate --help` took 2.6-3.6 s and 750 MB when the CLI imported the recipe (→ curate → torch) at import time
     code = ("import sys\n"

@@ -37,6 +37,8 @@ def _cli_without(module: str) -> subprocess.CompletedProcess:
     return run_without([module], code, "run", "recipes/uniform.yaml")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("module", APP_MODULES)
 def test_the_cli_without_an_app_package_says_how_to_install_it(module):
     proc = _cli_without(module)
@@ -47,6 +49,8 @@ def test_the_cli_without_an_app_package_says_how_to_install_it(module):
     assert proc.stdout.strip() == "False"  # it says so before importing torch or doing any work
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_the_cli_names_every_missing_app_package_at_once():
     proc = run_without(["yaml", "tqdm", "open_clip"], "from pipelines.cli import main\nsys.exit(main(sys.argv[2:]))",
                        "data", "digits", "out")
@@ -95,6 +99,7 @@ print("pipeline, score cache and key list: ok")
 '''
 
 
+@pytest.mark.timeout(180)
 @pytest.mark.slow
 def test_the_core_install_runs_a_pipeline_without_any_extra():
     proc = run_without(NOT_CORE, CORE_PIPELINE)
@@ -136,6 +141,7 @@ def _errors(module: str, snippets: list[str]) -> list[str]:
     return [ast.literal_eval(line) for line in proc.stdout.splitlines()]
 
 
+@pytest.mark.timeout(180)
 @pytest.mark.slow
 @pytest.mark.parametrize("module", FEATURES)
 def test_each_app_feature_without_its_package_names_the_pip_command(module):
@@ -146,6 +152,7 @@ def test_each_app_feature_without_its_package_names_the_pip_command(module):
     assert _errors(module, list(snippets)) == expected
 
 
+@pytest.mark.timeout(180)
 @pytest.mark.slow
 def test_each_library_extra_without_its_package_names_the_pip_command():
     cases = {  # package → a library call that needs it, and the pip command its error must give

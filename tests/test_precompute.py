@@ -217,6 +217,7 @@ def test_shards_and_cache_on_s3(digits, tmp_path, s3):
 # --- Ray Data backend ---
 
 
+@pytest.mark.timeout(600)
 @pytest.mark.slow
 def test_ray_backend_writes_the_same_rows_as_local(digits, trained, tmp_path):
     ray = pytest.importorskip("ray")

@@ -22,7 +22,7 @@ def _classification():
         node = curate.Superbatch(node, 40)
         node = curate.Score(node, learner, reference, curate.ClassificationScorer(), "learnability")
         node = curate.JointSelect(node, 8, "sample", seed=4, superbatch_size=40)
-        return curate.Pipeline(curate.TrainingFlops(node))  # the learner's scoring forward is its training forward
+        return curate.Pipeline(node)  # the learner's scoring forward is its training forward: the ledger has it
 
     return options, by_hand
 
@@ -37,7 +37,7 @@ def _jest():
         node = curate.Superbatch(node, 24)
         node = curate.Score(node, learner, reference, curate.ContrastiveScorer())
         node = curate.JointSelect(node, 6, "joint", n_chunks=3, seed=2, superbatch_size=24)
-        return curate.Pipeline(curate.TrainingFlops(node))
+        return curate.Pipeline(node)
 
     return options, by_hand
 
@@ -65,6 +65,29 @@ def test_a_hand_built_chain_gives_the_same_batches_state_and_stats_as_pipeline(c
         assert stats == hand_stats
     assert stats["seen"] == 2 * len(data()) and stats["training_flops"] > 0 and stats["flops_overhead"] > 0
     check_resume(lambda: by_hand(data()), points=[1])  # the hand-built chain resumes exactly too
+
+
+def test_a_hand_built_prefetching_chain_reports_the_lag_pipeline_reports():
+    data = make_samples(200)
+    torch.manual_seed(0)
+    learner, reference = nn.Linear(8, 3), nn.Linear(8, 3)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
+    sync = curate.WeightSync(learner).attach(optimizer)
+    options = dict(learner=sync, reference=reference, scorer=curate.ClassificationScorer(), method="topk",
+                   batch_size=8, superbatch_size=40, shuffle_buffer=0, prefetch=1)
+    node = curate.Superbatch(curate.Source(data), 40)
+    node = curate.Score(node, sync, reference, curate.ClassificationScorer())
+    node = curate.Prefetch(curate.JointSelect(node, 8, "topk", superbatch_size=40), sync)
+    for pipe in (curate.pipeline(data, **options), curate.Pipeline(node)):
+        for batch in pipe:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(learner(batch["input"]), batch["target"]).backward()
+            optimizer.step()
+        stats = pipe.stats()
+        assert (stats["prefetch"], stats["score_lag_steps"], stats["sync"]["staleness"]) == (1, 1, 0)
+    live = curate.Score(curate.Superbatch(curate.Source(data), 40), learner, reference, curate.ClassificationScorer())
+    with pytest.raises(ValueError, match="scores the live learner"):
+        curate.Prefetch(curate.JointSelect(live, 8, "topk"))
 
 
 class CountsEvens(Stage[dict]):
@@ -117,7 +140,7 @@ def test_stats_merge_as_declared_across_ranks_and_a_stage_must_declare_what_it_r
         def stats(self):
             return {"mystery": 1}
 
-    with pytest.raises(AssertionError, match="reports 'mystery' without declaring how it merges"):
+    with pytest.raises(TypeError, match="reports 'mystery' without declaring how it merges"):
         chain_stats(chain(Undeclared(node)))
 
 
