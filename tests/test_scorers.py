@@ -31,7 +31,7 @@ def test_contrastive_scores_are_open_clips_normalised_embeddings(loss):
         image = model.encode_image(batch["image"], normalize=True)
     torch.testing.assert_close(scores.image_emb, image)
     assert scores.kind == loss and scores.scale == pytest.approx(float(model.logit_scale.detach().exp()))
-    assert scores.bias == (float(model.logit_bias) if loss == "sigmoid" else 0.0)
+    assert scores.bias == (float(model.logit_bias.detach()) if loss == "sigmoid" else 0.0)
     if loss == "sigmoid":  # per-example losses, on demand, from the embeddings
         torch.testing.assert_close(scores.loss, sigmoid_example_losses(scores.image_emb, scores.text_emb,
                                                                        scores.scale, scores.bias))
