@@ -38,7 +38,7 @@ def test_contrastive_scores_are_open_clips_normalised_embeddings(loss):
 
 
 def test_sigmoid_scoring_needs_a_logit_bias():
-    with pytest.raises(ValueError, match="needs model.logit_bias"):
+    with pytest.raises(ValueError, match="needs model.logit_bias"), torch.no_grad():
         curate.ContrastiveScorer(loss="sigmoid")(tiny_clip("softmax"), default_collate(make_pairs(2)))
     with pytest.raises(ValueError, match="loss must be 'sigmoid' or 'softmax'"):
         curate.ContrastiveScorer(loss="hinge")
