@@ -5,6 +5,10 @@ returns `ModelScores`. Built-ins: `ClassificationScorer` (per-example cross-entr
 (the open_clip API: `encode_image`, `encode_text`, `logit_scale`, `logit_bias`). A custom scorer is any object
 with `keys` (the batch fields it reads), `kind` (what its scores are) and `__call__(model, batch)`.
 
+Precision is `score_model`'s, so every scorer and provider gets it: floating inputs are cast to the model's
+floating dtype (a bf16 scoring copy takes bf16 inputs; token ids and labels stay integers), the forward runs
+under `torch.autocast` when the scorer's `autocast` attribute names a dtype, and the scores come back in fp32.
+
 A `ScoreProvider` scores a whole superbatch without being a model the pipeline forwards itself: a
 `ScoreCache` (offline reference scores), a `WeightSync` snapshot, an ACL `Actor`, or `ModelProvider`, which
 is how a plain `nn.Module` is scored.
@@ -12,17 +16,21 @@ is how a plain `nn.Module` is scored.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batch import batch_size_of, slice_batch
 from .losses import cross_entropy_losses, sigmoid_example_losses, softmax_example_losses
 
 __all__ = ["ClassificationScorer", "ContrastiveScorer", "Kind", "ModelProvider", "ModelScores", "ScoreProvider",
-           "Scorer", "model_device", "score_model"]
+           "Scorer", "model_device", "model_dtype", "score_model"]
 
 Kind = Literal["example", "sigmoid", "softmax"]
 
@@ -78,9 +86,16 @@ class ModelScores:
         return image, text
 
     def to(self, device: torch.device | str) -> ModelScores:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return ModelScores(self.kind, move(self.image_emb), move(self.text_emb), self.scale, self.bias,
-                           move(self._loss))
+        return self._map(lambda t: t.to(device))
+
+    def float(self) -> ModelScores:
+        """These scores in fp32, whatever precision the forward ran in (what the rules and the sampler read)."""
+        return self._map(Tensor.float)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> ModelScores:
+        apply = lambda t: None if t is None else fn(t)  # noqa: E731
+        return ModelScores(self.kind, apply(self.image_emb), apply(self.text_emb), self.scale, self.bias,
+                           apply(self._loss))
 
     def nonfinite(self) -> Tensor:
         """Bool mask (B,) of examples whose loss or embeddings are NaN/inf."""
@@ -109,6 +124,14 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (or buffer); None when it has none."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
 @runtime_checkable
 class Scorer(Protocol):
     """Computes one model's `ModelScores` from a (micro-)batch.
@@ -117,6 +140,10 @@ class Scorer(Protocol):
         keys: the batch fields it reads (checked against every superbatch, so a typo fails naming them).
         kind: what its scores are: "example" (per-example losses), "sigmoid" or "softmax" (embeddings for the
             contrastive losses). A `ScoreCache` serves the matching columns.
+
+    Optional attributes, read by `score_model` (the built-in scorers take them as arguments): `autocast`, a
+    dtype to run the forward under `torch.autocast` in, and `dtype`, the dtype floating inputs are cast to
+    (default: the model's floating dtype). Both None when absent.
     """
 
     keys: tuple[str, ...]
@@ -153,16 +180,45 @@ def score_model(model: nn.Module, batch: dict, scorer: Scorer, micro_batch_size:
 
     The model's train/eval mode is restored afterwards (eval so dropout does not add noise to the
     scores and batch-norm statistics are not updated by the scoring pass).
+
+    Precision: the floating fields among `scorer.keys` are cast to `scorer.dtype`, default the model's floating
+    dtype (so a bf16 copy of an fp32 learner scores fp32 batches; integer fields are left alone); with
+    `scorer.autocast` set the forward runs under `torch.autocast` on the model's device type in that dtype. The
+    scores are returned in fp32.
     """
     n = batch_size_of(batch)
+    dtype = getattr(scorer, "dtype", None) or model_dtype(model)
+    autocast = getattr(scorer, "autocast", None)
+    precision = (torch.autocast(model_device(model).type, dtype=autocast) if autocast is not None
+                 else contextlib.nullcontext())
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            parts = [scorer(model, slice_batch(batch, i, i + micro_batch_size)) for i in range(0, n, micro_batch_size)]
+        with torch.no_grad(), precision:
+            parts = [scorer(model, _cast(slice_batch(batch, i, i + micro_batch_size), scorer.keys, dtype))
+                     for i in range(0, n, micro_batch_size)]
     finally:
         model.train(was_training)
-    return ModelScores.cat(parts)
+    return ModelScores.cat(parts).float()
+
+
+def _cast(batch: dict, keys: tuple[str, ...], dtype: torch.dtype | None) -> dict:
+    """`batch` with its floating fields among `keys` in `dtype` (None: as they are)."""
+    if dtype is None:
+        return batch
+    cast = lambda v: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v  # noqa: E731
+    return {name: cast(value) if name in keys else value for name, value in batch.items()}
+
+
+def _check_precision(owner: str, autocast: torch.dtype | None, dtype: torch.dtype | None) -> None:
+    for name, value in (("autocast", autocast), ("dtype", dtype)):
+        if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+            raise ValueError(f"{owner}: {name} must be a floating-point torch.dtype (e.g. torch.bfloat16) or None, "
+                             f"got {name}={value!r}")
+
+
+def _precision_repr(autocast: torch.dtype | None, dtype: torch.dtype | None) -> str:
+    return "".join(f", {name}={value}" for name, value in (("autocast", autocast), ("dtype", dtype)) if value)
 
 
 class ClassificationScorer:
@@ -171,13 +227,21 @@ class ClassificationScorer:
     Args:
         input_key: the batch field fed to the model.
         target_key: the integer class labels.
+        autocast: run the scoring forward under `torch.autocast` in this dtype (e.g. torch.bfloat16; CPU and
+            CUDA); None: in the model's own precision.
+        dtype: the dtype floating inputs are cast to; None: the model's floating dtype (its first floating
+            parameter's), which is right unless that parameter's dtype differs from the layer the input enters.
+        Both are applied by `score_model`, through which every provider scores; the losses are fp32.
     """
 
     kind: Kind = "example"
 
-    def __init__(self, input_key: str = "input", target_key: str = "target"):
+    def __init__(self, input_key: str = "input", target_key: str = "target", *,
+                 autocast: torch.dtype | None = None, dtype: torch.dtype | None = None):
+        _check_precision("ClassificationScorer", autocast, dtype)
         self.input_key, self.target_key = input_key, target_key
         self.keys = (input_key, target_key)
+        self.autocast, self.dtype = autocast, dtype
 
     def __call__(self, model: nn.Module, batch: dict) -> ModelScores:
         device = model_device(model)
@@ -185,7 +249,8 @@ class ClassificationScorer:
         return ModelScores.of_losses(cross_entropy_losses(logits, batch[self.target_key].to(device)))
 
     def __repr__(self) -> str:
-        return f"ClassificationScorer(input_key={self.input_key!r}, target_key={self.target_key!r})"
+        return (f"ClassificationScorer(input_key={self.input_key!r}, target_key={self.target_key!r}"
+                f"{_precision_repr(self.autocast, self.dtype)})")
 
 
 class _ContrastiveModel(Protocol):
@@ -205,22 +270,31 @@ class ContrastiveScorer:
         image_key: the batch field with images (a float tensor the model's `encode_image` takes).
         text_key: the batch field with token ids (what the model's `encode_text` takes).
         loss: "sigmoid" (needs `model.logit_bias`) or "softmax".
+        autocast: run the scoring forward under `torch.autocast` in this dtype (e.g. torch.bfloat16; CPU and
+            CUDA); None: in the model's own precision.
+        dtype: the dtype the images are cast to (token ids stay integers); None: the model's floating dtype
+            (its first floating parameter's).
+        Both are applied by `score_model`, through which every provider scores; the embeddings are fp32.
     """
 
     def __init__(self, image_key: str = "image", text_key: str = "text",
-                 loss: Literal["sigmoid", "softmax"] = "sigmoid"):
+                 loss: Literal["sigmoid", "softmax"] = "sigmoid", *,
+                 autocast: torch.dtype | None = None, dtype: torch.dtype | None = None):
         if loss not in ("sigmoid", "softmax"):
             raise ValueError(f"ContrastiveScorer: loss must be 'sigmoid' or 'softmax', got {loss=}")
+        _check_precision("ContrastiveScorer", autocast, dtype)
         self.image_key, self.text_key, self.loss = image_key, text_key, loss
         self.kind: Kind = loss
         self.keys = (image_key, text_key)
+        self.autocast, self.dtype = autocast, dtype
 
     def __call__(self, model: nn.Module, batch: dict) -> ModelScores:
         device = model_device(model)
         clip = cast(_ContrastiveModel, model)  # duck-typed: any nn.Module with open_clip's API
-        image = clip.encode_image(batch[self.image_key].to(device, non_blocking=True), normalize=True)
-        text = clip.encode_text(batch[self.text_key].to(device, non_blocking=True), normalize=True)
-        scale = float(clip.logit_scale.exp())
+        # normalised in fp32: a bf16 forward's features would otherwise be rounded to bf16 a second time
+        image = F.normalize(clip.encode_image(batch[self.image_key].to(device, non_blocking=True)).float(), dim=-1)
+        text = F.normalize(clip.encode_text(batch[self.text_key].to(device, non_blocking=True)).float(), dim=-1)
+        scale = float(clip.logit_scale.float().exp())
         if self.loss == "sigmoid":
             logit_bias = getattr(model, "logit_bias", None)
             if logit_bias is None:
@@ -231,7 +305,8 @@ class ContrastiveScorer:
             bias = float(logit_bias)
         else:
             bias = 0.0
-        return ModelScores(self.loss, image.float(), text.float(), scale, bias)
+        return ModelScores(self.loss, image, text, scale, bias)
 
     def __repr__(self) -> str:
-        return f"ContrastiveScorer(image_key={self.image_key!r}, text_key={self.text_key!r}, loss={self.loss!r})"
+        return (f"ContrastiveScorer(image_key={self.image_key!r}, text_key={self.text_key!r}, loss={self.loss!r}"
+                f"{_precision_repr(self.autocast, self.dtype)})")

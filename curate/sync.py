@@ -63,10 +63,14 @@ class WeightSync:
         device: where the copy lives and scores; default the learner's device ("cpu" when shared).
         module: the scoring copy to sync into; default `copy.deepcopy(learner)`. It must have the learner's
             parameter and buffer names and shapes (dtypes may differ: a bf16 copy of an fp32 learner).
+        dtype: the floating dtype of the copy, e.g. torch.bfloat16: half the memory of an fp32 learner's and a
+            faster forward; pushes round the learner's weights to it, and `score_model` casts the inputs.
+            Default: the dtypes of `module` (of the learner, for the default copy). Integer buffers stay as they are.
     """
 
     def __init__(self, learner: nn.Module, every: int = 1, shared: bool = False,
-                 device: str | torch.device | None = None, module: nn.Module | None = None):
+                 device: str | torch.device | None = None, module: nn.Module | None = None,
+                 dtype: torch.dtype | None = None):
         if not isinstance(learner, nn.Module):
             raise TypeError(f"WeightSync: learner must be an nn.Module, got {type(learner).__name__}")
         if not isinstance(every, int) or every < 1:
@@ -75,8 +79,12 @@ class WeightSync:
         if shared and device.type != "cpu":
             raise ValueError(f"WeightSync: shared=True keeps the copy in CPU shared memory for worker processes; "
                              f"device must be 'cpu', got device={str(device)!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"WeightSync: dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None, "
+                             f"got {dtype=}")
         self.every, self.shared = every, shared
-        self.module = (copy.deepcopy(learner) if module is None else module).to(device).eval().requires_grad_(False)
+        self.module = (copy.deepcopy(learner) if module is None else module).to(device, dtype)
+        self.module.eval().requires_grad_(False)
         for param in self.module.parameters():
             param.grad = None
         self._check_match(_tensors(learner))
