@@ -15,7 +15,7 @@ from torch import nn
 
 from .actor import Actor
 from .scorers import ModelProvider, ScoreProvider, Scorer
-from .sync import WeightSync
+from .sync import WeightSync, check_unsharded
 
 __all__ = ["LearnerSide", "as_provider", "resolve_learner", "unwrap_ddp"]
 
@@ -88,7 +88,8 @@ def resolve_learner(learner, *, prefetch: int = 0, train_model: nn.Module | None
 
     Args:
         learner: an `nn.Module` (or DDP model), `WeightSync`, `Actor`, `ScoreProvider`, or an already resolved
-            `LearnerSide` (returned as is, after checking it fits the other arguments).
+            `LearnerSide` (returned as is, after checking it fits the other arguments). A sharded model (FSDP,
+            FSDP2, DeepSpeed) is a ValueError: score it through a `WeightSync` of a full copy, or an `Actor`.
         prefetch: 1 when superbatches are scored in a background thread: a plain module is then scored from a
             `WeightSync` copy made here (the live one is rewritten by the optimizer meanwhile).
         train_model: the model trained on the batches, when it is not the learner (an actor or a provider
@@ -108,6 +109,7 @@ def resolve_learner(learner, *, prefetch: int = 0, train_model: nn.Module | None
                              "the resolve_learner call that made the side")
         return replace(learner, scores_training_forward=False) if train_scorer is not None else learner
     learner = unwrap_ddp(learner)
+    check_unsharded(learner, "resolve_learner")
     own_forward = train_scorer is None  # the scoring forward is the training one unless told otherwise
     if isinstance(learner, Actor):
         return LearnerSide(learner, role="actor", actor=learner, trained=train_model)

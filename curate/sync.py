@@ -46,6 +46,42 @@ def _tensors(module: nn.Module) -> dict[str, Tensor]:
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
+def check_unsharded(model, where: str) -> None:
+    """Raise a ValueError naming the supported ways when `model` is sharded across ranks (FSDP, FSDP2's
+    `fully_shard` or other DTensor parameters, a DeepSpeed engine or ZeRO-3 parameters): no rank holds the
+    weights to score with, and its forward runs collectives that scoring (maybe in a prefetch thread) must not."""
+    what = _sharding(model)
+    if what is not None:
+        raise ValueError(
+            f"{where}: the learner is {what}, so this rank does not hold the weights to score with, and its forward "
+            "runs collectives that scoring must not start. Score from a full copy instead: "
+            "learner=curate.WeightSync(full) over an unsharded model of the same architecture, into which you load "
+            "the gathered weights after optimizer steps (e.g. FSDP's full state dict, torch.distributed.checkpoint."
+            "state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))) and then call "
+            "sync.push(); or learner=curate.Actor(proxy, optimizer), an ACL actor: a small unsharded proxy model "
+            "scored and trained in the learner's place"
+        )
+
+
+def _sharding(model) -> str | None:
+    # DeepSpeed is not a dependency: its engine (an nn.Module wrapping the model) is known by its class's module
+    if any(cls.__module__.partition(".")[0] == "deepspeed" for cls in type(model).__mro__):
+        return f"a DeepSpeed engine ({type(model).__name__})"
+    if not isinstance(model, nn.Module):
+        return None
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            return "FSDP-wrapped (FullyShardedDataParallel)"
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            return "sharded: its parameters are DTensors (FSDP2's fully_shard, or tensor parallelism)"
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # the attribute deepspeed.zero.Init gives parameters
+        return "partitioned by DeepSpeed ZeRO-3"
+    return None
+
+
 class WeightSync:
     """A scoring copy of the learner's weights, kept current as it trains; pass it as `learner=`.
 
@@ -73,6 +109,7 @@ class WeightSync:
                  dtype: torch.dtype | None = None):
         if not isinstance(learner, nn.Module):
             raise TypeError(f"WeightSync: learner must be an nn.Module, got {type(learner).__name__}")
+        check_unsharded(learner, "WeightSync")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"WeightSync: every must be a positive int (push every k optimizer steps), got {every=}")
         device = torch.device(device or ("cpu" if shared else model_device(learner)))
