@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import threading
 import time
 import weakref
@@ -69,14 +70,12 @@ def _sharding(model) -> str | None:
         return f"a DeepSpeed engine ({type(model).__name__})"
     if not isinstance(model, nn.Module):
         return None
-    if torch.distributed.is_available():
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.tensor import DTensor
-
-        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-            return "FSDP-wrapped (FullyShardedDataParallel)"
-        if any(isinstance(p, DTensor) for p in model.parameters()):
-            return "sharded: its parameters are DTensors (FSDP2's fully_shard, or tensor parallelism)"
+    # looked up, not imported (~1 s): a model can only be wrapped by, or hold tensors of, modules already imported
+    fsdp, dtensor = sys.modules.get("torch.distributed.fsdp"), sys.modules.get("torch.distributed.tensor")
+    if fsdp is not None and any(isinstance(m, fsdp.FullyShardedDataParallel) for m in model.modules()):
+        return "FSDP-wrapped (FullyShardedDataParallel)"
+    if dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in model.parameters()):
+        return "sharded: its parameters are DTensors (FSDP2's fully_shard, or tensor parallelism)"
     if any(hasattr(p, "ds_id") for p in model.parameters()):  # the attribute deepspeed.zero.Init gives parameters
         return "partitioned by DeepSpeed ZeRO-3"
     return None
