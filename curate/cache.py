@@ -340,6 +340,7 @@ class ScoreCache:
         self._directory = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self._steps = [1 << k for k in reversed(range(int(counts.max()).bit_length()))]
         self._sorted = np.concatenate([ordered, np.full(max(sum(self._steps), 1), np.iinfo(np.uint64).max)])
+        self._probes = [self._sorted[step - 1:] for step in self._steps]  # views: no `position + step - 1` per step
         # Each sorted hash's (row, second hash) side by side, gathered as one 16-byte item. A key is found when
         # both 64-bit hashes match: comparing the key strings themselves costs more than the whole search
         # (0.44 of 1.3 ms for 4096 keys), and an absent key matching both hashes of a cached one has odds of
@@ -370,9 +371,9 @@ class ScoreCache:
     def _lookup(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         query = _key_series(keys)
         hashes = query.hash(self._seed).to_numpy()
-        position = self._directory[(hashes >> self._shift).astype(np.intp)]
-        for step in self._steps:
-            np.add(position, step, out=position, where=self._sorted[position + (step - 1)] < hashes)
+        position = self._directory[hashes >> self._shift]
+        for step, probe in zip(self._steps, self._probes, strict=True):
+            np.add(position, step, out=position, where=probe[position] < hashes)
         n = len(self._rows)
         found = (self._sorted[position] == hashes) & (position < n)  # position n: the padding
         row_check = self._rows[np.minimum(position, n - 1)].view(np.uint64).reshape(-1, 2)
