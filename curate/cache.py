@@ -34,7 +34,7 @@ from .batch import split_batch, take
 from .files import atomic_write, filesystem
 from .scorers import Kind, ModelScores, Scorer, score_model
 
-__all__ = ["SCHEMA_VERSION", "MissingKeysError", "ScoreCache", "model_hash", "polars_storage_options", "scan",
+__all__ = ["MissingKeysError", "SCHEMA_VERSION", "ScoreCache", "model_hash", "polars_storage_options", "scan",
            "write_part"]
 
 SCHEMA_VERSION = 1
