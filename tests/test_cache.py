@@ -18,12 +18,14 @@ from torch.utils.data import default_collate
 import curate
 from curate.cache import (
     SCHEMA_VERSION,
+    MissingKeysError,
     ScoreCache,
     model_hash,
     polars_storage_options,
     scan,
     write_part,
 )
+from curate.distributed import Shards
 from curate.scorers import score_model
 
 from .conftest import make_bucket, make_pairs, make_samples, tiny_clip
@@ -97,6 +99,105 @@ def test_lookup_at_scale_is_exact():
     rows, found = cache.lookup(keys)
     assert found.all() and torch.equal(rows, torch.arange(n))
     assert not cache.lookup([k + "x" for k in keys[:5000]])[1].any()
+
+
+def embedding_parts(root, n_parts, rows, dim=8, emb_dtype="float32", seed=0):
+    """n_parts parts as `curate precompute` names them (part i: shard i), with losses and unit embeddings;
+    returns {key: (loss, image, text)} in float32 as given to write_part."""
+    g = torch.Generator().manual_seed(seed)
+    expected = {}
+    for i in range(n_parts):
+        keys = [f"shard-{i:03d}/sample-{j:04d}" for j in range(rows)]
+        loss = torch.rand(rows, generator=g)
+        image, text = (nn.functional.normalize(torch.randn(rows, dim, generator=g), dim=1) for _ in range(2))
+        write_part(f"{root}/part-{i:05d}.parquet", keys, ref_loss=loss, image_emb=image, text_emb=text,
+                   logit_scale=2.0, logit_bias=-1.0, metadata=META, emb_dtype=emb_dtype)
+        expected |= {k: (loss[j], image[j], text[j]) for j, k in enumerate(keys)}
+    return expected
+
+
+def test_a_rank_loads_its_share_and_scores_like_the_full_cache(tmp_path):
+    expected = embedding_parts(tmp_path, 6, 50)
+    full = ScoreCache.open(str(tmp_path))
+    world = 4
+    for rank in range(world):
+        # the shards curate.Shards gives this rank are the parts it loads: part i holds shard i
+        shards = Shards([f"shard-{i:03d}.tar" for i in range(6)], lambda urls: [], rank=rank, world_size=world)
+        share = ScoreCache.open(str(tmp_path), parts=range(rank, len(shards.all_urls), world))
+        mine = [k for k in expected if f"{k.split('/')[0]}.tar" in shards.urls]
+        assert sorted(share.keys.to_list()) == sorted(mine) and len(share.parts) == len(shards.urls)
+        for scorer in (curate.ClassificationScorer(), curate.ContrastiveScorer(loss="sigmoid")):
+            got, want = share.scores({"__key__": mine}, scorer), full.scores({"__key__": mine}, scorer)
+            for name in ("loss", "image_emb", "text_emb"):
+                if getattr(want, name) is not None:
+                    assert torch.equal(getattr(got, name), getattr(want, name)), (rank, name)
+        other = next(k for k in expected if k not in set(mine))
+        message = rf"1 of 2 keys are not in the rows loaded .*opened with parts=\[{rank}[],].*\['{other}'\]; open it"
+        with pytest.raises(MissingKeysError, match=message) as err:
+            share.scores({"__key__": [mine[0], other]}, curate.ClassificationScorer())
+        assert err.value.keys == [other] and err.value.count == 1 and isinstance(err.value, ValueError)
+
+    wanted = list(expected)[::7]  # keys= keeps exactly these rows, from whichever parts hold them
+    subset = ScoreCache.open(str(tmp_path), keys=iter(wanted))
+    assert sorted(subset.keys.to_list()) == sorted(wanted) and "keys= (" in repr(subset)
+    got, want = (c.scores({"__key__": wanted}, curate.ClassificationScorer()).loss for c in (subset, full))
+    assert torch.equal(got, want)
+    with pytest.raises(MissingKeysError, match=r"opened with keys= \(43 keys\)"):
+        subset.scores({"__key__": list(expected)[1:2]}, curate.ClassificationScorer())
+    assert len(ScoreCache.open(str(tmp_path), parts=[1, 5], keys=wanted)) == len(
+        [k for k in wanted if k.startswith(("shard-001", "shard-005"))])
+    by_name = ScoreCache.open(str(tmp_path), parts=lambda name: name.endswith("3.parquet"))
+    assert set(by_name.keys.str.slice(0, 9).to_list()) == {"shard-003"}
+
+
+def test_bad_part_selections_are_refused_naming_the_fix(tmp_path):
+    embedding_parts(tmp_path, 3, 5)
+    with pytest.raises(FileNotFoundError, match=r"no part-NNNNN.parquet for parts \[3, 7\] .*3 parts there"):
+        ScoreCache.open(str(tmp_path), parts=[0, 3, 7])
+    with pytest.raises(ValueError, match=r"parts= is empty.*rank < n_shards"):
+        ScoreCache.open(str(tmp_path), parts=range(5, 3, 4))
+    for bad in ("part-00000.parquet", [0.5], [-1], [True]):
+        with pytest.raises(TypeError, match=r"part indices \(ints >= 0"):
+            ScoreCache.open(str(tmp_path), parts=bad)
+    with pytest.raises(FileNotFoundError, match="selects none of the 3 parts"):
+        ScoreCache.open(str(tmp_path), parts=lambda name: False)
+    with pytest.raises(ValueError, match=r"none of the 2 keys= are in the 3 parts"):
+        ScoreCache.open(str(tmp_path), keys=["nope", "nada"])
+
+
+def test_float16_parts_halve_the_embedding_bytes_and_select_like_float32(tmp_path):
+    pairs = make_pairs(256, seed=8)
+    reference, learner = tiny_clip("sigmoid", embed_dim=32, seed=1), tiny_clip("sigmoid", embed_dim=32, seed=2)
+    scorer = curate.ContrastiveScorer(loss="sigmoid")
+    emb = score_model(reference, default_collate(pairs), scorer, 64)
+    caches = {}
+    for dtype in ("float32", "float16"):
+        write_part(str(tmp_path / dtype / "part-00000.parquet"), [p["__key__"] for p in pairs],
+                   image_emb=emb.image_emb, text_emb=emb.text_emb, logit_scale=reference.logit_scale.item(),
+                   logit_bias=reference.logit_bias.item(), metadata=META, emb_dtype=dtype)
+        caches[dtype] = ScoreCache.open(str(tmp_path / dtype))
+    sizes = {d: os.path.getsize(tmp_path / d / "part-00000.parquet") for d in caches}
+    assert sizes["float16"] < 0.6 * sizes["float32"], sizes
+    half, full = caches["float16"], caches["float32"]
+    assert half.image_emb.dtype == np.float16 and half.describe()["columns"]["image_emb"] == "float16[32]"
+    superbatch = default_collate(pairs[:64])
+    a, b = half.scores(superbatch, scorer), full.scores(superbatch, scorer)
+    assert a.image_emb.dtype == a.text_emb.dtype == torch.float32  # what the sampler gets
+    assert torch.allclose(a.image_emb, b.image_emb, atol=1e-3) and torch.allclose(a.loss, b.loss, rtol=1e-2, atol=1e-3)
+    # the same JEST run (same learner, data order and seeds) keeps nearly the same samples
+    kept = {d: kept_keys(pairs, caches[d], learner, scorer, 64, "joint") for d in caches}
+    overlap = len(set(kept["float16"]) & set(kept["float32"])) / len(kept["float32"])
+    assert len(kept["float16"]) == len(kept["float32"]) > 0 and overlap >= 0.95, overlap
+    with pytest.raises(ValueError, match=r"emb_dtype must be one of \['float32', 'float16'\]"):
+        write_part(str(tmp_path / "x.parquet"), ["a"], ref_loss=[1.0], metadata=META, emb_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"image_emb is NaN/inf in float16 for keys \['a'\]"):
+        write_part(str(tmp_path / "x.parquet"), ["a"], image_emb=[[7e4]], text_emb=[[1.0]], logit_scale=1.0,
+                   metadata=META, emb_dtype="float16")
+    write_part(str(tmp_path / "float16" / "part-00001.parquet"), ["z"], image_emb=[[1.0] * 32],
+               text_emb=[[1.0] * 32], logit_scale=reference.logit_scale.item(),
+               logit_bias=reference.logit_bias.item(), metadata=META)
+    with pytest.raises(ValueError, match=r"part-00001.parquet has columns .*Float32.*Float16"):
+        ScoreCache.open(str(tmp_path / "float16"))
 
 
 def test_write_part_is_atomic_and_validates(tmp_path):
@@ -281,6 +382,9 @@ def test_s3_cache_through_s3fs_and_polars(s3):
     assert len(cache) == 65 and cache.parts == ["caches/run1/part-00000.parquet", "caches/run1/part-00001.parquet"]
     rows, found = cache.lookup(list(expected))
     assert found.all() and cache.ref_loss[rows.numpy()].tolist() == pytest.approx(list(expected.values()))
+    share = ScoreCache.open(url, storage_options=s3, parts=[1])  # one rank's part: only it is fetched
+    assert share.parts == ["caches/run1/part-00001.parquet"]
+    assert sorted(share.keys) == sorted(f"m{i}" for i in range(25))
 
     frame = scan(url, storage_options=s3).collect()  # Polars' own object store, same endpoint
     assert dict(zip(frame["__key__"], frame["ref_loss"], strict=True)) == pytest.approx(expected)
