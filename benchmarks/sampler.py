@@ -8,10 +8,13 @@ learner and reference embeddings (sigmoid loss, t = 10, b = −10, rule = learna
   test reference); run only while it fits (`--dense-max`, and on a GPU until it runs out of memory);
 * matmul bound, timed in the same process: the products the exact conditional gain cannot avoid, i.e. every
   candidate against every selected pair, for both models, image→text and text→image: 4 products of
-  (B×d)·(d×b). `bound1` is one such product.
+  (B×d)·(d×b). `bound1` is one such product. `tiled_bound` is the same 4 products done as the sampler does
+  them, per chunk of b/n_chunks columns in row tiles into a reused buffer (on CPU, where it tiles): the
+  sampler's time minus it is what its elementwise work and bookkeeping cost.
 
 Each configuration runs in its own subprocesses (so one's memory cannot hide another's). Time: median
-wall seconds over repeats after a warm-up (torch on one thread on CPU; synchronised on CUDA). Peak
+wall seconds over repeats after a warm-up (torch on `--threads` threads on CPU, default 1; synchronised on
+CUDA). Peak
 memory above what the inputs already hold, in a second subprocess, after a warm-up: on CUDA
 `torch.cuda.max_memory_allocated`; on CPU the process's resident high-water mark (VmHWM, reset through
 /proc/self/clear_refs before the run) minus its resident size before it, with glibc told to mmap every
@@ -19,7 +22,7 @@ allocation ≥ 64 KiB (MALLOC_MMAP_THRESHOLD_) so freed tensors leave the reside
 reused unseen. It counts everything the run touched, not only tensors.
 At small B the sampler and the dense reference are checked to pick the same indices from the same seed.
 
-    .venv/bin/python benchmarks/sampler.py [--device cpu|cuda] [--sizes 1024,...,65536]
+    .venv/bin/python benchmarks/sampler.py [--device cpu|cuda] [--sizes 4096,...,65536] [--threads 1]
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_io import write_json  # benchmarks/ is on sys.path when a script runs
 
+from curate import selection  # noqa: E402
 from curate.losses import sigmoid_pair_losses  # noqa: E402
 from curate.rules import get_rule  # noqa: E402
 from curate.scorers import ModelScores  # noqa: E402
-from curate.selection import DenseGain, SigmoidGain, joint  # noqa: E402
+from curate.selection import DenseGain, SigmoidGain, chunk_sizes, joint  # noqa: E402
 
-SIZES = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+SIZES = [4096, 8192, 16384, 32768, 65536]
 
 
 def embeddings(n: int, d: int, seed: int, device: torch.device) -> ModelScores:
@@ -77,6 +81,22 @@ def bound(learner: ModelScores, reference: ModelScores, k: int, products: int = 
              (reference.image_emb, reference.text_emb[sel]), (reference.text_emb, reference.image_emb[sel])]
     for x, y in pairs[:products]:
         x @ y.T
+
+
+def tiled_bound(learner: ModelScores, reference: ModelScores, k: int, chunks: int) -> None:
+    """The same 4 products, chunk by chunk, in `SigmoidGain`'s row tiles written into one reused buffer."""
+    device = learner.image_emb.device
+    n = learner.image_emb.shape[0]
+    start = 0
+    for c in chunk_sizes(k, chunks):
+        sel = torch.arange(start, start + c, device=device)
+        start += c
+        rows = min(n, max(1, selection._TILE // c)) if device.type == "cpu" else n
+        block = torch.empty(rows, c, device=device)
+        for m in (learner, reference):
+            for x, y in ((m.image_emb, m.text_emb[sel]), (m.text_emb, m.image_emb[sel])):
+                for r in range(0, n, rows):
+                    torch.mm(x[r:r + rows], y.T, out=block[: min(rows, n - r)])
 
 
 def _sync(device: torch.device) -> None:
@@ -126,7 +146,7 @@ def peak_bytes(fn, device: torch.device) -> tuple[int, str]:
 
 def child(args) -> dict:
     """One (impl, B) configuration, in this process: time, peak memory and the matmul bound."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     n, d, chunks = args.child_size, args.dim, args.chunks
     k = round(n * (1 - args.filter))
@@ -147,6 +167,8 @@ def child(args) -> dict:
         row["bound_seconds"] = timed(lambda: bound(learner, reference, k), device, args.repeats, args.min_seconds)
         row["bound1_seconds"] = timed(lambda: bound(learner, reference, k, 1), device, args.repeats,
                                       args.min_seconds)
+        row["tiled_bound_seconds"] = timed(lambda: tiled_bound(learner, reference, k, chunks), device, args.repeats,
+                                           args.min_seconds)
         row["flops_bound"] = 4 * 2 * n * d * k
     elif n <= 4096:  # exactness: same seed, same picks
         row["same_selection_as_sampler"] = bool(torch.equal(fn().cpu(), sampler(learner, reference, k, chunks, 0)
@@ -160,7 +182,7 @@ def run_child(args, impl: str, n: int) -> dict:
     keep freed heap memory resident and reuse it unseen)."""
     cmd = [sys.executable, __file__, "--child", impl, "--child-size", str(n), "--device", args.device,
            "--dim", str(args.dim), "--chunks", str(args.chunks), "--filter", str(args.filter),
-           "--repeats", str(args.repeats), "--min-seconds", str(args.min_seconds)]
+           "--repeats", str(args.repeats), "--min-seconds", str(args.min_seconds), "--threads", str(args.threads)]
     row = {}
     for extra, env in (([], os.environ), (["--memory"], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})):
         done = subprocess.run(cmd + extra, capture_output=True, text=True, env=env)
@@ -185,13 +207,14 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| B | b | sampler s | 4-matmul bound s | sampler / bound | sampler / 1 matmul | sampler peak | "
-             "B·b/16 floats | dense s | dense peak | dense / sampler |", "|---" * 11 + "|"]
+    lines = ["| B | b | sampler s | 4-matmul bound s | sampler / bound | tiled matmuls s | sampler / tiled | "
+             "sampler / 1 matmul | sampler peak | B·b/16 floats | dense s | dense peak | dense / sampler |",
+             "|---" * 13 + "|"]
     for n in sorted({r["B"] for r in rows}):
         s = next(r for r in rows if r["B"] == n and r["impl"] == "sampler")
         dn = next((r for r in rows if r["B"] == n and r["impl"] == "dense"), None)
         if "error" in s:
-            lines.append(f"| {n} | — | {s['error']} |" + " |" * 8)
+            lines.append(f"| {n} | — | {s['error']} |" + " |" * 10)
             continue
         if dn is None:
             dense_cells = ["not run (--dense-max)", "—", "—"]
@@ -200,7 +223,8 @@ def table(rows: list[dict]) -> str:
         else:
             dense_cells = [f"{dn['seconds']:.4f}", fmt_bytes(dn["peak_bytes"]), f"{dn['seconds'] / s['seconds']:.1f}×"]
         lines.append(f"| {n} | {s['b']} | {s['seconds']:.4f} | {s['bound_seconds']:.4f} | "
-                     f"{s['seconds'] / s['bound_seconds']:.2f} | {s['seconds'] / s['bound1_seconds']:.2f} | "
+                     f"{s['seconds'] / s['bound_seconds']:.2f} | {s['tiled_bound_seconds']:.4f} | "
+                     f"{s['seconds'] / s['tiled_bound_seconds']:.2f} | {s['seconds'] / s['bound1_seconds']:.2f} | "
                      f"{fmt_bytes(s['peak_bytes'])} | {fmt_bytes(4 * n * s['b'] / s['n_chunks'])} | "
                      + " | ".join(dense_cells) + " |")
     return "\n".join(lines)
@@ -214,7 +238,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     for impl, key, label in (("sampler", "seconds", "chunked sampler"), ("dense", "seconds", "dense reference"),
-                             ("sampler", "bound_seconds", "matmul bound (4 products)")):
+                             ("sampler", "bound_seconds", "matmul bound (4 products)"),
+                             ("sampler", "tiled_bound_seconds", "the 4 products in the sampler's tiles")):
         got = [r for r in rows if r["impl"] == impl and key in r]
         ax_t.plot([r["B"] for r in got], [r[key] for r in got], marker="o", label=label)
     for impl in ("sampler", "dense"):
@@ -243,8 +268,10 @@ def main() -> None:
     parser.add_argument("--dense-max", type=int, default=None,
                         help="largest B for the dense reference (default: 16384 on CPU, all on CUDA until OOM)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (on CPU)")
     parser.add_argument("--min-seconds", type=float, default=1.0)
-    parser.add_argument("--out", default=None, help="default benchmarks/results/sampler_<device>.json (+ .png)")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/sampler_<device>[_<n>threads].json "
+                        "(+ .png)")
     parser.add_argument("--child", choices=["sampler", "dense"], help=argparse.SUPPRESS)
     parser.add_argument("--child-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
@@ -263,13 +290,15 @@ def main() -> None:
         print(table(rows).splitlines()[-1], flush=True)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     print(f"\n{args.device} ({device_name}), d={args.dim}, filter {args.filter}, {args.chunks} chunks\n" + table(rows))
-    out = Path(args.out or f"benchmarks/results/sampler_{args.device}.json")
+    threads = f"_{args.threads}threads" if args.device == "cpu" and args.threads != 1 else ""
+    out = Path(args.out or f"benchmarks/results/sampler_{args.device}{threads}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, out.with_suffix(".png"), f"joint sampler on {args.device} ({device_name})")
     report = {"benchmark": "sampler", "device": args.device, "device_name": device_name,
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "dim": args.dim, "filter_ratio": args.filter,
               "n_chunks": args.chunks, "dense_max": args.dense_max, "rows": rows,
-              "seconds": time.perf_counter() - start, "torch_threads": 1 if args.device == "cpu" else None}
+              "seconds": time.perf_counter() - start, "torch_threads": args.threads if args.device == "cpu" else None,
+              "load_average_after": os.getloadavg()}
     write_json(report, out)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

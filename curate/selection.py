@@ -11,17 +11,19 @@ The conditional learnability comes from a gain object (`DenseGain` for tests, `S
 `SoftmaxGain` for real contrastive superbatches). A gain object answers two calls: `first()` gives
 the logits for chunk 1 and `add(chunk)` adds a chunk to S and returns the logits for the next one.
 `SigmoidGain` never builds the B×B matrix: it keeps a running (B,) gain and updates it from the
-B×c blocks of the chunk just added (c = b / n_chunks), so memory is O(B·c) per chunk.
+B×c blocks of the chunk just added (c = b / n_chunks), so memory is O(B·c) per chunk. On CPU the blocks are
+computed in row tiles of at most `_TILE` floats, so the elementwise work after each product runs in cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .losses import sigmoid_pair_losses
 from .rules import Rule
 
 __all__ = ["DenseGain", "Gain", "SigmoidGain", "SoftmaxGain", "chunk_sizes", "joint", "sample", "topk"]
@@ -41,7 +43,9 @@ def sample(
     `temperature=0` is greedy top-k. Noise comes from `generator` (CPU) so draws are device-independent.
     """
     _check_k(k, scores.shape[0])
-    return _gumbel_topk(scores.float(), k, temperature, generator)
+    _check_temperature(temperature)
+    noise = _gumbel((scores.shape[0],), generator, scores.device) if temperature else None
+    return _gumbel_topk(scores.float(), k, temperature, noise)
 
 
 def chunk_sizes(k: int, n_chunks: int) -> list[int]:
@@ -80,12 +84,15 @@ def joint(
     logits = gain.first()
     n = logits.shape[0]
     _check_k(k, n)
+    _check_temperature(temperature)
+    sizes = chunk_sizes(k, n_chunks)
+    # every chunk's noise in one draw and one transfer; row i is what a draw for chunk i alone would give
+    noise = _gumbel((len(sizes), n), generator, logits.device) if temperature else None
     taken = torch.zeros(n, dtype=torch.bool, device=logits.device)
     chunks: list[Tensor] = []
-    sizes = chunk_sizes(k, n_chunks)
     for i, size in enumerate(sizes):
         masked = logits.float().masked_fill(taken, float("-inf"))
-        chunk = _gumbel_topk(masked, size, temperature, generator)
+        chunk = _gumbel_topk(masked, size, temperature, None if noise is None else noise[i])
         taken[chunk] = True
         chunks.append(chunk)
         if i + 1 < len(sizes):
@@ -122,37 +129,83 @@ class SigmoidGain:
     """Exact conditional gain for the sigmoid (SigLIP) loss, from embeddings, O(B·c) memory.
 
     A = rule(ℓ^learner, ℓ^reference) elementwise over per-pair sigmoid losses; the running gain of
-    every candidate is updated from the B×c blocks A[:, chunk] and A[chunk, :].
+    every candidate is updated from the B×c blocks A[:, chunk] and A[chunk, :]. Each model's block is one
+    `addmm` (t·(rows @ colsᵀ) + b) and a softplus in place, as if every pair were a negative, ℓ_ij =
+    softplus(x_ij); the chunk's own positives, softplus(−x_kk) = softplus(x_kk) − x_kk, are corrected for
+    afterwards from the (B,) diagonal. The rule combines the models' blocks elementwise before the row sums,
+    so learnability's cancellation between two close models happens per pair, as in the dense matrix.
     """
 
     def __init__(self, learner: _Embeddings | None, reference: _Embeddings | None, rule: Rule):
-        self.models = (learner, reference)
+        assert learner is not None or reference is not None, \
+            "SigmoidGain: the rule reads the learner's or the reference's embeddings"
+        self.models = [None if m is None else _Model(m) for m in (learner, reference)]
         self.rule = rule
-        some = learner if learner is not None else reference
-        assert some is not None, "SigmoidGain: the rule reads the learner's or the reference's embeddings"
-        n = some.image_emb.shape[0]
-        self.all = torch.arange(n, device=some.image_emb.device)
-        self.gain = self._block(self.all, None, diagonal=True)
+        self.gain = self._rule(None if m is None else F.softplus(-m.positive) for m in self.models)
 
-    def _pair_losses(self, model: _Embeddings | None, rows: Tensor, cols: Tensor | None, diagonal: bool):
-        if model is None:
-            return None
-        if diagonal:  # ℓ_kk only: a row-wise dot product, not a B×B block
-            logits = model.scale * (model.image_emb.float() * model.text_emb.float()).sum(1) + model.bias
-            return torch.nn.functional.softplus(-logits)
-        return sigmoid_pair_losses(model.image_emb, model.text_emb, model.scale, model.bias, rows, cols)
-
-    def _block(self, rows: Tensor, cols: Tensor | None, diagonal: bool = False) -> Tensor:
-        learner, reference = (self._pair_losses(m, rows, cols, diagonal) for m in self.models)
-        return self.rule(learner, reference)
+    def _rule(self, losses: Iterable[Tensor | None]) -> Tensor:
+        return self.rule(*losses).float()
 
     def first(self) -> Tensor:
         return self.gain.clone()
 
     def add(self, chunk: Tensor) -> Tensor:
-        chunk = chunk.to(self.all.device)
-        self.gain += self._block(self.all, chunk).sum(1) + self._block(chunk, self.all).sum(0)
+        device = next(m for m in self.models if m is not None).image.device
+        chunk = chunk.to(device)
+        n, c = self.gain.shape[0], chunk.shape[0]
+        cpu = device.type == "cpu"
+        rows = min(n, max(1, _TILE // c)) if cpu else n
+        blocks = [None if m is None else torch.empty(rows, c, device=device) for m in self.models]
+        scratch = [torch.empty(rows, c, device=device) for _ in range(2 if cpu else 0)]
+        # A[:, chunk] reads image × text[chunk]; A[chunk, :], as its transpose, text × image[chunk]
+        pairs = [[None if m is None else (m.image, m.text[chunk]) for m in self.models],
+                 [None if m is None else (m.text, m.image[chunk]) for m in self.models]]
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            for direction in pairs:
+                losses: list[Tensor | None] = []
+                for m, pair, block in zip(self.models, direction, blocks, strict=True):
+                    if m is None or pair is None or block is None:  # None together
+                        losses.append(None)
+                        continue
+                    x, y = pair
+                    tile = torch.addmm(m.bias, x[start:stop], y.T, alpha=m.scale, out=block[: stop - start])
+                    losses.append(_softplus_(tile, [t[: stop - start] for t in scratch]))
+                self.gain[start:stop] += self._rule(losses).sum(1)
+        # each chunk member k met itself as a negative in both blocks; it is its positive pair
+        positive = [None if m is None else m.positive[chunk] for m in self.models]
+        correction = (self._rule(None if x is None else F.softplus(-x) for x in positive)
+                      - self._rule(None if x is None else F.softplus(x) for x in positive))
+        self.gain.index_add_(0, chunk, 2 * correction)
         return self.gain.clone()
+
+
+class _Model:
+    """One model's embeddings as float32 and its sigmoid logit parameters, read once per selection."""
+
+    def __init__(self, model: _Embeddings):
+        self.image, self.text = model.image_emb.float(), model.text_emb.float()
+        self.scale = float(model.scale)
+        self.bias = torch.tensor(float(model.bias), device=self.image.device)  # addmm's input, broadcast
+        self.positive = self.scale * (self.image * self.text).sum(1) + self.bias  # x_kk, the matching pairs
+
+
+def _softplus_(x: Tensor, scratch: list[Tensor]) -> Tensor:
+    """softplus(x), in place on CPU, overwriting the two `scratch` tensors (the shape of x; none on CUDA).
+
+    On CPU torch's softplus and log1p are not vectorised (~10 ns an element here, more than the GEMM that
+    made the block) while exp and log are (~1-2 ns), so softplus(x) = max(x, 0) + log1p(u), u = e^{−|x|}, with
+    log1p(u) = log(w) + (u − (w − 1)) / w, w = fl(1 + u): the second term is w's rounding error (exact, as
+    w − 1 is), to first order, which keeps the result within a few ulps where log(w) alone loses small u.
+    On CUDA one softplus kernel reads the block once, fewer passes than these.
+    """
+    if x.is_cuda:
+        return F.softplus(x)
+    relu = torch.clamp(x, min=0, out=scratch[0])
+    u = x.sub_(relu, alpha=2).exp_()  # x − 2·max(x, 0) = −|x|, exactly
+    w = torch.add(u, 1, out=scratch[1])
+    error = u.sub_(w.sub_(1)).div_(w.add_(1))  # (u − (w − 1)) / w; w − 1 is exact, so is w again
+    return error.add_(w.log_()).add_(relu)
 
 
 class SoftmaxGain:
@@ -190,11 +243,28 @@ class SoftmaxGain:
             chunk = chunk.to(model.image_emb.device)
             image, text = model.image_emb.float(), model.text_emb.float()
             positive, row_lse, col_lse = state
-            row_lse = torch.logaddexp(row_lse, torch.logsumexp(model.scale * image @ text[chunk].T, dim=1))
-            col_lse = torch.logaddexp(col_lse, torch.logsumexp(model.scale * text @ image[chunk].T, dim=1))
+            row_lse = torch.logaddexp(row_lse, _logsumexp_rows(image, model.scale * text[chunk]))
+            col_lse = torch.logaddexp(col_lse, _logsumexp_rows(text, model.scale * image[chunk]))
             state[1], state[2] = row_lse, col_lse
             losses.append((row_lse + col_lse) / 2 - positive)
         return self.rule(*losses).float()
+
+
+def _logsumexp_rows(x: Tensor, y: Tensor) -> Tensor:
+    """logsumexp_j (x @ yᵀ)_ij per row, in row tiles on CPU (one product into a reused buffer, then in place)."""
+    n, c = x.shape[0], y.shape[0]
+    rows = min(n, max(1, _TILE // c)) if x.device.type == "cpu" else n
+    block = torch.empty(rows, c, device=x.device)
+    out = torch.empty(n, device=x.device)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        tile = torch.mm(x[start:stop], y.T, out=block[: stop - start])
+        top = tile.amax(1)
+        out[start:stop] = tile.sub_(top[:, None]).exp_().sum(1).log_().add_(top)
+    return out
+
+
+_TILE = 1 << 19  # floats per CPU row tile (2 MiB): the 4 tiles a SigmoidGain update uses stay in cache
 
 
 def _check_k(k: int, n: int) -> None:
@@ -202,13 +272,18 @@ def _check_k(k: int, n: int) -> None:
         raise ValueError(f"selection: cannot keep {k} of {n} candidates; need 0 < k <= {n}")
 
 
-def _gumbel_topk(logits: Tensor, k: int, temperature: float, generator: torch.Generator | None) -> Tensor:
+def _check_temperature(temperature: float) -> None:
     if temperature < 0:
         raise ValueError(f"selection: temperature must be >= 0, got {temperature=}")
-    uniform = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64)
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300))).to(logits.device, torch.float32)
-    if temperature == 0:
-        keys = logits
-    else:
-        keys = logits / temperature + gumbel
+
+
+def _gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard Gumbel noise drawn on the CPU (so a seed gives the same draws on every device), then moved."""
+    uniform = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return (-torch.log(-torch.log(uniform.clamp_min(1e-300)))).to(device, torch.float32)
+
+
+def _gumbel_topk(logits: Tensor, k: int, temperature: float, noise: Tensor | None) -> Tensor:
+    """The k largest logits / temperature + noise; `noise` is None exactly when temperature is 0 (greedy)."""
+    keys = logits if noise is None else logits / temperature + noise
     return torch.topk(keys, k, sorted=True).indices

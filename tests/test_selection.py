@@ -3,8 +3,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 
+from curate import selection
 from curate.losses import sigmoid_pair_losses, softmax_example_losses
-from curate.rules import get_rule
+from curate.rules import Rule, get_rule
 from curate.scorers import ModelScores
 from curate.selection import DenseGain, SigmoidGain, SoftmaxGain, chunk_sizes, joint, sample, topk
 
@@ -162,3 +163,142 @@ def test_bad_selection_sizes():
         topk(torch.zeros(10), 11)
     with pytest.raises(ValueError, match="temperature"):
         sample(torch.zeros(10), 3, temperature=-1.0)
+
+
+def _trained_like(kind, n, d, seed, scale, bias, like=None):
+    """Clustered embeddings with close image/text pairs; with `like`, a small perturbation of that model's
+    (a reference close to the learner, so learnability cancels between them pair by pair)."""
+    g = _gen(seed)
+    if like is None:
+        centers = torch.randn(6, d, generator=g)
+        u = F.normalize(centers[torch.randint(6, (n,), generator=g)] + 0.4 * torch.randn(n, d, generator=g), dim=1)
+        v = F.normalize(u + 0.3 * torch.randn(n, d, generator=g), dim=1)
+    else:
+        u = F.normalize(like.image_emb + 0.1 * torch.randn(n, d, generator=g), dim=1)
+        v = F.normalize(like.text_emb + 0.1 * torch.randn(n, d, generator=g), dim=1)
+    return ModelScores(kind, u, v, scale, bias if kind == "sigmoid" else 0.0)
+
+
+def _models(kind, data, n=240):
+    if data == "random":
+        return _scores(kind, n=n, d=32, seed=21, scale=10.0, bias=-10.0), _scores(kind, n=n, d=32, seed=22)
+    learner = _trained_like(kind, n, 32, 23, 10.0, -10.0)
+    return learner, _trained_like(kind, n, 32, 24, 9.0, -9.0, like=learner)
+
+
+class _Recorded:
+    """A gain that records every logits vector it returns."""
+
+    def __init__(self, gain):
+        self.gain, self.logits = gain, []
+
+    def first(self):
+        self.logits.append(self.gain.first())
+        return self.logits[-1]
+
+    def add(self, chunk):
+        self.logits.append(self.gain.add(chunk))
+        return self.logits[-1]
+
+
+def _squared_learner(learner, reference):  # a rule that is not linear in the losses
+    return learner * learner - reference
+
+
+_RULES = {"learnability": get_rule("learnability"), "hard_learner": get_rule("hard_learner"),
+          "squared": Rule(_squared_learner, True, True)}
+
+
+@pytest.mark.parametrize("tile", [None, 100])  # the default (one tile here) and ragged row tiles of 100 floats
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("n_chunks", [1, 3, 8])
+@pytest.mark.parametrize("rule", sorted(_RULES))
+@pytest.mark.parametrize("data", ["random", "trained"])
+def test_fused_sigmoid_gain_equals_the_dense_matrix(data, rule, n_chunks, temperature, tile, monkeypatch):
+    if tile is not None:
+        monkeypatch.setattr(selection, "_TILE", tile)
+    learner, reference = _models("sigmoid", data)
+    fn = _RULES[rule]
+    pairs = [sigmoid_pair_losses(m.image_emb, m.text_emb, m.scale, m.bias) for m in (learner, reference)]
+    fused, dense = _Recorded(SigmoidGain(learner, reference, fn)), _Recorded(DenseGain(fn(*pairs)))
+    picked = joint(fused, 48, n_chunks=n_chunks, temperature=temperature, generator=_gen(5))
+    assert picked.tolist() == joint(dense, 48, n_chunks=n_chunks, temperature=temperature, generator=_gen(5)).tolist()
+    # the logits against the dense matrix in float64, at each step
+    exact = DenseGain(fn(*(sigmoid_pair_losses(m.image_emb.double(), m.text_emb.double(), m.scale, m.bias)
+                           for m in (learner, reference))))
+    exact.scores = exact.scores.double()
+    exact.gain = exact.gain.double()
+    free = torch.ones(240, dtype=torch.bool)
+    starts = [0, *torch.tensor(chunk_sizes(48, n_chunks)).cumsum(0).tolist()]
+    for step, got in enumerate(fused.logits):
+        if step:
+            chunk = picked[starts[step - 1]:starts[step]]
+            free[chunk] = False
+            expected = exact.add(chunk)
+        else:
+            expected = exact.first()
+        scale = expected.abs().max()
+        torch.testing.assert_close(got[free].double(), expected[free], rtol=0, atol=5e-6 * scale)
+        torch.testing.assert_close(got[free], dense.logits[step][free], rtol=0, atol=5e-6 * scale)
+        # the chunks already taken (masked from then on) hold their corrected diagonal too
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=5e-6 * scale)
+
+
+class _DenseSoftmaxGain:
+    """SoftmaxGain's approximation from explicit |S|-column logit matrices and torch.logsumexp."""
+
+    def __init__(self, learner, reference, rule):
+        self.models, self.rule, self.selected = (learner, reference), rule, torch.tensor([], dtype=torch.long)
+
+    def first(self):
+        return self.rule(*(m.loss for m in self.models))
+
+    def add(self, chunk):
+        self.selected = torch.cat([self.selected, chunk])
+        losses = []
+        for m in self.models:
+            positive = m.scale * (m.image_emb * m.text_emb).sum(1)
+            row = torch.cat([positive[:, None], m.scale * m.image_emb @ m.text_emb[self.selected].T], 1)
+            col = torch.cat([positive[:, None], m.scale * m.text_emb @ m.image_emb[self.selected].T], 1)
+            losses.append((torch.logsumexp(row, 1) + torch.logsumexp(col, 1)) / 2 - positive)
+        return self.rule(*losses)
+
+
+@pytest.mark.parametrize("tile", [None, 100])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("n_chunks", [1, 3, 8])
+@pytest.mark.parametrize("data", ["random", "trained"])
+def test_fused_softmax_gain_equals_explicit_logsumexp(data, n_chunks, temperature, tile, monkeypatch):
+    if tile is not None:
+        monkeypatch.setattr(selection, "_TILE", tile)
+    learner, reference = _models("softmax", data)
+    rule = get_rule("learnability")
+    fused = _Recorded(SoftmaxGain(learner, reference, rule, learner.loss, reference.loss))
+    dense = _Recorded(_DenseSoftmaxGain(learner, reference, rule))
+    picked = joint(fused, 48, n_chunks=n_chunks, temperature=temperature, generator=_gen(6))
+    assert picked.tolist() == joint(dense, 48, n_chunks=n_chunks, temperature=temperature, generator=_gen(6)).tolist()
+    for got, expected in zip(fused.logits, dense.logits, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=5e-6 * expected.abs().max())
+
+
+def test_cpu_softplus_is_accurate_to_a_few_ulps_where_log_of_one_plus_exp_is_not():
+    # from −87 up: below it softplus(x) ≈ e^x is subnormal in float32, for torch's softplus too
+    x = torch.cat([torch.linspace(-87, 100, 20001), torch.tensor([0.0, -1e-30, 1e-30])])
+    expected = F.softplus(x.double())  # the float32 inputs' exact softplus
+    got = selection._softplus_(x.clone(), [torch.empty_like(x), torch.empty_like(x)])
+    ulps = ((got.double() - expected).abs() / torch.finfo(torch.float32).eps / expected).max()
+    assert ulps < 2, ulps
+    naive = torch.log(1 + torch.exp(x))
+    assert ((naive.double() - expected).abs() / expected).max() > 1e-3  # what the correction term is for
+
+
+def test_joint_draws_every_chunks_noise_in_one_call():
+    # chunk i's noise is row i of one (n_chunks, B) draw, the same numbers as n_chunks draws of B in turn
+    scores = torch.zeros(50, 50)
+    picked = joint(DenseGain(scores), 10, n_chunks=5, generator=_gen(9))
+    g = _gen(9)
+    taken: list[int] = []
+    for _ in range(5):
+        keys = sample(torch.zeros(50), 50, generator=g)  # all 50 ranked by this chunk's noise alone
+        taken += [i for i in keys.tolist() if i not in taken][:2]
+    assert picked.tolist() == taken
