@@ -4,6 +4,7 @@ The public API. Everything a user needs is importable from here; submodules are 
 """
 
 from .actor import Actor, TrainActor
+from .batch import concat_batches, take
 from .cache import ScoreCache, model_hash, write_part
 from .curation import DedupResult, balance, read_keys, semantic_dedup, write_keys
 from .distributed import GlobalScope, Lockstep, RankSplit, Shards, local_sizes, resolve_world
@@ -69,6 +70,7 @@ __all__ = [
     "Unbatch",
     "WeightSync",
     "balance",
+    "concat_batches",
     "cross_entropy_losses",
     "derive_seed",
     "forward_flops",
@@ -88,6 +90,7 @@ __all__ = [
     "sigmoid_pair_losses",
     "softmax_example_losses",
     "superbatch_size_for",
+    "take",
     "topk",
     "write_keys",
     "write_part",

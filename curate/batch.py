@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["BatchDict", "Sample", "batch_size_of", "slice_batch", "split_batch", "take"]
+__all__ = ["BatchDict", "Sample", "batch_size_of", "concat_batches", "is_batch", "slice_batch", "split_batch", "take"]
 
 Sample = dict[str, Any]
 BatchDict = dict[str, Any]
@@ -25,6 +26,41 @@ def batch_size_of(batch: BatchDict) -> int:
         if isinstance(value, list | tuple):
             return len(value)
     raise TypeError(f"cannot tell the batch size of a batch with fields {sorted(batch)}")
+
+
+def is_batch(item: Any) -> bool:
+    """Whether a stream item is a collated batch rather than one sample: a dict whose `__key__` is a list/tuple."""
+    return isinstance(item, dict) and isinstance(item.get("__key__"), list | tuple)
+
+
+def concat_batches(parts: list[BatchDict]) -> BatchDict:
+    """Batches with the same fields, one after another as one batch; a single part is returned as is (no copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    fields = parts[0].keys()
+    out: BatchDict = {}
+    for part in parts[1:]:
+        if part.keys() != fields:
+            raise ValueError(f"cannot concatenate batches with fields {sorted(fields)} and {sorted(part)}; every batch "
+                             "of a stream must have the same fields")
+    for name in fields:
+        values = [part[name] for part in parts]
+        if all(isinstance(v, Tensor) for v in values):
+            shapes = {tuple(v.shape[1:]) for v in values}
+            if len(shapes) > 1 or len({v.dtype for v in values}) > 1:
+                raise ValueError(
+                    f"cannot concatenate batch field {name!r}: its samples have shapes/dtypes "
+                    f"{sorted(shapes)} / {sorted({str(v.dtype) for v in values})} in different batches; batches are "
+                    "joined along the sample dimension, so give every sample the same shape (e.g. pad token ids to a "
+                    "fixed length in the loader's collate_fn)")
+            out[name] = torch.cat(values)
+        elif all(isinstance(v, list | tuple) for v in values):
+            out[name] = [x for v in values for x in v]
+        else:
+            kinds = ", ".join(sorted({type(v).__name__ for v in values}))
+            raise TypeError(f"cannot concatenate batch field {name!r} ({kinds}); every field of a batch must be "
+                            "a tensor or a list with one entry per sample")
+    return out
 
 
 def split_batch(batch: BatchDict) -> list[Sample]:

@@ -163,6 +163,10 @@ class Shards(IterableDataset):
         rank, world_size: default `resolve_world()`.
 
     Fewer shards than ranks is an error on every rank at construction: an empty rank would stall the others.
+
+    Resumable in O(1): `state_dict()` is the position of the next sample, (shard, offset) in this process's list,
+    so a resumed epoch opens that shard and skips within it only (`curate.Source` saves it; under a torchdata
+    `StatefulDataLoader` each worker saves its own). `load` is called once per shard for that reason.
     """
 
     def __init__(self, urls: Iterable[str], load: Callable[[list[str]], Iterable[dict]], *, rank: int | None = None,
@@ -177,13 +181,41 @@ class Shards(IterableDataset):
                              f"or write the data in at least {self.world_size} shards")
         self.all_urls, self.load = urls, load
         self.urls = urls[self.rank :: self.world_size]
+        self._position = (0, 0)  # (shard, offset) of the next sample, in this process's shards
+        self._start = (0, 0)  # where the next iter() starts (a loaded state's position, once)
 
-    def __iter__(self):
-        urls = self.urls
+    def _my_urls(self) -> list[str]:
         info = get_worker_info()
         if info is not None and info.num_workers > 1:  # each worker reads its own shards of this rank's
-            urls = urls[info.id :: info.num_workers]
-        return iter(self.load(urls)) if urls else iter(())
+            return self.urls[info.id :: info.num_workers]
+        return self.urls
+
+    def __iter__(self):
+        urls, (shard, offset) = self._my_urls(), self._start
+        self._start = (0, 0)
+        return self._samples(urls, shard, offset)
+
+    def _samples(self, urls: list[str], shard: int, offset: int):
+        self._position = (shard, offset)
+        for i in range(shard, len(urls)):
+            samples = iter(self.load([urls[i]]))
+            for skipped in range(offset if i == shard else 0):
+                if next(samples, None) is None:
+                    raise ValueError(f"Shards: cannot resume at sample {offset} of {urls[i]}: it has only {skipped}; "
+                                     "did the shard change since the checkpoint?")
+            for j, sample in enumerate(samples, start=offset if i == shard else 0):
+                self._position = (i, j + 1)
+                yield sample
+            self._position = (i + 1, 0)
+
+    def state_dict(self) -> dict:
+        return {"shard": self._position[0], "offset": self._position[1], "urls": len(self._my_urls())}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict["urls"] != len(self._my_urls()):
+            raise ValueError(f"Shards: the state is of a process reading {state_dict['urls']} shards but this one "
+                             f"reads {len(self._my_urls())}; resume with the same URLs, ranks and workers")
+        self._start = self._position = (state_dict["shard"], state_dict["offset"])
 
     def __repr__(self) -> str:
         return f"Shards({len(self.urls)} of {len(self.all_urls)} shards, rank {self.rank} of {self.world_size})"
@@ -210,7 +242,7 @@ class RankSplit(Stage[dict]):
     """Rank r of W keeps samples r, r + W, r + 2W, ... of the stream (the fallback for sources without shards).
 
     Args:
-        source: upstream node of samples; every rank must see the same stream.
+        source: upstream node of batches; every rank must see the same stream.
         rank, world_size: this rank and the number of ranks.
     """
 
@@ -220,14 +252,16 @@ class RankSplit(Stage[dict]):
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        self._index = 0 if initial_state is None else initial_state["index"]
+        self._index = 0 if initial_state is None else initial_state["index"]  # rows of the stream seen
 
     def next(self) -> dict:
         while True:
-            sample = next(self.source)
-            self._index += 1
-            if (self._index - 1) % self.world_size == self.rank:
-                return sample
+            batch = next(self.source)
+            n, start = batch_size_of(batch), self._index
+            self._index += n
+            first = (self.rank - start) % self.world_size  # this rank's first row of the batch
+            if first < n:
+                return take(batch, torch.arange(first, n, self.world_size))
 
     def get_state(self) -> dict:
         return {**super().get_state(), "index": self._index}

@@ -1,26 +1,31 @@
 """Data-movement stages: Source, KeepKeys, Shuffle, Superbatch, Unbatch, Batch.
 
-Each is a `curate.stage.Stage`: `source` (the upstream node) comes first, `get_state()` captures everything
-needed to resume the exact stream, and `reset(state)` restores it. Random stages keep an epoch counter so
-every epoch draws fresh, seeded randomness (`curate.seeding`).
+Between stages the data flows as collated batches (dicts of per-sample tensors or lists, `__key__` a list), never
+sample by sample: a loader's batches go through as they are, stages work on whole batches with tensor ops (a
+shuffle is one permutation per block), and only `Unbatch` yields single samples. Each is a `curate.stage.Stage`:
+`source` (the upstream node) comes first, `get_state()` captures everything needed to resume the exact stream, and
+`reset(state)` restores it. States hold positions and RNG states, never samples, so a checkpoint stays small
+whatever the sample size. Random stages keep an epoch counter so every epoch draws fresh, seeded randomness
+(`curate.seeding`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, default_collate
 from torchdata.nodes import BaseNode
 
-from .batch import BatchDict, Sample, split_batch
+from .batch import BatchDict, Sample, batch_size_of, concat_batches, is_batch, slice_batch, take
 from .seeding import make_generator
 from .stage import Counter, Stage
 
 __all__ = ["Batch", "KeepKeys", "Shuffle", "Source", "Superbatch", "Unbatch", "as_node"]
+
+T = TypeVar("T")
 
 
 class _Stateful(Protocol):
@@ -31,39 +36,45 @@ class _Stateful(Protocol):
     def load_state_dict(self, state_dict: dict) -> None: ...
 
 
-class Source(Stage[Sample]):
-    """Any iterable as a checkpointable node of samples (dicts).
+class Source(Stage[BatchDict]):
+    """Any iterable as a checkpointable node of collated batches (dicts of tensors/lists, `__key__` a list).
 
-    Accepts a torch DataLoader (yielding samples or collated batches), a webdataset pipeline, a list,
-    or any re-iterable. Collated batches are split into samples.
+    Accepts a torch DataLoader (yielding collated batches or samples), a webdataset pipeline, a list, or any
+    re-iterable. Batches pass through as they come, never split (a DataLoader with `batch_size` collates in its
+    workers); samples are collated `group_size` at a time with `collate`.
 
     Args:
         iterable: re-iterable source; `iter()` is called once per epoch.
         batched: whether items are collated batches. None: a DataLoader with a batch size yields batches;
             otherwise an item is a batch when its `__key__` is a list.
+        collate: list of samples → batch, for a source of samples; default `torch.utils.data.default_collate`.
+        group_size: samples collated per batch, for a source of samples.
 
-    Resume fast-forwards a fresh iterator (re-reading what was consumed) unless the iterable has its
-    own `state_dict()` (e.g. torchdata's StatefulDataLoader). A shuffling DataLoader resumes exactly
-    only with a seeded `generator=`; its generator state is saved at every epoch start.
+    State: the epoch, how many items were consumed and the DataLoader generator's state at the epoch start; no
+    samples. Resume fast-forwards a fresh iterator (re-reading what was consumed) unless the iterable has its
+    own `state_dict()` (torchdata's StatefulDataLoader, `curate.Shards`), which then resumes in O(1). A shuffling
+    DataLoader resumes exactly only with a seeded `generator=`; its generator state is saved at every epoch start.
     """
 
-    _pending: deque[Sample]
-
-    def __init__(self, iterable: Iterable, *, batched: bool | None = None):
+    def __init__(self, iterable: Iterable, *, batched: bool | None = None, collate: Callable | None = None,
+                 group_size: int = 256):
         super().__init__(None)
         if not hasattr(iterable, "__iter__"):
-            raise TypeError(f"Source: expected an iterable of samples, got {type(iterable).__name__}")
+            raise TypeError(f"Source: expected an iterable of samples or batches, got {type(iterable).__name__}")
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"Source: group_size must be a positive int, got {group_size=}")
         self.iterable = iterable
         self.batched = batched
         if batched is None and isinstance(iterable, DataLoader):
             self.batched = iterable.batch_size is not None or iterable.batch_sampler is not None
+        self.collate, self.group_size = collate or default_collate, group_size
         self._stateful = hasattr(iterable, "state_dict") and hasattr(iterable, "load_state_dict")
         self._generator = _loader_generator(iterable)
         self._epoch = -1
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        self._items, self._offset, self._pending = 0, 0, deque()
+        self._items, self._ended = 0, False
         if initial_state is None:
             self._epoch += 1
             self._rng_state = None if self._generator is None else self._generator.get_state()
@@ -72,49 +83,62 @@ class Source(Stage[Sample]):
         self._epoch, self._rng_state = initial_state["epoch"], initial_state["rng"]
         if self._generator is not None:
             self._generator.set_state(self._rng_state)
+        if initial_state["ended"]:  # the epoch's iterator ran out: nothing is left of it, and the next reset starts a
+            # fresh one, as it would have without the checkpoint (the generator is where that epoch left it)
+            self._items, self._ended, self._it = initial_state["items"], True, iter(())
+            return
         if self._stateful:
             cast(_Stateful, self.iterable).load_state_dict(initial_state["iterable"])
             self._it = iter(self.iterable)
-            self._items, self._offset = initial_state["items"], initial_state["offset"]
-            self._pending = deque(initial_state["pending"])
+            self._items = initial_state["items"]
             return
         self._it = iter(self.iterable)
-        item = None
         for _ in range(initial_state["items"]):  # fast-forward: the iterable has no state of its own
             try:
-                item = next(self._it)
+                next(self._it)
             except StopIteration:
                 raise ValueError(
                     f"Source: cannot resume: the iterable ended after {self._items} items but the state "
                     f"says {initial_state['items']} were consumed; is it the same data?"
                 ) from None
             self._items += 1
-        if item is not None and self._is_batch(item):
-            self._offset = initial_state["offset"]
-            self._pending = deque(split_batch(item)[self._offset :])
 
     def _is_batch(self, item) -> bool:
-        if self.batched is not None:
-            return self.batched
-        return isinstance(item, dict) and isinstance(item.get("__key__"), list | tuple)
+        return self.batched if self.batched is not None else is_batch(item)
 
-    def next(self) -> Sample:
-        while not self._pending:
-            item = next(self._it)
+    def next(self) -> BatchDict:
+        samples: list[Sample] = []
+        while len(samples) < self.group_size:
+            try:
+                item = next(self._it)
+            except StopIteration:
+                self._ended = True
+                if samples:
+                    break
+                raise
             self._items += 1
-            self._offset = 0
             if not self._is_batch(item):
+                samples.append(item)
+                continue
+            if samples:
+                raise ValueError("Source: the iterable yields both samples and collated batches; yield one kind")
+            if not isinstance(item, dict):
+                raise TypeError(f"Source: a batch must be a dict of per-sample fields, got {type(item).__name__}")
+            if batch_size_of(item):
                 return item
-            self._pending = deque(split_batch(item))
-        self._offset += 1
-        return self._pending.popleft()
+        if not all(isinstance(s, dict) for s in samples):
+            bad = next(s for s in samples if not isinstance(s, dict))
+            raise TypeError(f"Source: samples must be dicts of fields (e.g. {{'__key__': ..., 'image': ...}}), got "
+                            f"{type(bad).__name__}")
+        return self.collate(samples)
 
     def get_state(self) -> dict:
-        state: dict[str, Any] = {"epoch": self._epoch, "items": self._items, "offset": self._offset,
-                                 "rng": self._rng_state}
+        if self._ended:  # resuming creates no iterator for this epoch, so it needs the generator as it is now
+            rng = None if self._generator is None else self._generator.get_state()
+            return {"epoch": self._epoch, "items": self._items, "rng": rng, "ended": True}
+        state: dict[str, Any] = {"epoch": self._epoch, "items": self._items, "rng": self._rng_state, "ended": False}
         if self._stateful:
             state["iterable"] = cast(_Stateful, self.iterable).state_dict()
-            state["pending"] = list(self._pending)
         return state
 
 
@@ -130,19 +154,20 @@ def _loader_generator(iterable) -> torch.Generator | None:
     return iterable.generator
 
 
-def as_node(source: Iterable | BaseNode) -> BaseNode:
-    """A BaseNode as is; anything else iterable wrapped in `Source`."""
-    return source if isinstance(source, BaseNode) else Source(source)
+def as_node(source: Iterable | BaseNode, **source_options) -> BaseNode:
+    """A BaseNode as is; anything else iterable wrapped in `Source(source, **source_options)`."""
+    return source if isinstance(source, BaseNode) else Source(source, **source_options)
 
 
-class KeepKeys(Stage[Sample]):
-    """Passes only samples whose `__key__` is in `keys` (e.g. a curated key list from `curate.curation`).
+class KeepKeys(Stage[BatchDict]):
+    """Passes only the rows of each batch whose `__key__` is in `keys` (e.g. a curated key list from
+    `curate.curation`).
 
     Args:
-        source: upstream node of samples.
+        source: upstream node of batches.
         keys: the keys to keep (any iterable of str).
 
-    What it drops is counted (`dropped_by_keep_keys`), never silently lost; a sample without `__key__` is an
+    What it drops is counted (`dropped_by_keep_keys`), never silently lost; a batch without `__key__` is an
     error, since it cannot be matched.
     """
 
@@ -152,27 +177,78 @@ class KeepKeys(Stage[Sample]):
         super().__init__(source)
         self.keys = frozenset(keys)
 
-    def next(self) -> Sample:
+    def next(self) -> BatchDict:
         while True:
-            sample = next(self.source)
-            if "__key__" not in sample:
-                raise ValueError(f"KeepKeys: a sample has no '__key__' (fields {sorted(sample)}); key lists "
+            batch = next(self.source)
+            if "__key__" not in batch:
+                raise ValueError(f"KeepKeys: a batch has no '__key__' (fields {sorted(batch)}); key lists "
                                  "match samples by __key__, so give every sample one")
-            if sample["__key__"] in self.keys:
-                return sample
-            self.counts["dropped_by_keep_keys"] += 1
+            keep = [i for i, key in enumerate(batch["__key__"]) if key in self.keys]
+            self.counts["dropped_by_keep_keys"] += len(batch["__key__"]) - len(keep)
+            if len(keep) == len(batch["__key__"]):
+                return batch
+            if keep:
+                return take(batch, torch.tensor(keep))
 
 
-class Shuffle(Stage[Sample]):
-    """Seeded buffer shuffle: keeps `buffer_size` samples and emits a random one as each new one arrives.
+class _Rows(Stage[T]):
+    """Base of the stages that read rows from an upstream of batches in amounts of their own choosing.
+
+    The state never holds rows: it is the upstream's state from before the batch this stage is part-way
+    through (saved under `SOURCE_KEY`) and how many of its rows are used; resuming re-reads that one batch.
+    """
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        self._batch: BatchDict | None = None  # the upstream batch being used, from row `_used` of `_size`
+        self._used = self._size = 0
+        self._before: dict = {}  # the upstream's state before `_batch`
+        if initial_state is not None and initial_state["used"]:
+            self._before = initial_state[self.SOURCE_KEY]
+            self._batch, self._used = next(self.source), initial_state["used"]
+            self._size = batch_size_of(self._batch)
+
+    def _read(self, n: int) -> BatchDict | None:
+        """The next `n` rows (fewer only at the end of the epoch; None when there are none); a whole upstream batch
+        of exactly `n` rows comes back as it is, without a copy."""
+        parts = []
+        while n:
+            if self._batch is None:
+                self._before = self.source.state_dict()
+                try:
+                    self._batch = next(self.source)
+                except StopIteration:
+                    break
+                self._used, self._size = 0, batch_size_of(self._batch)
+                if not self._size:
+                    self._batch = None
+                    continue
+            rows = min(n, self._size - self._used)
+            whole = rows == self._size
+            parts.append(self._batch if whole else slice_batch(self._batch, self._used, self._used + rows))
+            self._used, n = self._used + rows, n - rows
+            if self._used == self._size:
+                self._batch = None
+        return concat_batches(parts) if parts else None
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        state["used"] = 0 if self._batch is None else self._used
+        if self._batch is not None:
+            state[self.SOURCE_KEY] = self._before
+        return state
+
+
+class Shuffle(_Rows[BatchDict]):
+    """Seeded block shuffle: reads `buffer_size` samples at a time and yields them as one batch in a random order.
 
     Args:
-        source: upstream node of samples.
-        buffer_size: samples held; 0 or 1 passes samples through in order.
+        source: upstream node of batches.
+        buffer_size: samples per shuffled block; 0 or 1 passes batches through in order.
         seed: the shuffle of epoch e is seeded by (seed, "shuffle", e).
 
-    The state holds the buffered samples themselves (about `buffer_size` samples), so a checkpoint
-    resumes exactly without re-reading the source.
+    One `randperm` per block. The state holds no samples (the upstream's position, the RNG state), so a
+    checkpoint is small whatever the sample size and resuming re-reads at most one upstream batch.
     """
 
     def __init__(self, source: BaseNode, buffer_size: int = 1024, seed: int = 0):
@@ -187,50 +263,30 @@ class Shuffle(Stage[Sample]):
         if initial_state is None:
             self._epoch += 1
             self._generator = make_generator(self.seed, "shuffle", self._epoch)
-            self._buffer: list[Sample] = []
             return
         self._epoch = initial_state["epoch"]
         self._generator = torch.Generator()
         self._generator.set_state(initial_state["rng"])
-        self._buffer = list(initial_state["buffer"])
 
-    def next(self) -> Sample:
+    def next(self) -> BatchDict:
         if self.buffer_size <= 1:
             return next(self.source)
-        while len(self._buffer) < self.buffer_size:
-            try:
-                self._buffer.append(next(self.source))
-            except StopIteration:
-                break
-        if not self._buffer:
+        block = self._read(self.buffer_size)
+        if block is None:
             raise StopIteration
-        j = int(torch.randint(len(self._buffer), (1,), generator=self._generator))
-        self._buffer[j], self._buffer[-1] = self._buffer[-1], self._buffer[j]
-        return self._buffer.pop()
+        return take(block, torch.randperm(batch_size_of(block), generator=self._generator))
 
     def get_state(self) -> dict:
-        return {**super().get_state(), "epoch": self._epoch, "rng": self._generator.get_state(),
-                "buffer": list(self._buffer)}
+        return {**super().get_state(), "epoch": self._epoch, "rng": self._generator.get_state()}
 
 
-def _collect(source: BaseNode, n: int) -> list[Any]:
-    """Up to `n` items of `source` (fewer at the end of an epoch)."""
-    items = []
-    for _ in range(n):
-        try:
-            items.append(next(source))
-        except StopIteration:
-            break
-    return items
-
-
-class Superbatch(Stage[BatchDict]):
-    """Collects `size` samples into one collated superbatch (dict of tensors, `__key__` a list).
+class Superbatch(_Rows[BatchDict]):
+    """Cuts the stream of batches into superbatches of `size` samples (a batch of exactly `size` passes through,
+    not copied; smaller ones are joined, larger ones sliced).
 
     Args:
-        source: upstream node of samples.
+        source: upstream node of batches (a `Source`, `Shuffle`, ...).
         size: samples per superbatch (B).
-        collate: list of samples → batch; default `torch.utils.data.default_collate`.
         drop_last: a short final superbatch (fewer than `size` samples at the end of an epoch) is
             yielded by default (selection then keeps the same fraction of it); True drops it, counted
             in `dropped_tail`.
@@ -238,58 +294,50 @@ class Superbatch(Stage[BatchDict]):
 
     counters = {"dropped_tail": Counter()}
 
-    def __init__(self, source: BaseNode, size: int, collate: Callable | None = None, drop_last: bool = False):
+    def __init__(self, source: BaseNode, size: int, drop_last: bool = False):
         super().__init__(source)
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"Superbatch: size must be a positive int, got {size=}")
         self.size, self.drop_last = size, drop_last
-        self.collate = collate or default_collate
 
     def next(self) -> BatchDict:
-        samples = _collect(self.source, self.size)
-        if not samples:
+        batch = self._read(self.size)
+        if batch is None:
             raise StopIteration
-        if len(samples) < self.size and self.drop_last:
-            self.counts["dropped_tail"] += len(samples)
+        n = batch_size_of(batch)
+        if n < self.size and self.drop_last:
+            self.counts["dropped_tail"] += n
             raise StopIteration
-        return self.collate(samples)
+        return batch
 
 
-class Unbatch(Stage[Sample]):
+class Unbatch(_Rows[Sample]):
     """Collated batches in, their samples out, one at a time."""
 
-    def reset(self, initial_state: dict | None = None):
-        super().reset(initial_state)
-        self._pending = deque() if initial_state is None else deque(initial_state["pending"])
-
     def next(self) -> Sample:
-        while not self._pending:
-            self._pending = deque(split_batch(next(self.source)))
-        return self._pending.popleft()
-
-    def get_state(self) -> dict:
-        return {**super().get_state(), "pending": list(self._pending)}
+        row = self._read(1)
+        if row is None:
+            raise StopIteration
+        return {name: value[0] for name, value in row.items()}
 
 
-class Batch(Stage[BatchDict]):
-    """Samples in, collated batches of `batch_size` out.
+class Batch(_Rows[BatchDict]):
+    """Re-batches a stream of batches to `batch_size` samples per batch.
 
     Args:
-        source: upstream node of samples.
+        source: upstream node of batches.
         batch_size: samples per batch.
-        collate: list of samples → batch; default `torch.utils.data.default_collate`.
         drop_last: drop a short final batch instead of yielding it.
     """
 
-    def __init__(self, source: BaseNode, batch_size: int, collate: Callable | None = None, drop_last: bool = False):
+    def __init__(self, source: BaseNode, batch_size: int, drop_last: bool = False):
         super().__init__(source)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Batch: batch_size must be a positive int, got {batch_size=}")
         self.batch_size, self.drop_last = batch_size, drop_last
-        self.collate = collate or default_collate
 
     def next(self) -> BatchDict:
-        samples = _collect(self.source, self.batch_size)
-        if not samples or (self.drop_last and len(samples) < self.batch_size):
+        batch = self._read(self.batch_size)
+        if batch is None or (self.drop_last and batch_size_of(batch) < self.batch_size):
             raise StopIteration
-        return self.collate(samples)
+        return batch

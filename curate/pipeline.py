@@ -151,9 +151,11 @@ def pipeline(
             0 keeps everything (a pass-through, e.g. for a uniform baseline).
         superbatch_size: set B directly instead of through filter_ratio (must exceed batch_size).
         n_chunks, temperature: JEST sampler knobs; see `curate.JointSelect`.
-        shuffle_buffer: samples in the seeded shuffle buffer before superbatching; 0 disables it (when
-            the source is already shuffled).
-        collate: list of samples → batch, for superbatches; default torch's default_collate.
+        shuffle_buffer: samples per seeded shuffle block (`curate.Shuffle`), rounded up to whole superbatches;
+            0 disables it (when the source is already shuffled, e.g. a DataLoader with shuffle=True).
+        collate: list of samples → batch, for a source that yields samples; default torch's default_collate. A
+            source that yields batches (a DataLoader with a batch size: collation in its workers, the fast way)
+            is never split into samples.
         micro_batch_size: samples per scoring forward pass.
         drop_last: drop a short final superbatch instead of selecting the same fraction of it.
         seed: seeds the shuffle and the selection (per epoch and per superbatch).
@@ -221,7 +223,7 @@ def pipeline(
     side = (resolve_learner(learner, prefetch=prefetch, train_model=train_model, train_scorer=train_scorer)
             if rule.uses_learner and learner is not None else None)  # (Score names a missing learner)
 
-    node = as_node(source)
+    node = as_node(source, collate=collate)
     if world_size > 1 and rank_split == "auto" and not already_split(source):
         node = RankSplit(node, rank, world_size)
     if keep_keys is not None:
@@ -230,9 +232,9 @@ def pipeline(
 
             keep_keys = read_keys(keep_keys)
         node = KeepKeys(node, keep_keys)
-    if shuffle_buffer > 1:
-        node = Shuffle(node, shuffle_buffer, seed=seed)
-    node = Superbatch(node, superbatch_size, collate=collate, drop_last=drop_last)
+    if shuffle_buffer > 1:  # whole superbatches per block: each superbatch is then a view of a shuffled block
+        node = Shuffle(node, -(-shuffle_buffer // superbatch_size) * superbatch_size, seed=seed)
+    node = Superbatch(node, superbatch_size, drop_last=drop_last)
     if comm.group is not None:
         node = Lockstep(node, superbatch_size, comm)
     node = score = Score(node, side, reference, scorer, rule, micro_batch_size=micro_batch_size,

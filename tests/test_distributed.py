@@ -114,6 +114,67 @@ def test_shards_split_by_rank_and_by_dataloader_worker():
         Shards(urls[:2], _numbered, rank=0, world_size=3)
 
 
+READS: list[str] = []  # the shards `_counted` opened, in this process
+
+
+def _counted(urls: list[str], per_shard: int = 9) -> list[dict]:
+    READS.extend(urls)
+    return [{"__key__": f"{url}/{i}", "input": torch.randn(4, generator=torch.Generator().manual_seed(len(url) + i))}
+            for url in urls for i in range(per_shard)]
+
+
+def test_shards_resume_from_their_shard_and_offset_exactly():
+    """Shards as the source: the state is (shard, offset); a resumed epoch opens that shard only (no replay)."""
+    urls = [f"shard{i}" for i in range(8)]
+
+    def build():
+        source = curate.Source(Shards(urls, _counted, rank=0, world_size=1), group_size=4)
+        return curate.pipeline(source, rule="uniform", method="sample", filter_ratio=0.0, batch_size=6,
+                               shuffle_buffer=12, seed=3)
+
+    from .conftest import check_resume
+
+    check_resume(build, points=[1, 5, 8])
+    first = build()
+    it = iter(first)
+    for _ in range(9):  # 54 of 72 samples: half-way through the 5th shuffle block (samples 48-59)
+        next(it)
+    state = first.state_dict()
+    READS.clear()
+    resumed = build()
+    resumed.load_state_dict(state)
+    next(iter(resumed))
+    # the block re-read from its first sample, 48 = shard 5's 4th (9 per shard), through 59 in shard 6
+    assert READS == ["shard5", "shard6"], "a resumed epoch re-reads one shuffle block, opening its shards only"
+    with pytest.raises(ValueError, match="this one reads 4"):
+        Shards(urls[:4], _counted, rank=0, world_size=1).load_state_dict({"shard": 1, "offset": 0, "urls": 8})
+
+
+def test_shards_under_a_stateful_dataloader_resume_per_worker():
+    """Each worker saves its own (shard, offset); a mid-epoch state resumes exactly. (A StatefulDataLoader's state
+    at its epoch's very end starts a fresh epoch on load, not the rest of this one: issue 13.)"""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    urls = [f"shard{i}" for i in range(6)]
+
+    def build():
+        loader = StatefulDataLoader(Shards(urls, _counted, rank=0, world_size=1), batch_size=4, num_workers=2)
+        return curate.pipeline(loader, rule="uniform", method="sample", filter_ratio=0.0, batch_size=4,
+                               shuffle_buffer=0)
+
+    full = [b["__key__"] for b in build()]
+    assert sorted(k for b in full for k in b) == sorted(f"{u}/{i}" for u in urls for i in range(9))
+    for p in (1, 4, 7):
+        first = build()
+        it = iter(first)
+        head = [next(it)["__key__"] for _ in range(p)]
+        READS.clear()
+        resumed = build()
+        resumed.load_state_dict(first.state_dict())
+        assert head + [b["__key__"] for b in resumed] == full, p
+        assert len(READS) <= 4, "each worker opens only the shards it has left"
+
+
 def test_without_a_process_group_data_is_split_by_sample_but_global_selection_refuses():
     data = make_samples(21)
     with pytest.warns(UserWarning, match="not kept in step"):

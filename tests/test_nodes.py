@@ -42,7 +42,7 @@ def _models():
 
 
 STAGES = ["source", "rank_split", "keep_keys", "shuffle", "superbatch", "score", "select", "train_actor", "prefetch",
-          "training_flops", "unbatch", "batch"]
+          "training_flops", "batch", "unbatch"]
 
 
 def _chain(stage: str, data):
@@ -51,7 +51,7 @@ def _chain(stage: str, data):
     actor = Actor(learner, torch.optim.SGD(learner.parameters(), lr=0.1))
     scorer = ClassificationScorer()
     steps = {
-        "source": lambda node: Source(data),
+        "source": lambda node: Source(data, group_size=9),
         "rank_split": lambda node: RankSplit(node, rank=1, world_size=2),
         "keep_keys": lambda node: KeepKeys(node, [s["__key__"] for s in data if int(s["__key__"][1:]) % 5]),
         "shuffle": lambda node: Shuffle(node, buffer_size=37, seed=1),
@@ -80,7 +80,7 @@ def test_every_stage_resumes_exactly(stage):
 @pytest.mark.parametrize("stage", ["shuffle", "select"])
 def test_second_epoch_resumes_exactly(stage):
     """Checkpoints taken in epoch 2 resume into epoch 2's order, not epoch 1's."""
-    data = make_samples(120)
+    data = make_samples(400)
 
     loader = _chain(stage, data)
     epoch1, epoch2 = list(loader), list(loader)
@@ -105,16 +105,17 @@ def test_source_splits_dataloader_batches_and_resumes_with_workers():
         loader = DataLoader(MapDataset(data), batch_size=16, shuffle=True, num_workers=2, generator=gen)
         return Loader(Source(loader))
 
-    full = check_resume(build, points=[5, 16, 40])
-    assert sorted(s["__key__"] for s in full) == sorted(s["__key__"] for s in data)
+    full = check_resume(build, points=[1, 5, 9])
+    assert [len(b["__key__"]) for b in full] == [16] * 12 + [11], "the loader's batches pass through, never split"
+    assert sorted(k for b in full for k in b["__key__"]) == sorted(s["__key__"] for s in data)
 
 
 def test_shuffle_is_a_permutation_and_seeded():
     data = make_samples(100)
-    a = [s["__key__"] for s in Loader(Shuffle(Source(data), 10, seed=0))]
-    b = [s["__key__"] for s in Loader(Shuffle(Source(data), 10, seed=0))]
-    c = [s["__key__"] for s in Loader(Shuffle(Source(data), 10, seed=1))]
+    a, b, c = ([k for block in Loader(Shuffle(Source(data, group_size=7), 10, seed=seed)) for k in block["__key__"]]
+               for seed in (0, 0, 1))
     assert sorted(a) == [s["__key__"] for s in data] and a == b and a != c
+    assert sorted(a[:10]) == [s["__key__"] for s in data[:10]], "a block is a permutation of the next 10 samples"
 
 
 def test_superbatch_short_tail_is_kept_or_counted():

@@ -171,6 +171,62 @@ def test_consumes_webdataset_shards(tmp_path):
     torch.testing.assert_close(batches[0]["image"][0], next(s["image"] for s in data if s["__key__"] == keys[0]))
 
 
+@pytest.mark.parametrize("method, shuffle_buffer", [("topk", 0), ("sample", 100), ("joint", 64)])
+def test_batched_and_per_sample_sources_select_the_same(method, shuffle_buffer):
+    """Same data, same order, same seed: a loader of batches (never split) and a stream of samples select alike."""
+    data = make_pairs(230)
+    learner, reference = tiny_clip("sigmoid"), tiny_clip("sigmoid", seed=1)
+
+    def run(source):
+        return list(curate.pipeline(source, learner=learner, reference=reference, scorer=curate.ContrastiveScorer(),
+                                    method=method, batch_size=8, filter_ratio=0.8, n_chunks=4,
+                                    shuffle_buffer=shuffle_buffer, seed=5))
+
+    per_sample = run(data)
+    for loader_batch in (7, 40, 64):  # smaller than, equal to a divisor of, and larger than B = 40
+        batched = run(DataLoader(data, batch_size=loader_batch))
+        assert len(batched) == len(per_sample) == 6
+        for a, b in zip(batched, per_sample, strict=True):
+            assert a["__key__"] == b["__key__"]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+
+
+def test_a_batch_of_exactly_the_superbatch_is_not_copied():
+    from torch.utils.data import default_collate
+
+    data = make_samples(200)
+    batches = [default_collate(data[i:i + 40]) for i in range(0, 200, 40)]
+    out = list(curate.Superbatch(curate.Source(batches), 40))
+    assert all(a["input"] is b["input"] for a, b in zip(out, batches, strict=True))
+    joined = list(curate.Superbatch(curate.Source(batches), 80))  # two batches joined, the short tail passed on
+    assert [len(b["__key__"]) for b in joined] == [80, 80, 40] and joined[2]["input"] is batches[4]["input"]
+
+
+def test_the_pipeline_state_holds_no_samples_whatever_their_size():
+    """3x224x224 fp32 images (588 KiB each): the state is positions and RNG states, a few KiB, at any point."""
+    import io
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 600
+
+        def __getitem__(self, i):
+            return {"__key__": f"i{i:04d}", "image": torch.full((3, 224, 224), float(i)), "target": i % 3}
+
+    loader = DataLoader(Images(), batch_size=50)
+    scorer = curate.ClassificationScorer("image", "target")
+    p = curate.pipeline(loader, rule="uniform", method="sample", batch_size=20, superbatch_size=100,
+                        shuffle_buffer=250, scorer=scorer)
+    sizes = []
+    it = iter(p)
+    for _ in range(5):  # through shuffle blocks, part-way through them and through loader batches
+        next(it)
+        buffer = io.BytesIO()
+        torch.save(p.state_dict(), buffer)
+        sizes.append(buffer.tell())
+    assert max(sizes) <= 64 * 1024, sizes
+
+
 # ---------------------------------------------------------------- resume
 
 

@@ -18,7 +18,7 @@ def _classification():
                    method="sample", batch_size=8, superbatch_size=40, shuffle_buffer=50, seed=4)
 
     def by_hand(data):
-        node = curate.Shuffle(curate.Source(data), 50, seed=4)
+        node = curate.Shuffle(curate.Source(data), 80, seed=4)  # pipeline() rounds the block to whole superbatches
         node = curate.Superbatch(node, 40)
         node = curate.Score(node, learner, reference, curate.ClassificationScorer(), "learnability")
         node = curate.JointSelect(node, 8, "sample", seed=4, superbatch_size=40)
@@ -33,7 +33,7 @@ def _jest():
                    batch_size=6, superbatch_size=24, n_chunks=3, shuffle_buffer=10, seed=2)
 
     def by_hand(data):
-        node = curate.Shuffle(curate.Source(data), 10, seed=2)
+        node = curate.Shuffle(curate.Source(data), 24, seed=2)
         node = curate.Superbatch(node, 24)
         node = curate.Score(node, learner, reference, curate.ContrastiveScorer())
         node = curate.JointSelect(node, 6, "joint", n_chunks=3, seed=2, superbatch_size=24)
@@ -96,19 +96,19 @@ class CountsEvens(Stage[dict]):
     counters = {"evens": Counter(SUM), "largest": Counter(MAX), "last_key": Counter(LAST, "")}
 
     def next(self) -> dict:
-        sample = next(self.source)
-        number = int(sample["__key__"][1:])
-        self.counts["evens"] += number % 2 == 0
-        self.counts["largest"] = max(self.counts["largest"], number)
-        self.counts["last_key"] = sample["__key__"]
-        return sample
+        batch = next(self.source)  # stages pass collated batches
+        numbers = [int(key[1:]) for key in batch["__key__"]]
+        self.counts["evens"] += sum(number % 2 == 0 for number in numbers)
+        self.counts["largest"] = max(self.counts["largest"], *numbers)
+        self.counts["last_key"] = batch["__key__"][-1]
+        return batch
 
 
 def test_a_new_stage_reports_by_declaring_its_counters_and_resumes():
     data = make_samples(100)
 
     def build():
-        node = CountsEvens(curate.Source(data))
+        node = CountsEvens(curate.Source(data, group_size=10))
         node = curate.Superbatch(node, 20)
         node = curate.Score(node, scorer=curate.ClassificationScorer(), rule="uniform")
         return curate.Pipeline(curate.JointSelect(node, 5, "sample"))
