@@ -5,14 +5,14 @@ The public API. Everything a user needs is importable from here; submodules are 
 
 from .actor import Actor, TrainActor
 from .batch import concat_batches, take
-from .cache import ScoreCache, model_hash, write_part
+from .cache import MissingKeysError, ScoreCache, model_hash, write_part
 from .curation import DedupResult, balance, read_keys, semantic_dedup, write_keys
 from .distributed import GlobalScope, Lockstep, RankSplit, Shards, local_sizes, resolve_world
 from .flops import TrainingFlops, forward_flops
 from .joint_select import METHODS, JointSelect, LocalScope
 from .learner import LearnerSide, resolve_learner
 from .losses import cross_entropy_losses, sigmoid_example_losses, sigmoid_pair_losses, softmax_example_losses
-from .nodes import Batch, KeepKeys, Shuffle, Source, Superbatch, Unbatch
+from .nodes import Batch, KeepKeys, Shuffle, Source, Superbatch, ToDevice, Unbatch
 from .pipeline import Pipeline, pipeline, superbatch_size_for
 from .prefetch import Prefetch
 from .rules import RULES, Rule, get_rule
@@ -48,6 +48,7 @@ __all__ = [
     "Lockstep",
     "METHODS",
     "Merge",
+    "MissingKeysError",
     "ModelProvider",
     "ModelScores",
     "Pipeline",
@@ -65,6 +66,7 @@ __all__ = [
     "Source",
     "Stage",
     "Superbatch",
+    "ToDevice",
     "TrainActor",
     "TrainingFlops",
     "Unbatch",

@@ -367,8 +367,10 @@ def _exchange(batch: dict, parts: Tensor, local_size: int, comm: Comm) -> dict:
     """Rank r's part (parts[r], global indices) of the selection, its rows fetched from the ranks that hold them."""
     owner = parts // local_size
     sends = [take(batch, parts[q][owner[q] == comm.rank] - comm.rank * local_size) for q in range(comm.world_size)]
+    sends = [{k: v.cpu() if isinstance(v, Tensor) else v for k, v in send.items()} for send in sends]  # pickled: a
+    # CUDA tensor would be unpickled onto the sender's device index
     received = comm.all_to_all(sends)  # from rank o: my rows that o holds, in my part's order
-    rows = {name: torch.cat([r[name] for r in received]) if isinstance(value, Tensor)
+    rows = {name: torch.cat([r[name] for r in received]).to(value.device) if isinstance(value, Tensor)
             else [x for r in received for x in r[name]] for name, value in batch.items()}
     order = torch.argsort(owner[comm.rank], stable=True)  # received rows are grouped by owner
     position = torch.empty_like(order)

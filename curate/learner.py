@@ -11,10 +11,11 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from .actor import Actor
-from .scorers import ModelProvider, ScoreProvider, Scorer
+from .scorers import ModelProvider, ScoreProvider, Scorer, model_device
 from .sync import WeightSync, check_unsharded
 
 __all__ = ["LearnerSide", "as_provider", "resolve_learner", "unwrap_ddp"]
@@ -53,6 +54,13 @@ class LearnerSide:
     def in_order(self) -> bool:
         """It is trained and scores in order in one thread (an actor): reading ahead adds no lag."""
         return self.actor is not None
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where its scoring model lives (None: a provider without a model, e.g. a ScoreCache)."""
+        model = next((getattr(self.provider, name) for name in ("model", "module")
+                      if isinstance(getattr(self.provider, name, None), nn.Module)), None)
+        return None if model is None else model_device(model)
 
     @property
     def staleness(self) -> int:

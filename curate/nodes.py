@@ -23,7 +23,7 @@ from .batch import BatchDict, Sample, batch_size_of, concat_batches, is_batch, s
 from .seeding import make_generator
 from .stage import Counter, Stage
 
-__all__ = ["Batch", "KeepKeys", "Shuffle", "Source", "Superbatch", "Unbatch", "as_node"]
+__all__ = ["Batch", "KeepKeys", "Shuffle", "Source", "Superbatch", "ToDevice", "Unbatch", "as_node"]
 
 T = TypeVar("T")
 
@@ -341,3 +341,30 @@ class Batch(_Rows[BatchDict]):
         if batch is None or (self.drop_last and batch_size_of(batch) < self.batch_size):
             raise StopIteration
         return batch
+
+
+class ToDevice(Stage[BatchDict]):
+    """Moves each batch's tensors to `device` once, so both models score it there, selection runs there and the
+    kept batch is handed out there (no per-model copies).
+
+    Args:
+        source: upstream node of batches (superbatches, in a pipeline).
+        device: where the batches go, e.g. "cuda" or torch.device("cuda", local_rank).
+        pin_memory: copy CPU tensors into pinned memory first so the copy to a CUDA device is asynchronous
+            (non_blocking) and fast; default: when `device` is CUDA. A DataLoader with pin_memory=True pins in
+            its own thread; tensors already pinned are not copied again.
+    """
+
+    def __init__(self, source: BaseNode, device: torch.device | str, pin_memory: bool | None = None):
+        super().__init__(source)
+        self.device = torch.device(device)
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+
+    def next(self) -> BatchDict:
+        batch = next(self.source)
+        return {name: self._move(value) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
+
+    def _move(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.pin_memory and tensor.device.type == "cpu" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=self.pin_memory)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from os import PathLike
 
+import torch
 from torch import nn
 from torchdata.nodes import BaseNode, Loader
 
@@ -18,8 +19,8 @@ from .actor import TrainActor
 from .distributed import SCOPES, Comm, GlobalScope, Lockstep, RankSplit, already_split, resolve_world, shards_of
 from .flops import TrainingFlops
 from .joint_select import METHODS, JointSelect
-from .learner import resolve_learner, unwrap_ddp
-from .nodes import KeepKeys, Shuffle, Superbatch, as_node
+from .learner import LearnerSide, resolve_learner, unwrap_ddp
+from .nodes import KeepKeys, Shuffle, Superbatch, ToDevice, as_node
 from .prefetch import Prefetch
 from .rules import Rule, RuleFn, as_rule
 from .score import Score
@@ -133,6 +134,7 @@ def pipeline(
     world_size: int | None = None,
     selection_scope: str = "local",
     rank_split: str = "auto",
+    device: torch.device | str | None = None,
 ) -> Pipeline:
     """Curated training batches from any iterable of samples.
 
@@ -185,6 +187,10 @@ def pipeline(
             the same world·b of the world·B samples of all ranks' superbatches (the decision a single process
             makes over the concatenated superbatch) and trains on its own b of them (JEST at scale). Needs an
             initialised torch.distributed.
+        device: where superbatches are scored and selected and the kept batches handed out: each superbatch is
+            moved there once (pinned, non_blocking; `curate.ToDevice`), and with prefetch=1 on CUDA the background
+            work runs on its own stream. Default: the learner's device (its scoring copy's); "cpu" (or a learner
+            on the CPU, or none) keeps batches where the source made them.
         rank_split: "auto": a `curate.distributed.Shards` source (or a DataLoader over one) splits by shard, a
             DataLoader with a DistributedSampler is taken as split, anything else is split by sample index
             (every world_size-th sample). "none": the source already yields only this rank's data.
@@ -223,6 +229,7 @@ def pipeline(
     side = (resolve_learner(learner, prefetch=prefetch, train_model=train_model, train_scorer=train_scorer)
             if rule.uses_learner and learner is not None else None)  # (Score names a missing learner)
 
+    device = _resolve_device(device, side)
     node = as_node(source, collate=collate)
     if world_size > 1 and rank_split == "auto" and not already_split(source):
         node = RankSplit(node, rank, world_size)
@@ -237,6 +244,8 @@ def pipeline(
     node = Superbatch(node, superbatch_size, drop_last=drop_last)
     if comm.group is not None:
         node = Lockstep(node, superbatch_size, comm)
+    if device.type != "cpu":
+        node = ToDevice(node, device)
     node = score = Score(node, side, reference, scorer, rule, micro_batch_size=micro_batch_size,
                          score_transform=score_transform, count_flops=count_flops)
     scope = GlobalScope(comm) if selection_scope == "global" and world_size > 1 else None
@@ -247,8 +256,14 @@ def pipeline(
         node = TrainActor(node, side.actor, scorer, count_flops=count_flops)
     if prefetch:
         sync = None if side is None else side.sync
-        node = Prefetch(node, sync, push_sync=side is not None and side.owns_sync)
+        node = Prefetch(node, sync, push_sync=side is not None and side.owns_sync, device=device)
     trained = side.trained if side is not None else unwrap_ddp(train_model)
     if count_flops and not score.measures_training_forward and trained is not None and scorer is not None:
         node = TrainingFlops(node, trained, train_scorer or scorer, micro_batch_size)
     return Pipeline(node, comm)
+
+
+def _resolve_device(device: torch.device | str | None, side: LearnerSide | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return (side.device if side is not None else None) or torch.device("cpu")

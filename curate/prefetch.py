@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import torch
 from torchdata.nodes import BaseNode
 
 from .score import Score
@@ -34,6 +36,9 @@ class Prefetch(Stage[T]):
         source: upstream node (everything up to selection).
         sync: the `WeightSync` the upstream scores from, or None when it scores no changing model.
         push_sync: push `sync` at every hand-out (True) or hold its lock while scoring (False).
+        device: where the upstream computes. On CUDA the background work runs on a stream of its own, so it
+            overlaps the training step's kernels; the thread waits for that stream's work (an event, not the
+            whole device) before the item counts as ready, and the hand-out orders the training stream after it.
 
     `get_state()` is the upstream's state right after the item last handed out (captured in the
     thread), so a resumed pipeline replays the prefetched item instead of skipping it. (torchdata's
@@ -43,7 +48,8 @@ class Prefetch(Stage[T]):
 
     gauges = {"prefetch": LAST}
 
-    def __init__(self, source: BaseNode, sync: WeightSync | None = None, push_sync: bool = False):
+    def __init__(self, source: BaseNode, sync: WeightSync | None = None, push_sync: bool = False,
+                 device: torch.device | str | None = None):
         for node in chain(source):
             if isinstance(node, Score) and node.learner is not None and node.learner.live:
                 raise ValueError("Prefetch: the Score stage upstream scores the live learner, which the optimizer "
@@ -51,6 +57,8 @@ class Prefetch(Stage[T]):
                                  "curate.WeightSync of it (curate.resolve_learner(model, prefetch=1) makes one)")
         super().__init__(source)
         self.sync, self.push_sync = sync, push_sync
+        device = None if device is None else torch.device(device)
+        self._stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="curate-prefetch")
         self._future: Future[tuple[Any, dict]] | None = None  # (item or StopIteration, upstream state after it)
 
@@ -67,10 +75,13 @@ class Prefetch(Stage[T]):
 
     def _job(self, held: threading.Lock | None) -> tuple[Any, dict]:
         try:
-            try:
-                item = next(self.source)
-            except StopIteration:
-                item = StopIteration
+            with contextlib.nullcontext() if self._stream is None else torch.cuda.stream(self._stream):
+                try:
+                    item = next(self.source)
+                except StopIteration:
+                    item = StopIteration
+            if self._stream is not None:  # its kernels read the snapshot: done before a push may rewrite it
+                self._stream.record_event().synchronize()
             return item, self.source.state_dict()
         finally:
             if held is not None:
@@ -97,6 +108,8 @@ class Prefetch(Stage[T]):
             self._done = True
             raise StopIteration
         self._state = state
+        if self._stream is not None:
+            _hand_over(item, self._stream)
         self._submit()
         return item
 
@@ -115,3 +128,13 @@ class Prefetch(Stage[T]):
         pool = getattr(self, "_pool", None)  # absent when __init__ refused its arguments
         if pool is not None:
             pool.shutdown(wait=False)
+
+
+def _hand_over(item, stream: torch.cuda.Stream) -> None:
+    """The training stream may use `item`'s tensors, made on `stream`: order it after that stream's work, and tell
+    the caching allocator the tensors are in use there (so their memory is not reused while it reads them)."""
+    current = torch.cuda.current_stream(stream.device)
+    current.wait_stream(stream)
+    for value in item.values() if isinstance(item, dict) else ():
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            value.record_stream(current)

@@ -64,11 +64,15 @@ def _curated_keys(recipe: Recipe) -> Path | None:
     return recipe.curated_keys_path
 
 
-def _reference(recipe: Recipe, device: torch.device):
+def _reference(recipe: Recipe, device: torch.device, comm: Comm):
     if recipe.cache.path:
         from curate.cache import ScoreCache
 
-        return ScoreCache.open(recipe.cache.path, storage_options=recipe.data.storage_options)
+        parts = None
+        if comm.world_size > 1:  # only this rank's shards' parts (part i scores shard i; Shards gives i % W == rank)
+            mine = set(range(comm.rank, len(tasks.shard_urls(recipe, "train")), comm.world_size))
+            parts = lambda name: int(name.split("-")[1].split(".")[0]) in mine  # noqa: E731
+        return ScoreCache.open(recipe.cache.path, storage_options=recipe.data.storage_options, parts=parts)
     model, _ = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)
     return model.to(device)
 
@@ -183,7 +187,7 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
     batches = curate.pipeline(
         _train_source(recipe, task, comm) if source is None else source,
         learner=learner if rule.uses_learner else None,
-        reference=_reference(recipe, device) if rule.uses_reference else None,
+        reference=_reference(recipe, device, comm) if rule.uses_reference else None,
         scorer=tasks.scorer_for(recipe, patch_dropout=dropout),
         train_model=model,
         train_scorer=tasks.scorer_for(recipe) if dropout else None,  # Flexi-JEST trains on the full forward

@@ -404,3 +404,26 @@ def test_curate_run_under_torchrun_resumes_exactly_after_a_restart(digits, tmp_p
         assert whole[-1]["pipeline"]["world_size"] == 2 and whole[-1]["pipeline"]["seen"] == 30 * superbatch
     state = torch.load(tmp_path / "restarted" / "learnability" / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["pipelines"]) == 2
+
+
+def test_a_rank_of_curate_run_loads_only_its_shards_cache_parts(digits, tmp_path):
+    from curate.distributed import Comm
+    from pipelines import tasks
+    from pipelines.train import _reference
+
+    recipe = parse_recipe(f"""name: parts
+data: {{root: {digits["even"]}, dataset: digits}}
+model: {{kind: mlp}}
+cache: {{path: {tmp_path / "cache"}}}
+""")
+    n_shards = len(tasks.shard_urls(recipe, "train"))
+    assert n_shards == 6
+    for i in range(n_shards):
+        curate.write_part(str(tmp_path / "cache" / f"part-{i:05d}.parquet"), [f"k{i}"], ref_loss=[float(i)],
+                          metadata={"reference_hash": "h", "scorer": "example", "dataset": "digits"})
+    mine = _reference(recipe, torch.device("cpu"), Comm(1, 4))  # shards 1 and 5
+    assert len(mine) == 2
+    assert mine.scores({"__key__": ["k5", "k1"]}, curate.ClassificationScorer(), 16).loss.tolist() == [5.0, 1.0]
+    with pytest.raises(curate.MissingKeysError):
+        mine.scores({"__key__": ["k2"]}, curate.ClassificationScorer(), 16)
+    assert len(_reference(recipe, torch.device("cpu"), Comm(0, 1))) == n_shards

@@ -135,3 +135,21 @@ def test_source_rejects_non_iterables():
 def test_shuffling_dataloader_without_generator_warns():
     with pytest.warns(UserWarning, match="generator="):
         Source(DataLoader(MapDataset(make_samples(10)), shuffle=True))
+
+
+def test_to_device_moves_tensors_once_and_pipeline_puts_it_before_scoring():
+    from torch.utils.data import default_collate
+
+    import curate
+
+    data = make_samples(40)
+    batches = [default_collate(data[i:i + 20]) for i in (0, 20)]
+    out = list(Loader(curate.ToDevice(Source(batches), "meta")))
+    assert [b["input"].device.type for b in out] == ["meta", "meta"]
+    assert out[0]["__key__"] == batches[0]["__key__"] and out[0]["target"].dtype == torch.int64
+    learner, reference = _models()
+    options = dict(learner=learner, reference=reference, scorer=ClassificationScorer(), batch_size=4,
+                   filter_ratio=0.8, method="topk")
+    assert "to_device" not in curate.pipeline(data, **options).stages  # a CPU learner: batches stay where they are
+    chain = [type(n).__name__ for n in curate.pipeline(data, device="meta", **options).chain]
+    assert chain[chain.index("Superbatch") + 1:chain.index("Score") + 1] == ["ToDevice", "Score"]
