@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchdata.nodes import BaseNode
@@ -172,7 +173,7 @@ class JointSelect(Stage[BatchDict]):
         c["kept"] += len(share.kept)
         c["_score_sum"] += float(share.own.sum())
         c["_kept_score_sum"] += float(share.kept.sum())
-        c["_last_quantiles"] = torch.quantile(score, torch.tensor(_QUANTILES)).tolist()
+        c["_last_quantiles"] = np.quantile(score.numpy(), _QUANTILES).tolist()  # torch.quantile: ~10x the overhead
         return share.batch
 
     def get_state(self) -> dict:
