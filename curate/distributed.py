@@ -193,10 +193,11 @@ class Shards(IterableDataset):
     def __iter__(self):
         urls, (shard, offset) = self._my_urls(), self._start
         self._start = (0, 0)
+        self._position = (shard, offset)  # now, not when the generator first runs: a state saved before the first
+        # sample must point at this epoch's start, not at the end of the last one
         return self._samples(urls, shard, offset)
 
     def _samples(self, urls: list[str], shard: int, offset: int):
-        self._position = (shard, offset)
         for i in range(shard, len(urls)):
             samples = iter(self.load([urls[i]]))
             for skipped in range(offset if i == shard else 0):

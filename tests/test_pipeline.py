@@ -170,6 +170,17 @@ def test_consumes_webdataset_shards(tmp_path):
     assert len(keys) == 24 and len(set(keys)) == 24
     torch.testing.assert_close(batches[0]["image"][0], next(s["image"] for s in data if s["__key__"] == keys[0]))
 
+    def load(shard_urls):  # what curate.Shards calls, once per shard
+        return (wds.WebDataset(shard_urls, shardshuffle=False, nodesplitter=None, workersplitter=None).decode()
+                .map(lambda s: {"__key__": s["__key__"], "image": s["image.pth"], "text": s["text.pth"]}))
+
+    shard_list = [str(tmp_path / f"shard-{shard:06d}.tar") for shard in range(3)]
+    reference = tiny_clip("sigmoid", seed=1)
+    for source in (lambda: dataset, lambda: curate.Shards(shard_list, load, rank=0, world_size=1)):
+        check_resume(lambda source=source: curate.pipeline(
+            source(), learner=model, reference=reference, scorer=curate.ContrastiveScorer(), batch_size=4,
+            filter_ratio=0.8, n_chunks=2, shuffle_buffer=16), points=[1, 3])
+
 
 @pytest.mark.parametrize("method, shuffle_buffer", [("topk", 0), ("sample", 100), ("joint", 64)])
 def test_batched_and_per_sample_sources_select_the_same(method, shuffle_buffer):
