@@ -132,6 +132,15 @@ class Source(Stage[BatchDict]):
                             f"{type(bad).__name__}")
         return self.collate(samples)
 
+    def close(self) -> None:
+        """Shut down the iterator's DataLoader workers now (the garbage collector may take seconds to get to them)."""
+        shutdown = getattr(getattr(self, "_it", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        if isinstance(self.iterable, DataLoader) and self.iterable.persistent_workers:
+            self.iterable._iterator = None  # its workers are gone: the next epoch starts new ones
+        self._it = iter(())
+
     def get_state(self) -> dict:
         if self._ended:  # resuming creates no iterator for this epoch, so it needs the generator as it is now
             rng = None if self._generator is None else self._generator.get_state()

@@ -91,6 +91,21 @@ class Pipeline(Loader):
             out["rank"], out["world_size"] = self.comm.rank, self.comm.world_size
         return out
 
+    def close(self) -> None:
+        """Stop what the chain runs in the background (a prefetch thread, then DataLoader workers) now; the pipeline
+        cannot be iterated afterwards. Also on leaving `with curate.pipeline(...) as batches:`."""
+        for node in reversed(self.chain):
+            close = getattr(node, "close", None)
+            if callable(close):
+                close()
+        self._it = None  # torchdata's Loader and its iterator refer to each other: a cycle only the GC would free
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def global_stats(self) -> dict:
         """`stats()` totalled over all ranks, each figure merged as its stage declares (counts and FLOPs summed,
         seconds the slowest rank's, snapshots rank 0's), so rank 0 can report the job's FLOP ledger. A
@@ -153,8 +168,10 @@ def pipeline(
             0 keeps everything (a pass-through, e.g. for a uniform baseline).
         superbatch_size: set B directly instead of through filter_ratio (must exceed batch_size).
         n_chunks, temperature: JEST sampler knobs; see `curate.JointSelect`.
-        shuffle_buffer: samples per seeded shuffle block (`curate.Shuffle`), rounded up to whole superbatches;
-            0 disables it (when the source is already shuffled, e.g. a DataLoader with shuffle=True).
+        shuffle_buffer: samples per seeded shuffle block (`curate.Shuffle`), rounded up to whole superbatches. A
+            block mixes samples across the superbatches it spans, so a buffer of at most one superbatch does
+            nothing (selection is over the superbatch's set; its order never matters) and no shuffle runs. 0
+            disables it: when the source is already shuffled, e.g. a DataLoader with shuffle=True, the fast way.
         collate: list of samples → batch, for a source that yields samples; default torch's default_collate. A
             source that yields batches (a DataLoader with a batch size: collation in its workers, the fast way)
             is never split into samples.
@@ -239,8 +256,9 @@ def pipeline(
 
             keep_keys = read_keys(keep_keys)
         node = KeepKeys(node, keep_keys)
-    if shuffle_buffer > 1:  # whole superbatches per block: each superbatch is then a view of a shuffled block
-        node = Shuffle(node, -(-shuffle_buffer // superbatch_size) * superbatch_size, seed=seed)
+    block = -(-shuffle_buffer // superbatch_size) * superbatch_size  # whole superbatches: each is a view of a block
+    if shuffle_buffer > 1 and block > superbatch_size:  # a block of one superbatch would only reorder its samples,
+        node = Shuffle(node, block, seed=seed)  # which changes nothing: selection is over the set (and a full copy)
     node = Superbatch(node, superbatch_size, drop_last=drop_last)
     if comm.group is not None:
         node = Lockstep(node, superbatch_size, comm)

@@ -124,6 +124,11 @@ class Prefetch(Stage[T]):
         if self._future is not None:
             self._future.exception()
 
+    def close(self) -> None:
+        """Wait for the item in flight and stop the background thread."""
+        self._drain()
+        self._pool.shutdown(wait=True)
+
     def __del__(self):
         pool = getattr(self, "_pool", None)  # absent when __init__ refused its arguments
         if pool is not None:

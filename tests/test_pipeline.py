@@ -309,3 +309,13 @@ def test_keep_keys_filters_counts_and_resumes(tmp_path):
     p = build()
     list(p)
     assert p.stats()["dropped_by_keep_keys"] == 100
+
+
+def test_close_stops_dataloader_workers_now():
+    loader = DataLoader(make_samples(400), batch_size=40, num_workers=2, persistent_workers=True)
+    with curate.pipeline(loader, rule="uniform", method="sample", batch_size=8, superbatch_size=40,
+                         shuffle_buffer=0) as batches:
+        next(iter(batches))
+        workers = batches.stages["source"]._it._workers
+        assert all(w.is_alive() for w in workers)
+    assert not any(w.is_alive() for w in workers)

@@ -30,10 +30,10 @@ def _classification():
 def _jest():
     learner, reference = tiny_clip("sigmoid"), tiny_clip("sigmoid", seed=1)
     options = dict(learner=learner, reference=reference, scorer=curate.ContrastiveScorer(), method="joint",
-                   batch_size=6, superbatch_size=24, n_chunks=3, shuffle_buffer=10, seed=2)
+                   batch_size=6, superbatch_size=24, n_chunks=3, shuffle_buffer=30, seed=2)
 
     def by_hand(data):
-        node = curate.Shuffle(curate.Source(data), 24, seed=2)
+        node = curate.Shuffle(curate.Source(data), 48, seed=2)
         node = curate.Superbatch(node, 24)
         node = curate.Score(node, learner, reference, curate.ContrastiveScorer())
         node = curate.JointSelect(node, 6, "joint", n_chunks=3, seed=2, superbatch_size=24)
