@@ -149,6 +149,15 @@ class Recipe(_Strict):
     compare: list[str] = Field(default_factory=list)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # the run directory is runs/<name>: a path in the name would write somewhere else (runs/../../x)
+        if not value or value in (".", "..") or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError(f"the name {value!r} must be a plain directory name (letters, digits, '-', '_', '.'), "
+                             "since runs go to runs/<name>; set train.out to write somewhere else")
+        return value
+
     @field_validator("compare")
     @classmethod
     def _known_baselines(cls, value: list[str]) -> list[str]:

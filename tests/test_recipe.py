@@ -27,6 +27,12 @@ def test_unknown_rule_lists_the_valid_rules():
         parse_recipe("name: a\nselection: {rule: rhoo}\n")
 
 
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ""])
+def test_a_name_that_is_a_path_is_refused(name):
+    with pytest.raises(RecipeError, match=r"name: .*must be a plain directory name"):
+        parse_recipe(f"name: '{name}'\n")
+
+
 def test_out_of_range_values_are_rejected():
     with pytest.raises(RecipeError, match=r"selection\.filter_ratio"):
         parse_recipe("name: a\nselection: {filter_ratio: 1.5}\n")
