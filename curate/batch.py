@@ -94,7 +94,6 @@ def take(batch: BatchDict, idx: Tensor) -> BatchDict:
     return out
 
 
-
 def _rows(value: Tensor, idx: Tensor) -> Tensor:
     """`value.index_select(0, idx)`; a contiguous tensor of 3+ dims (images) is gathered as 2-d rows, which torch's
     CPU kernel copies several times faster (measured 6x for uint8 3x64x64 images, 2.7x for fp32)."""

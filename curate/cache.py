@@ -30,7 +30,7 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from .batch import split_batch, take
+from .batch import is_batch, split_batch, take
 from .files import atomic_write, filesystem
 from .scorers import Kind, ModelScores, Scorer, score_model
 
@@ -473,7 +473,7 @@ class _Cached:
     def __iter__(self):
         pending: list[dict] = []
         for item in self.samples:
-            pending.extend(split_batch(item) if isinstance(item[KEY], list | tuple) else [item])
+            pending.extend(split_batch(item) if is_batch(item) else [item])
             if len(pending) >= self.chunk:
                 yield from self._keep(pending)
                 pending = []

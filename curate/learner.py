@@ -58,9 +58,11 @@ class LearnerSide:
     @property
     def device(self) -> torch.device | None:
         """Where its scoring model lives (None: a provider without a model, e.g. a ScoreCache)."""
-        model = next((getattr(self.provider, name) for name in ("model", "module")
-                      if isinstance(getattr(self.provider, name, None), nn.Module)), None)
-        return None if model is None else model_device(model)
+        for name in ("model", "module"):  # ModelProvider and Actor; WeightSync
+            model = getattr(self.provider, name, None)
+            if isinstance(model, nn.Module):
+                return model_device(model)
+        return None
 
     @property
     def staleness(self) -> int:

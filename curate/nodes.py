@@ -126,8 +126,8 @@ class Source(Stage[BatchDict]):
                 raise TypeError(f"Source: a batch must be a dict of per-sample fields, got {type(item).__name__}")
             if batch_size_of(item):
                 return item
-        if not all(isinstance(s, dict) for s in samples):
-            bad = next(s for s in samples if not isinstance(s, dict))
+        bad = next((s for s in samples if not isinstance(s, dict)), None)
+        if bad is not None:
             raise TypeError(f"Source: samples must be dicts of fields (e.g. {{'__key__': ..., 'image': ...}}), got "
                             f"{type(bad).__name__}")
         return self.collate(samples)
@@ -240,12 +240,11 @@ class _Rows(Stage[T]):
                 self._batch = None
         return concat_batches(parts) if parts else None
 
+    def _source_state(self) -> dict:
+        return super()._source_state() if self._batch is None else self._before
+
     def get_state(self) -> dict:
-        state = super().get_state()
-        state["used"] = 0 if self._batch is None else self._used
-        if self._batch is not None:
-            state[self.SOURCE_KEY] = self._before
-        return state
+        return {**super().get_state(), "used": 0 if self._batch is None else self._used}
 
 
 class Shuffle(_Rows[BatchDict]):

@@ -113,8 +113,8 @@ class Prefetch(Stage[T]):
         self._submit()
         return item
 
-    def get_state(self) -> dict:
-        return {self.SOURCE_KEY: self._state}
+    def _source_state(self) -> dict:
+        return self._state
 
     def stats(self) -> dict:
         return {"prefetch": 1}

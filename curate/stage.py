@@ -75,10 +75,15 @@ class Stage(BaseNode[T], Generic[T]):
     def get_state(self) -> dict:
         state: dict[str, Any] = {}
         if self.source is not None:
-            state[self.SOURCE_KEY] = self.source.state_dict()
+            state[self.SOURCE_KEY] = self._source_state()
         if self.counters:
             state[self.COUNTS_KEY] = copy.deepcopy(self.counts)  # a snapshot: counting goes on after it
         return state
+
+    def _source_state(self) -> dict:
+        """The upstream state that `reset` restores: its state now, unless a stage resumes from an earlier one
+        (a stage part-way through an upstream batch re-reads it; a prefetch thread may have read ahead)."""
+        return self.source.state_dict()
 
     def stats(self) -> dict:
         """This stage's figures as merged by `chain_stats`: its counters, plus its gauges."""
