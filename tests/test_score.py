@@ -60,6 +60,22 @@ def test_pipeline_works_without_keys_and_nan_errors_give_positions():
         next(iter(curate.pipeline(data, shuffle_buffer=0, filter_ratio=0.5, **_kwargs())))
 
 
+def test_ignore_index_and_out_of_range_targets_stop_the_pipeline_naming_the_samples():
+    """A target of -100 scores 0 (cross_entropy's ignore_index), which would be read as learnt: refused, through
+    the pipeline and the scorer's micro-batches, with the sample's key; without keys, its position."""
+    data = make_samples(40)
+    data[7]["target"] = torch.tensor(-100)
+    p = curate.pipeline(data, shuffle_buffer=0, micro_batch_size=5, **_kwargs())
+    with pytest.raises(curate.scorers.TargetError, match=r"ignore_index\) for 1 samples \(keys \['s00007'\]\)"):
+        next(iter(p))
+    data = [{"input": s["input"], "target": s["target"]} for s in make_samples(40)]
+    data[6]["target"] = torch.tensor(3)
+    p = curate.pipeline(data, shuffle_buffer=0, micro_batch_size=5, **_kwargs())
+    where = r"outside \[0, 3\): \[3\] for 1 samples \(positions in the micro-batch \[1\]\).*rows 5-9\]"
+    with pytest.raises(curate.scorers.TargetError, match=where):
+        next(iter(p))
+
+
 class Counting(nn.Linear):
     def __init__(self, *args):
         super().__init__(*args)
