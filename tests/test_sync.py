@@ -219,6 +219,7 @@ def _check_every_refresh(sync, stop, results):
     results.put((torn, versions))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_spawned_readers_only_ever_see_whole_versions():
     """The owner pushes version after version (every parameter equal to the version number) while two spawned
