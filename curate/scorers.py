@@ -30,7 +30,14 @@ from .batch import batch_size_of, slice_batch
 from .losses import cross_entropy_losses, sigmoid_example_losses, softmax_example_losses
 
 __all__ = ["ClassificationScorer", "ContrastiveScorer", "Kind", "ModelProvider", "ModelScores", "ScoreProvider",
-           "Scorer", "model_device", "model_dtype", "score_model"]
+           "Scorer", "TargetError", "model_device", "model_dtype", "score_model"]
+
+_IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: such a target scores 0
+
+
+class TargetError(ValueError):
+    """The labels cannot be scored as given (ignore_index, out-of-range or float class indices, soft labels that
+    are not distributions): cross-entropy would crash or, worse, score them wrongly without a word."""
 
 Kind = Literal["example", "sigmoid", "softmax"]
 
@@ -195,11 +202,19 @@ def score_model(model: nn.Module, batch: dict, scorer: Scorer, micro_batch_size:
     model.eval()
     try:
         with torch.no_grad(), precision:
-            parts = [scorer(model, _cast(slice_batch(batch, i, i + micro_batch_size), scorer.keys, dtype))
+            parts = [_score_slice(model, batch, scorer, dtype, i, min(i + micro_batch_size, n))
                      for i in range(0, n, micro_batch_size)]
     finally:
         model.train(was_training)
     return ModelScores.cat(parts).float()
+
+
+def _score_slice(model: nn.Module, batch: dict, scorer: Scorer, dtype: torch.dtype | None, start: int,
+                 stop: int) -> ModelScores:
+    try:
+        return scorer(model, _cast(slice_batch(batch, start, stop), scorer.keys, dtype))
+    except TargetError as e:  # its positions are the micro-batch's: say where that starts
+        raise TargetError(f"{e} [in the micro-batch of rows {start}-{stop - 1}]") from None
 
 
 def _cast(batch: dict, keys: tuple[str, ...], dtype: torch.dtype | None) -> dict:
@@ -226,7 +241,11 @@ class ClassificationScorer:
 
     Args:
         input_key: the batch field fed to the model.
-        target_key: the integer class labels.
+        target_key: the class labels: indices in [0, C) of any integer dtype, or soft labels, a float (B, C)
+            tensor with one probability distribution per example (label smoothing, mixup). Checked on every
+            micro-batch (a few tensor ops): -100 (PyTorch's ignore_index, which cross-entropy scores 0, as if
+            learnt), indices outside [0, C), float indices and rows that are not distributions raise a
+            `TargetError` naming the samples.
         autocast: run the scoring forward under `torch.autocast` in this dtype (e.g. torch.bfloat16; CPU and
             CUDA); None: in the model's own precision.
         dtype: the dtype floating inputs are cast to; None: the model's floating dtype (its first floating
@@ -246,11 +265,79 @@ class ClassificationScorer:
     def __call__(self, model: nn.Module, batch: dict) -> ModelScores:
         device = model_device(model)
         logits = model(batch[self.input_key].to(device, non_blocking=True))
-        return ModelScores.of_losses(cross_entropy_losses(logits, batch[self.target_key].to(device)))
+        return ModelScores.of_losses(cross_entropy_losses(logits, self._targets(batch, logits)))
+
+    def _targets(self, batch: dict, logits: Tensor) -> Tensor:
+        """The batch's targets, checked before cross-entropy reads them: class indices (any integer dtype, as
+        int64) in [0, C), or soft labels, one probability distribution over the C classes per example."""
+        targets = batch[self.target_key]
+        if not isinstance(targets, Tensor):
+            raise TargetError(f"ClassificationScorer: field {self.target_key!r} must be a tensor of class indices, "
+                              f"got {type(targets).__name__}")
+        targets = targets.to(logits.device, non_blocking=True)
+        indices_shape = logits.shape[:1] + logits.shape[2:]  # the class dim is 1, as in F.cross_entropy
+        integer = not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+        if integer and targets.shape == indices_shape:
+            targets = targets.long()
+            self._check_indices(targets, logits.shape[1], batch)
+            return targets
+        if targets.is_floating_point() and targets.shape == logits.shape:
+            self._check_distributions(targets, batch)
+            return targets
+        if targets.shape == indices_shape:
+            raise TargetError(f"ClassificationScorer: field {self.target_key!r} is {targets.dtype}, but class indices "
+                              "must be integers: cast them with .long() (soft labels are a float (B, C) tensor of "
+                              "class probabilities)")
+        raise TargetError(f"ClassificationScorer: field {self.target_key!r} has shape {tuple(targets.shape)} for "
+                          f"logits of shape {tuple(logits.shape)}; give {tuple(indices_shape)} class indices or "
+                          f"{tuple(logits.shape)} class probabilities")
+
+    def _check_indices(self, targets: Tensor, classes: int, batch: dict) -> None:
+        if not targets.numel():
+            return
+        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one reduction, one device sync: what a valid
+        if low >= 0 and high < classes:  # micro-batch pays; the error path below may take its time
+            return
+        bad = (targets < 0) | (targets >= classes)
+        values = targets[bad].unique().tolist()
+        if _IGNORE_INDEX in values:
+            ignored = targets == _IGNORE_INDEX
+            raise TargetError(f"ClassificationScorer: target {_IGNORE_INDEX} (PyTorch's ignore_index) for "
+                              f"{_where(ignored, batch)}: cross-entropy scores it loss 0, which selection would read "
+                              "as already learnt; drop those samples before the pipeline or give them a class")
+        raise TargetError(f"ClassificationScorer: class indices outside [0, {classes}): "
+                          f"{sorted(values, reverse=True)[:10]} for {_where(bad, batch)}; the model has {classes} "
+                          "outputs: check the labels (1-based? another label set?) and the model's number of classes")
+
+    def _check_distributions(self, targets: Tensor, batch: dict) -> None:
+        if not targets.numel():
+            return
+        # bf16 soft labels (cast with the inputs for a bf16 copy) sum to 1 only within their rounding
+        tol = max(1e-4, 8 * torch.finfo(targets.dtype).eps)
+        sums = targets.sum(1, dtype=torch.float32)
+        low, off = torch.stack([targets.amin().float(), (sums - 1).abs().amax()]).tolist()  # one device sync
+        if low >= 0 and off <= tol:  # NaN fails both comparisons
+            return
+        bad = (targets < 0).any(1) | ~((sums - 1).abs() <= tol)
+        if bad.any():
+            raise TargetError(f"ClassificationScorer: float targets in {self.target_key!r} are soft labels, whose "
+                              f"rows must be probability distributions (>= 0, summing to 1), but are not for "
+                              f"{_where(bad, batch)}; for class indices cast them with .long(); multi-hot "
+                              "(multi-label) targets need a scorer with a per-class sigmoid loss "
+                              "(F.binary_cross_entropy_with_logits), a custom curate.Scorer")
 
     def __repr__(self) -> str:
         return (f"ClassificationScorer(input_key={self.input_key!r}, target_key={self.target_key!r}"
                 f"{_precision_repr(self.autocast, self.dtype)})")
+
+
+def _where(bad: Tensor, batch: dict) -> str:
+    """'n samples (keys [...])' for a bad mask over a micro-batch (positions in it when samples have no keys)."""
+    rows = bad.flatten(1).any(1) if bad.ndim > 1 else bad
+    idx = rows.nonzero().flatten().tolist()
+    keys = batch.get("__key__")
+    named = ([keys[i] for i in idx[:10]], "keys") if keys is not None else (idx[:10], "positions in the micro-batch")
+    return f"{len(idx)} samples ({named[1]} {named[0]}{'...' if len(idx) > 10 else ''})"
 
 
 class _ContrastiveModel(Protocol):

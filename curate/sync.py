@@ -15,13 +15,18 @@ Transports:
   writes under a seqlock: a shared counter is odd while it writes and even after. A worker copies the
   shared weights into its own module only when the counter changed, and keeps the copy only if the
   counter was even and unchanged across the copy, so it never scores with a half-written model and
-  the owner never waits for workers. (This relies on the copy being complete before the counter store,
-  true of CPU tensors on x86-64's ordered stores.)
+  the owner never waits for a worker's copy. The counter is read and written only under a cross-process
+  lock (a POSIX semaphore, held for a counter update, never for a copy): its release and acquire order the
+  owner's weight stores before the even value is seen and a worker's loads before its second counter read,
+  on any CPU (x86-64, Arm: Grace, Graviton), with no reliance on x86-64's ordered stores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import sys
 import threading
@@ -41,6 +46,36 @@ if TYPE_CHECKING:
 __all__ = ["WeightSync"]
 
 _SEQ, _STEPS, _SYNCED = 0, 1, 2  # slots of the shared counter tensor
+_LOCK_TIMEOUT_S = 60.0  # the lock is held for microseconds: a minute means its holder died
+
+
+class _ProcessLock:
+    """A lock shared by processes: a POSIX semaphore (sem_wait/sem_post are full memory barriers) that
+    pickles by name, so it travels in any pickle torch.multiprocessing sends (DataLoader workers, queues), not
+    only in a child's start-up arguments as a `multiprocessing.Lock` does. Held only for counter updates."""
+
+    def __init__(self) -> None:
+        # spawn's semaphores are named (a fork-context one is unlinked at once and cannot be reopened)
+        self._lock = multiprocessing.get_context("spawn").Lock()
+
+    def __enter__(self) -> _ProcessLock:
+        if not self._lock.acquire(timeout=_LOCK_TIMEOUT_S):
+            raise TimeoutError(f"WeightSync: its cross-process lock has been held for {_LOCK_TIMEOUT_S:.0f} s, "
+                               "so a process that held it died (killed mid-update?); build a new WeightSync "
+                               "and restart the DataLoader workers")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def __getstate__(self) -> tuple:
+        semlock = self._lock._semlock  # type: ignore[attr-defined]
+        return semlock.handle, semlock.kind, semlock.maxvalue, semlock.name
+
+    def __setstate__(self, state: tuple) -> None:
+        lock = multiprocessing.synchronize.Lock.__new__(multiprocessing.synchronize.Lock)
+        lock.__setstate__(state)  # type: ignore[attr-defined]  # reopens the semaphore by its name
+        self._lock = lock
 
 
 def _tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -131,6 +166,7 @@ class WeightSync:
             self._meta.share_memory_()
         self._learner: Callable[[], nn.Module | None] = weakref.ref(learner)  # a no-op lambda in workers
         self._owner = os.getpid()
+        self._seqlock = _ProcessLock() if shared else None  # orders the weights' stores and loads across CPUs
         self._lock = threading.Lock()
         self._hook: RemovableHandle | None = None
         self._local: nn.Module | None = None  # a worker's private copy of the shared weights
@@ -186,12 +222,18 @@ class WeightSync:
     def _copy(self, source: dict[str, Tensor]) -> None:
         start = time.perf_counter()
         with torch.no_grad():
-            self._meta[_SEQ] += 1
+            with self._counters():
+                self._meta[_SEQ] += 1  # odd: a reader that saw the even value before will discard its copy
             for name, dst in _tensors(self.module).items():
                 dst.copy_(source[name].detach(), non_blocking=dst.is_cuda)
-            self._meta[_SYNCED] = self._meta[_STEPS]
-            self._meta[_SEQ] += 1
+            with self._counters():  # its release publishes the stores above with the even value
+                self._meta[_SYNCED] = self._meta[_STEPS]
+                self._meta[_SEQ] += 1
         self.push_seconds += time.perf_counter() - start
+
+    def _counters(self):
+        """Held while the seqlock's counters are read or written: across processes, the cross-process lock."""
+        return self._seqlock if self._seqlock is not None else contextlib.nullcontext()
 
     def _check_match(self, source: dict[str, Tensor]) -> None:
         target = _tensors(self.module)
@@ -227,15 +269,17 @@ class WeightSync:
     def _refresh(self, local: nn.Module, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            seq = int(self._meta[_SEQ])
+            with self._counters():  # acquire: the loads below see every store published with this value
+                seq, step = int(self._meta[_SEQ]), int(self._meta[_SYNCED])
             if seq == self._local_seq:
                 return
             if seq % 2 == 0:
-                step = int(self._meta[_SYNCED])
                 with torch.no_grad():
                     for dst, src in zip(_tensors(local).values(), _tensors(self.module).values(), strict=True):
                         dst.copy_(src)
-                if int(self._meta[_SEQ]) == seq:  # no push started meanwhile: the copy is whole
+                with self._counters():  # release: the loads above are done before a later push may start
+                    unchanged = int(self._meta[_SEQ]) == seq
+                if unchanged:  # no push started meanwhile: the copy is whole
                     self._local_seq, self._local_step = seq, step
                     return
             if time.monotonic() > deadline:

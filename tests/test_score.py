@@ -60,6 +60,40 @@ def test_pipeline_works_without_keys_and_nan_errors_give_positions():
         next(iter(curate.pipeline(data, shuffle_buffer=0, filter_ratio=0.5, **_kwargs())))
 
 
+def test_nonfinite_contrastive_scores_name_the_model_and_the_samples():
+    """The NaN guard covers embeddings and the logit scale too, for the reference as for the learner."""
+    from .conftest import make_pairs, tiny_clip
+
+    data = make_pairs(16)
+    data[2]["image"] = torch.full_like(data[2]["image"], float("nan"))
+    common = dict(scorer=curate.ContrastiveScorer(), batch_size=8, filter_ratio=0.5, shuffle_buffer=0)
+    p = curate.pipeline(data, learner=tiny_clip(), reference=tiny_clip(seed=1), **common)
+    with pytest.raises(ValueError, match=r"learner produced NaN/inf .* 1 samples \(keys \['p00002'\]\)"):
+        next(iter(p))
+    reference = tiny_clip(seed=1)
+    with torch.no_grad():
+        reference.logit_scale.fill_(float("inf"))
+    p = curate.pipeline(make_pairs(16), learner=tiny_clip(), reference=reference, **common)
+    with pytest.raises(ValueError, match=r"reference produced NaN/inf .* 16 samples"):
+        next(iter(p))
+
+
+def test_ignore_index_and_out_of_range_targets_stop_the_pipeline_naming_the_samples():
+    """A target of -100 scores 0 (cross_entropy's ignore_index), which would be read as learnt: refused, through
+    the pipeline and the scorer's micro-batches, with the sample's key; without keys, its position."""
+    data = make_samples(40)
+    data[7]["target"] = torch.tensor(-100)
+    p = curate.pipeline(data, shuffle_buffer=0, micro_batch_size=5, **_kwargs())
+    with pytest.raises(curate.scorers.TargetError, match=r"ignore_index\) for 1 samples \(keys \['s00007'\]\)"):
+        next(iter(p))
+    data = [{"input": s["input"], "target": s["target"]} for s in make_samples(40)]
+    data[6]["target"] = torch.tensor(3)
+    p = curate.pipeline(data, shuffle_buffer=0, micro_batch_size=5, **_kwargs())
+    where = r"outside \[0, 3\): \[3\] for 1 samples \(positions in the micro-batch \[1\]\).*rows 5-9\]"
+    with pytest.raises(curate.scorers.TargetError, match=where):
+        next(iter(p))
+
+
 class Counting(nn.Linear):
     def __init__(self, *args):
         super().__init__(*args)

@@ -63,3 +63,48 @@ def test_nonfinite_marks_the_bad_examples():
     emb[1, 0] = math.nan
     assert ModelScores("sigmoid", emb, torch.eye(3), 1.0, 0.0).nonfinite().tolist() == [False, True, False]
     assert ModelScores("sigmoid", torch.eye(3), torch.eye(3), math.inf, 0.0).nonfinite().all()
+
+
+# ---------------------------------------------------------------- bad targets
+
+
+def _batch_with_targets(targets):
+    batch = default_collate(make_samples(len(targets)))
+    return {**batch, "target": targets}
+
+
+@pytest.mark.parametrize("targets, match", [
+    (torch.tensor([0, -100, 2, 1]), r"target -100 .*ignore_index.*keys \['s00001'\].*loss 0"),
+    (torch.tensor([0, 3, 2, -1]), r"class indices outside \[0, 3\): \[3, -1\].*keys \['s00001', 's00003'\]"),
+    (torch.tensor([0.0, 1.0, 2.0, 1.0]), r"is torch.float32, but class indices must be integers.*\.long\(\)"),
+    (torch.tensor([[0], [1], [2], [1]]), r"shape \(4, 1\).*\(4,\) class indices or \(4, 3\) class probabilities"),
+    (torch.tensor([[1.0, 1, 0], [0, 1, 0], [0, 0, 0], [0.2, 0.3, 0.5]]),
+     r"rows must be probability distributions.*keys \['s00000', 's00002'\].*multi-label"),
+    (torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [-0.5, 0.5, 1.0]]), r"distributions.*keys \['s00003'\]"),
+    (torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [math.nan, 0.5, 0.5]]), r"distributions.*keys \['s00003'\]"),
+])
+def test_classification_refuses_targets_it_would_score_wrongly(targets, match):
+    """−100 (cross_entropy's ignore_index) would score 0, as if learnt; out-of-range indices crash (a device-side
+    assert on CUDA); float indices crash; rows that are not distributions (multi-hot) score nonsense."""
+    torch.manual_seed(0)
+    with pytest.raises(curate.scorers.TargetError, match=match):
+        score_model(nn.Linear(8, 3), _batch_with_targets(targets), curate.ClassificationScorer(), 1024)
+
+
+def test_classification_takes_soft_labels_and_any_integer_dtype():
+    torch.manual_seed(0)
+    model, batch = nn.Linear(8, 3), default_collate(make_samples(6))
+    hard = score_model(model, batch, curate.ClassificationScorer(), 1024).loss
+    for targets in (batch["target"].to(torch.int32), batch["target"].to(torch.uint8)):
+        assert torch.equal(score_model(model, {**batch, "target": targets}, curate.ClassificationScorer(), 4).loss,
+                           hard)
+    one_hot = F.one_hot(batch["target"], 3).float()  # soft labels: a distribution over classes per example
+    torch.testing.assert_close(score_model(model, {**batch, "target": one_hot}, curate.ClassificationScorer(),
+                                           4).loss, hard)
+    smooth = one_hot * 0.9 + 0.1 / 3
+    logits = model(batch["input"])
+    expected = -(smooth * logits.log_softmax(1)).sum(1)
+    torch.testing.assert_close(score_model(model, {**batch, "target": smooth}, curate.ClassificationScorer(), 4).loss,
+                               expected.detach())
+    bf16 = score_model(model.to(torch.bfloat16), {**batch, "target": smooth}, curate.ClassificationScorer(), 4)
+    assert bf16.loss.shape == (6,)  # soft labels rounded to bf16 with the inputs still count as distributions

@@ -90,6 +90,19 @@ def test_shared_sync_pickles_handles_not_weights():
     assert all(t.is_shared() for t in sync.module.state_dict().values())
 
 
+def test_a_pickled_shared_sync_takes_the_same_lock_and_a_dead_holder_times_out(monkeypatch):
+    """The cross-process lock travels in any pickle (a queue, not only a child's start-up arguments) as the same
+    semaphore; a holder that never releases it (a worker killed mid-update) makes a push fail, naming why."""
+    model = _mlp()
+    sync = WeightSync(model, shared=True)
+    received = ForkingPickler.loads(ForkingPickler.dumps(sync))
+    monkeypatch.setattr("curate.sync._LOCK_TIMEOUT_S", 0.2)
+    with received._counters():  # as a worker that died holding the lock would leave it
+        with pytest.raises(TimeoutError, match="a process that held it died"):
+            sync.push()
+    assert sync.push() == 1  # released: pushes go on
+
+
 # ---------------------------------------------------------------- DataLoader workers
 
 
@@ -191,6 +204,56 @@ def test_workers_never_score_with_half_written_weights():
     assert torn == 0
     assert distinct > 5, "the reader should have seen many versions while pushes were under way"
     assert "only the process that owns the learner" in error
+
+
+def _check_every_refresh(sync, stop, results):
+    """A spawned reader: refresh until told to stop; each copy must hold one version in every tensor."""
+    torn, versions = 0, []
+    sync.scoring_module()
+    results.put("ready")  # the owner pushes once both readers run: spawning them takes seconds
+    while not stop.is_set():
+        values = {v for t in sync.scoring_module().state_dict().values() for v in t.unique().tolist()}
+        torn += values != {float(sync.version)}
+        if not versions or versions[-1] != sync.version:
+            versions.append(sync.version)
+    results.put((torn, versions))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_spawned_readers_only_ever_see_whole_versions():
+    """The owner pushes version after version (every parameter equal to the version number) while two spawned
+    readers refresh as fast as they can: every copy is one whole version, and versions only move forward. This
+    holds by the lock's acquire/release semantics on any CPU (on x86-64 the old seqlock passed it too: TSO hid
+    the missing barriers)."""
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
+    _fill(model, 0)
+    sync = WeightSync(model, shared=True)
+    ctx = mp.get_context("spawn")
+    stop, results = ctx.Event(), ctx.Queue()
+    readers = [ctx.Process(target=_check_every_refresh, args=(sync, stop, results)) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    assert [results.get(timeout=30) for _ in readers] == ["ready"] * 2
+    version, deadline = 0, time.monotonic() + 2
+    while time.monotonic() < deadline:
+        version += 1
+        _fill(model, version)
+        assert sync.push() == version
+    stop.set()
+    outcomes = [results.get(timeout=30) for _ in readers]
+    for reader in readers:
+        reader.join(timeout=10)
+        assert reader.exitcode == 0
+    for torn, versions in outcomes:
+        assert torn == 0
+        assert versions == sorted(versions) and len(versions) > 5, versions
+
+
+def _fill(model, value):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
 
 
 # ---------------------------------------------------------------- bad input
