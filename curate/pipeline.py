@@ -49,6 +49,10 @@ class Pipeline(Loader):
         comm: this rank's place in a DDP job, for `global_stats()` and the `rank` / `world_size` stats.
     """
 
+    _it: _EpochIterator | None  # torchdata's Loader's (untyped: torchdata ships no type information)
+    _next_iter_state_dict: dict | None
+    _iter_for_state_dict: bool
+
     def __init__(self, root: BaseNode, comm: Comm | None = None):
         super().__init__(root)
         self.comm = comm or Comm(0, 1)
