@@ -96,8 +96,8 @@ class Pipeline(Loader):
                 self._next_iter_state_dict = None  # the loaded state is at its epoch's end: start the next afresh
             else:
                 raise ValueError(
-                    f"Pipeline.set_epoch({epoch}): the loaded state is {'at the end' if stopped else 'part-way'} "
-                    f"through epoch {at}, so the next epoch it can give is {at + stopped}; pass the epoch of the "
+                    f"Pipeline.set_epoch({epoch}): the loaded state is {'after the end of' if stopped else 'in'} "
+                    f"epoch {at}, so the next epoch it can give is {at + stopped}; pass the epoch of the "
                     "checkpoint (or load the checkpoint of the epoch you resume)")
         for node in self.chain:
             if isinstance(node, Prefetch):  # its thread may be in the middle of an upstream next(): let it finish

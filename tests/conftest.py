@@ -129,6 +129,40 @@ def check_resume(build, points: list[int], epochs: int = 2) -> list:
     return per_epoch[0]
 
 
+def run_test_save_load_state(node, midpoint: int) -> None:
+    """torchdata's own resume test (`test/nodes/utils.py::run_test_save_load_state` in pytorch/data, which the
+    torchdata wheel does not ship), ported case for case: one node, reused by every Loader as there; states from
+    the epoch start, `midpoint` items in and the end of epoch 0 (after its StopIteration); the results compared
+    with `assert_same_stream` (torch tensors in them) instead of unittest's assertEqual, and the states passed
+    through a real checkpoint (`roundtrip`)."""
+    from torchdata.nodes import Loader
+
+    x = Loader(node)
+    initial_state_dict = roundtrip(x.state_dict())
+    it = iter(x)
+    results = [next(it) for _ in range(midpoint)]
+    state_dict = roundtrip(x.state_dict())
+    results.extend(it)
+    state_dict_0_end = roundtrip(x.state_dict())
+    results_1 = list(x)  # epoch 1
+
+    x.load_state_dict(state_dict)  # restoring from the midpoint: the rest of epoch 0, then epoch 1
+    assert_same_stream(list(x), results[midpoint:])
+    assert_same_stream(list(x), results_1)
+
+    x.load_state_dict(initial_state_dict)  # from the beginning after a resume: epochs 0 and 1 again
+    assert_same_stream(list(x), results)
+    assert_same_stream(list(x), results_1)
+
+    x = Loader(node, restart_on_stop_iteration=False)  # from the end of epoch 0, not restarting: nothing
+    x.load_state_dict(state_dict_0_end)
+    assert_same_stream(list(x), [])
+
+    x = Loader(node)  # from the end of epoch 0, restarting: epoch 1
+    x.load_state_dict(state_dict_0_end)
+    assert_same_stream(list(x), results_1)
+
+
 def _timeless(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if k not in ("score_seconds", "sync")}  # wall clock; the sync's pushes
 
