@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, RandomSampler, default_collate
 from torchdata.nodes import BaseNode
 
 from .batch import BatchDict, Sample, batch_size_of, concat_batches, is_batch, slice_batch, take
-from .seeding import make_generator
+from .seeding import derive_seed, make_generator
 from .stage import Counter, Stage
 
 __all__ = ["Batch", "KeepKeys", "Shuffle", "Source", "Superbatch", "ToDevice", "Unbatch", "as_node"]
@@ -52,8 +52,14 @@ class Source(Stage[BatchDict]):
 
     State: the epoch, how many items were consumed and the DataLoader generator's state at the epoch start; no
     samples. Resume fast-forwards a fresh iterator (re-reading what was consumed) unless the iterable has its
-    own `state_dict()` (torchdata's StatefulDataLoader, `curate.Shards`), which then resumes in O(1). A shuffling
-    DataLoader resumes exactly only with a seeded `generator=`; its generator state is saved at every epoch start.
+    own `state_dict()` (torchdata's StatefulDataLoader, HF datasets' IterableDataset, `curate.Shards`), which then
+    resumes in O(1). A shuffling DataLoader resumes exactly only with a seeded `generator=`; its generator state is
+    saved at every epoch start.
+
+    Epochs: at the start of epoch e, `set_epoch(e)` is called on the iterable when it has one (HF IterableDataset,
+    webdataset's shard samplers) and, for a DataLoader, on its dataset and samplers that have one (a
+    DistributedSampler); a DataLoader's generator draws epoch 0 as given and epoch e > 0 from a seed derived from
+    its seed and e, so any epoch can be started directly (`Pipeline.set_epoch`, open_clip's resume).
     """
 
     def __init__(self, iterable: Iterable, *, batched: bool | None = None, collate: Callable | None = None,
@@ -70,29 +76,37 @@ class Source(Stage[BatchDict]):
         self.collate, self.group_size = collate or default_collate, group_size
         self._stateful = hasattr(iterable, "state_dict") and hasattr(iterable, "load_state_dict")
         self._generator = _loader_generator(iterable)
+        # epoch 0 draws from the generator as it is now; epoch e > 0 from a seed derived from (its seed, e): a
+        # generator left to advance holds epoch e's order only after e passes, so set_epoch(e) could not start it
+        self._generator_start = None if self._generator is None else (
+            self._generator.get_state(), self._generator.initial_seed())
+        self._passes = 0  # iter() calls on the iterable: a one-shot iterator is empty from the second on
         self._epoch = -1
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
-        self._items, self._ended = 0, False
+        self._items, self._ended, self._one_shot = 0, False, False
         if initial_state is None:
             self._epoch += 1
+            self._seed_generator()
+            self._set_iterable_epoch()
             self._rng_state = None if self._generator is None else self._generator.get_state()
-            self._it = iter(self.iterable)
+            self._it = self._iter()
             return
         self._epoch, self._rng_state = initial_state["epoch"], initial_state["rng"]
         if self._generator is not None:
             self._generator.set_state(self._rng_state)
+        self._set_iterable_epoch()  # before its own state is loaded: HF's applies to the epoch it was saved in only
         if initial_state["ended"]:  # the epoch's iterator ran out: nothing is left of it, and the next reset starts a
             # fresh one, as it would have without the checkpoint (the generator is where that epoch left it)
             self._items, self._ended, self._it = initial_state["items"], True, iter(())
             return
         if self._stateful:
             cast(_Stateful, self.iterable).load_state_dict(initial_state["iterable"])
-            self._it = iter(self.iterable)
+            self._it = self._iter()
             self._items = initial_state["items"]
             return
-        self._it = iter(self.iterable)
+        self._it = self._iter()
         for _ in range(initial_state["items"]):  # fast-forward: the iterable has no state of its own
             try:
                 next(self._it)
@@ -102,6 +116,25 @@ class Source(Stage[BatchDict]):
                     f"says {initial_state['items']} were consumed; is it the same data?"
                 ) from None
             self._items += 1
+
+    def _seed_generator(self) -> None:
+        if self._generator is None or self._generator_start is None:
+            return
+        state, seed = self._generator_start
+        if self._epoch == 0:
+            self._generator.set_state(state)
+        else:
+            self._generator.manual_seed(derive_seed(seed, "source", self._epoch))
+
+    def _set_iterable_epoch(self) -> None:
+        for target in _epoch_targets(self.iterable):
+            target.set_epoch(self._epoch)
+
+    def _iter(self):
+        self._passes += 1
+        it = iter(self.iterable)
+        self._one_shot = it is self.iterable and self._passes > 1  # iter(x) is x: what it had is spent
+        return it
 
     def _is_batch(self, item) -> bool:
         return self.batched if self.batched is not None else is_batch(item)
@@ -115,6 +148,12 @@ class Source(Stage[BatchDict]):
                 self._ended = True
                 if samples:
                     break
+                if self._one_shot and self._items == 0:
+                    raise TypeError(
+                        f"Source: the {type(self.iterable).__name__} source is a one-shot iterator (iter() of it is "
+                        "itself), spent by the first epoch, so this epoch would be empty; pass a re-iterable: a "
+                        "list, a Dataset / DataLoader, or an object whose __iter__ makes a new generator each time"
+                    ) from None
                 raise
             self._items += 1
             if not self._is_batch(item):
@@ -124,12 +163,16 @@ class Source(Stage[BatchDict]):
                 raise ValueError("Source: the iterable yields both samples and collated batches; yield one kind")
             if not isinstance(item, dict):
                 raise TypeError(f"Source: a batch must be a dict of per-sample fields, got {type(item).__name__}")
+            if "__key__" in item:
+                _check_keys(item["__key__"])
             if batch_size_of(item):
                 return item
         bad = next((s for s in samples if not isinstance(s, dict)), None)
         if bad is not None:
             raise TypeError(f"Source: samples must be dicts of fields (e.g. {{'__key__': ..., 'image': ...}}), got "
                             f"{type(bad).__name__}")
+        if "__key__" in samples[0]:
+            _check_keys([s.get("__key__") for s in samples])
         return self.collate(samples)
 
     def close(self) -> None:
@@ -149,6 +192,33 @@ class Source(Stage[BatchDict]):
         if self._stateful:
             state["iterable"] = cast(_Stateful, self.iterable).state_dict()
         return state
+
+
+def _check_keys(keys) -> None:
+    """Keys are strings: they name samples in caches and key lists, and collation keeps a list of str a list (an int
+    key would come out as a tensor, and a DataLoader's collated int keys already are one)."""
+    if isinstance(keys, list | tuple):
+        bad = next((k for k in keys if not isinstance(k, str)), None)
+        if bad is None:
+            return
+        got = f"{type(bad).__name__} {bad!r}"
+    else:
+        got = f"{type(keys).__name__} (a DataLoader's collated non-str keys)"
+    raise TypeError(f"Source: __key__ must be a str for every sample, got {got:.80}; make keys strings in the dataset, "
+                    "e.g. {'__key__': f'{i:08d}', ...}")
+
+
+def _epoch_targets(iterable) -> list:
+    """What has a `set_epoch` to call at an epoch start: the iterable, or a DataLoader's dataset and samplers."""
+    candidates = [iterable]
+    if isinstance(iterable, DataLoader):
+        batch_sampler = iterable.batch_sampler
+        candidates += [iterable.dataset, iterable.sampler, batch_sampler, getattr(batch_sampler, "sampler", None)]
+    targets: list = []
+    for candidate in candidates:
+        if callable(getattr(candidate, "set_epoch", None)) and all(candidate is not t for t in targets):
+            targets.append(candidate)
+    return targets
 
 
 def _loader_generator(iterable) -> torch.Generator | None:

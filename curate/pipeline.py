@@ -14,6 +14,7 @@ from os import PathLike
 import torch
 from torch import nn
 from torchdata.nodes import BaseNode, Loader
+from torchdata.nodes.loader import LoaderIterator
 
 from .actor import TrainActor
 from .distributed import SCOPES, Comm, GlobalScope, Lockstep, RankSplit, already_split, resolve_world, shards_of
@@ -25,7 +26,7 @@ from .prefetch import Prefetch
 from .rules import Rule, RuleFn, as_rule
 from .score import Score
 from .scorers import Scorer
-from .stage import chain, chain_stats, local_stats, stage_name
+from .stage import Stage, chain, chain_stats, local_stats, stage_name
 
 __all__ = ["Pipeline", "pipeline", "superbatch_size_for"]
 
@@ -48,10 +49,78 @@ class Pipeline(Loader):
         comm: this rank's place in a DDP job, for `global_stats()` and the `rank` / `world_size` stats.
     """
 
+    _it: _EpochIterator | None  # torchdata's Loader's (untyped: torchdata ships no type information)
+    _next_iter_state_dict: dict | None
+    _iter_for_state_dict: bool
+
     def __init__(self, root: BaseNode, comm: Comm | None = None):
         super().__init__(root)
         self.comm = comm or Comm(0, 1)
         self.chain = chain(root)
+
+    def __iter__(self):
+        """One epoch. After `load_state_dict`, the rest of the checkpoint's epoch: nothing when it was taken after
+        the epoch's last batch (the loop's `for` then ends that epoch, as it would have), the next epoch when it was
+        taken after the epoch's StopIteration. (torchdata's Loader goes on into the next epoch in both cases, which
+        shifts the loop's epoch count by one.)"""
+        if self._it is None:
+            self._it = _EpochIterator(self)
+        elif self._iter_for_state_dict:  # made by state_dict() before any iter(): this is that epoch
+            self._iter_for_state_dict = False
+            return self._it
+        state, self._next_iter_state_dict = self._next_iter_state_dict, None
+        if state is None:
+            self._it.reset(None)
+            return self._it
+        self._it.reset(state)
+        if _EpochIterator.STOPPED_KEY in state:
+            if state[_EpochIterator.STOPPED_KEY]:
+                self._it.reset(None)
+        elif not self._it.has_next():  # a state saved before curate kept the flag: torchdata's behaviour
+            self._it.reset(None)
+        return self._it
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next `iter()` is epoch `epoch`: the source (and its `set_epoch`, when it has one) and every random stage
+        draw epoch `epoch`'s randomness, as an uninterrupted run would (open_clip calls this before each epoch,
+        also when it resumes). After `load_state_dict`, `epoch` must be the loaded state's (the rest of it is
+        iterated) or the one after it, when nothing of that is left; anything else is an error."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"Pipeline.set_epoch: epoch must be an int >= 0, got {epoch!r}")
+        state = self._next_iter_state_dict
+        if state is not None and _EpochIterator.EPOCH_KEY in state:
+            at, stopped = state[_EpochIterator.EPOCH_KEY], state[_EpochIterator.STOPPED_KEY]
+            if epoch == at + stopped:
+                return  # the loaded state continues into exactly that epoch
+            if epoch == at + 1 and self._loaded_epoch_is_over():
+                self._next_iter_state_dict = None  # the loaded state is at its epoch's end: start the next afresh
+            else:
+                raise ValueError(
+                    f"Pipeline.set_epoch({epoch}): the loaded state is {'after the end of' if stopped else 'in'} "
+                    f"epoch {at}, so the next epoch it can give is {at + stopped}; pass the epoch of the "
+                    "checkpoint (or load the checkpoint of the epoch you resume)")
+        for node in self.chain:
+            if isinstance(node, Prefetch):  # its thread may be in the middle of an upstream next(): let it finish
+                node.wait()
+        for node in self.chain:
+            if isinstance(node, Stage):
+                node.set_epoch(epoch)
+        self._iter_for_state_dict = False  # an iterator made for state_dict() started the old epoch: restart it
+        if self._it is None:
+            self._it = _EpochIterator(self)
+        self._it.epoch = epoch - 1  # the next reset(None) advances it to `epoch`
+
+    def _loaded_epoch_is_over(self) -> bool:
+        """Whether the loaded state has no item left in its epoch (it restores the chain there to look: it stays
+        restored, as the next iter() would restore it, and the epoch after it is then a fresh reset)."""
+        state = self._next_iter_state_dict
+        if self._it is None:
+            self._it = _EpochIterator(self)
+        self._it.reset(state)
+        if self._it.has_next():
+            self._next_iter_state_dict = state  # restored again at iter(): the item looked at is not lost
+            return False
+        return True
 
     @property
     def stages(self) -> dict[str, BaseNode]:
@@ -119,6 +188,36 @@ class Pipeline(Loader):
         out = chain_stats(self.chain, self.comm.gather_object(local_stats(self.chain)))
         out["world_size"] = self.comm.world_size
         return out
+
+
+class _EpochIterator(LoaderIterator):
+    """torchdata's LoaderIterator that also keeps, in its state, the epoch it is in and whether that epoch ended (its
+    StopIteration was raised), so a checkpoint after the last batch and one after the StopIteration resume apart."""
+
+    EPOCH_KEY = "epoch"
+    STOPPED_KEY = "stopped"
+
+    def __init__(self, loader: Loader):
+        super().__init__(loader)
+        self.epoch, self.stopped = -1, False
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        if initial_state is None:
+            self.epoch, self.stopped = self.epoch + 1, False
+        else:  # a state saved before these keys: epoch unknown (-1: no set_epoch check), not stopped
+            self.epoch = initial_state.get(self.EPOCH_KEY, -1)
+            self.stopped = initial_state.get(self.STOPPED_KEY, False)
+
+    def next(self):
+        try:
+            return super().next()
+        except StopIteration:
+            self.stopped = True
+            raise
+
+    def get_state(self) -> dict:
+        return {**super().get_state(), self.EPOCH_KEY: self.epoch, self.STOPPED_KEY: self.stopped}
 
 
 def pipeline(

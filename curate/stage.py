@@ -80,6 +80,15 @@ class Stage(BaseNode[T], Generic[T]):
             state[self.COUNTS_KEY] = copy.deepcopy(self.counts)  # a snapshot: counting goes on after it
         return state
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next fresh epoch (`reset(None)`) epoch `epoch`; `Pipeline.set_epoch` calls it on every stage.
+
+        A stage with per-epoch randomness keeps the epoch in progress in `_epoch` (-1 before the first), which
+        `reset(None)` advances by one and a state restores: this sets it to the one before `epoch`. A stage that
+        keeps its epoch otherwise overrides this."""
+        if hasattr(self, "_epoch"):
+            self._epoch = epoch - 1
+
     def _source_state(self) -> dict:
         """The upstream state that `reset` restores: its state now, unless a stage resumes from an earlier one
         (a stage part-way through an upstream batch re-reads it; a prefetch thread may have read ahead)."""

@@ -87,41 +87,80 @@ def check_resume(build, points: list[int], epochs: int = 2) -> list:
     Loader over a stage); each `iter()` is one epoch. The reference is `epochs` epochs of one uninterrupted
     build. Checkpoints are taken after p items for every p in `points` (counted across epochs), and always at
     the end of epoch 1 (after its last item, and after its StopIteration) and in the middle of epoch 2; each goes
-    through torch.save and a weights-only load into a fresh build, which finishes the `epochs` epochs: the
-    stream must equal the reference. Returns the first epoch's stream.
+    through torch.save and a weights-only load into a fresh build, which finishes the `epochs` epochs. Epoch by
+    epoch, each `iter()` of the resumed build must give the reference's rest of that epoch, then its next epochs:
+    a checkpoint after an epoch's last item resumes at the end of that epoch (an empty `iter()`, then the next
+    epoch), one after its StopIteration in the next epoch, so a training loop's epoch count never shifts.
+    Returns the first epoch's stream.
     """
     reference = build()
     per_epoch = [list(reference) for _ in range(epochs)]
-    full = [item for epoch in per_epoch for item in epoch]
     n1 = len(per_epoch[0])
     assert n1 > max(points), f"harness: an epoch of {n1} items is too short for {points=}"
     assert len(per_epoch[1]) >= 2, "harness: epoch 2 must have at least 2 items to resume inside it"
     cases = [(p, False) for p in points] + [(n1, False), (n1, True), (n1 + len(per_epoch[1]) // 2, False)]
     for p, after_stop in cases:
         first = build()
-        it, head = iter(first), []
+        it, head, epoch = iter(first), [], 0
         while len(head) < p:
             try:
                 head.append(next(it))
             except StopIteration:  # the next epoch
-                it = iter(first)
+                it, epoch = iter(first), epoch + 1
         if after_stop:
             assert next(it, None) is None, "harness: the epoch went on past its reference length"
         state = roundtrip(first.state_dict())
         second = build()
         second.load_state_dict(state)
-        tail: list = []
-        for _ in range(epochs + 1):  # the rest of this epoch, then the next ones
-            if len(head) + len(tail) >= len(full):
-                break
-            tail.extend(second)
         where = f"resumed after {p} items{' and the end of the epoch' if after_stop else ''}"
-        assert len(head) + len(tail) == len(full), f"{where}: {len(head) + len(tail)} items, expected {len(full)}"
-        for i, (x, y) in enumerate(zip(head + tail, full, strict=True)):
-            assert_same_item(x, y, where=f"{where}, item {i}")
+        done = len(head) - sum(len(e) for e in per_epoch[:epoch])  # items of `epoch` before the checkpoint
+        expected = [per_epoch[epoch][done:]] + per_epoch[epoch + 1:]
+        if after_stop:
+            expected = per_epoch[epoch + 1:]
+        for i, rest in enumerate(expected):
+            got = list(second)
+            assert len(got) == len(rest), (f"{where}: iter() {i} of the resumed build gave {len(got)} items, the "
+                                           f"reference's epoch {epoch + i + 1} has {len(rest)} left"
+                                           + (" (it resumed into the next epoch)" if not rest else ""))
+            for j, (x, y) in enumerate(zip(got, rest, strict=True)):
+                assert_same_item(x, y, where=f"{where}, iter() {i}, item {j}")
         if hasattr(second, "stats"):  # a Pipeline: what it counted comes back with the state too
             assert _timeless(second.stats()) == _timeless(reference.stats()), f"{where}: stats differ"
     return per_epoch[0]
+
+
+def run_test_save_load_state(node, midpoint: int) -> None:
+    """torchdata's own resume test (`test/nodes/utils.py::run_test_save_load_state` in pytorch/data, which the
+    torchdata wheel does not ship), ported case for case: one node, reused by every Loader as there; states from
+    the epoch start, `midpoint` items in and the end of epoch 0 (after its StopIteration); the results compared
+    with `assert_same_stream` (torch tensors in them) instead of unittest's assertEqual, and the states passed
+    through a real checkpoint (`roundtrip`)."""
+    from torchdata.nodes import Loader
+
+    x = Loader(node)
+    initial_state_dict = roundtrip(x.state_dict())
+    it = iter(x)
+    results = [next(it) for _ in range(midpoint)]
+    state_dict = roundtrip(x.state_dict())
+    results.extend(it)
+    state_dict_0_end = roundtrip(x.state_dict())
+    results_1 = list(x)  # epoch 1
+
+    x.load_state_dict(state_dict)  # restoring from the midpoint: the rest of epoch 0, then epoch 1
+    assert_same_stream(list(x), results[midpoint:])
+    assert_same_stream(list(x), results_1)
+
+    x.load_state_dict(initial_state_dict)  # from the beginning after a resume: epochs 0 and 1 again
+    assert_same_stream(list(x), results)
+    assert_same_stream(list(x), results_1)
+
+    x = Loader(node, restart_on_stop_iteration=False)  # from the end of epoch 0, not restarting: nothing
+    x.load_state_dict(state_dict_0_end)
+    assert_same_stream(list(x), [])
+
+    x = Loader(node)  # from the end of epoch 0, restarting: epoch 1
+    x.load_state_dict(state_dict_0_end)
+    assert_same_stream(list(x), results_1)
 
 
 def _timeless(stats: dict) -> dict:

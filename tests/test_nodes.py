@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchdata.nodes import Loader
 
+import curate
 from curate import (
     Actor,
     ClassificationScorer,
@@ -67,7 +68,7 @@ def _chain(stage: str, data):
     node = None
     for name in STAGES[: STAGES.index(stage) + 1]:
         node = steps[name](node)
-    return Loader(node)
+    return curate.Pipeline(node)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -103,7 +104,7 @@ def test_source_splits_dataloader_batches_and_resumes_with_workers():
     def build():
         gen.manual_seed(5)
         loader = DataLoader(MapDataset(data), batch_size=16, shuffle=True, num_workers=2, generator=gen)
-        return Loader(Source(loader))
+        return curate.Pipeline(Source(loader))
 
     full = check_resume(build, points=[1, 5, 9])
     assert [len(b["__key__"]) for b in full] == [16] * 12 + [11], "the loader's batches pass through, never split"
