@@ -216,7 +216,8 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         step, history, noisy, seen, seconds = (state[k] for k in ("step", "history", "noisy", "seen", "seconds"))
     bar = tqdm(total=tc.steps, initial=step, desc=name, unit="step", disable=not progress or comm.rank != 0,
                file=sys.stderr)
-    it, yielded = iter(batches), 0
+    # a checkpoint taken after an epoch's last batch resumes at that epoch's end: its first iter() is empty
+    it, yielded = iter(batches), int(state is not None)
     model.train()
     start = time.perf_counter() - seconds
     while step < tc.steps:
