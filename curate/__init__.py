@@ -24,6 +24,7 @@ from .scorers import (
     ModelScores,
     ScoreProvider,
     Scorer,
+    TargetError,
     score_model,
 )
 from .seeding import derive_seed, make_generator
@@ -66,6 +67,7 @@ __all__ = [
     "Source",
     "Stage",
     "Superbatch",
+    "TargetError",
     "ToDevice",
     "TrainActor",
     "TrainingFlops",
