@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import curate
-from curate.distributed import Comm, Shards, local_sizes, resolve_world
+from curate.distributed import Comm, Shards, local_sizes, peer_failure, resolve_world, stalled_error
 from curate.files import atomic_write, write_json
 from curate.pipeline import superbatch_size_for
 
@@ -95,9 +95,14 @@ def distributed_session(recipe: Recipe) -> Iterator[Comm]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=recipe.distributed.timeout_s))
     try:
-        comm = Comm(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+        comm = Comm(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, recipe.distributed.timeout_s)
         comm.check_same("recipe", _flatten(recipe.model_dump(mode="json")))
         yield comm
+    except (RuntimeError, OSError) as error:  # DDP's all-reduce on the default group: name the rank that stalled
+        if not peer_failure(error):
+            raise
+        raise stalled_error(error, "collectives of training (gradients, metrics, checkpoints)", comm.rank,
+                            comm.world_size, recipe.distributed.timeout_s) from error
     finally:
         if started:
             dist.destroy_process_group()
