@@ -178,7 +178,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def stalled_s3():
-    """A moto server process with bucket `b` holding `b/there.bin`, then stopped (SIGSTOP): storage options."""
+    """A moto server process with bucket `stalled` holding `there.bin`, then stopped (SIGSTOP): storage options."""
     pytest.importorskip("moto")
     import boto3
 
@@ -192,11 +192,11 @@ def stalled_s3():
                               **options["client_kwargs"])
         for _ in range(100):
             try:
-                client.create_bucket(Bucket="b")
+                client.create_bucket(Bucket="stalled")
                 break
             except Exception:  # not listening yet
                 time.sleep(0.1)
-        client.put_object(Bucket="b", Key="there.bin", Body=b"x")
+        client.put_object(Bucket="stalled", Key="there.bin", Body=b"x")
         server.send_signal(signal.SIGSTOP)
         yield options
     finally:
@@ -213,12 +213,12 @@ def test_a_stalled_s3_endpoint_fails_a_write_and_a_read_within_90_s_naming_the_e
     endpoint = stalled_s3["client_kwargs"]["endpoint_url"]
     start = time.monotonic()
     with pytest.raises(files.StorageTimeoutError) as write:
-        with files.atomic_write("s3://b/new.bin", storage_options=stalled_s3) as stream:
+        with files.atomic_write("s3://stalled/new.bin", storage_options=stalled_s3) as stream:
             stream.write(b"payload")
     wrote = time.monotonic() - start
     start = time.monotonic()
     with pytest.raises(files.StorageTimeoutError) as read:
-        files.read_bytes("s3://b/there.bin", storage_options=stalled_s3)
+        files.read_bytes("s3://stalled/there.bin", storage_options=stalled_s3)
     read_s = time.monotonic() - start
     print(f"stalled S3: write failed after {wrote:.1f} s, read after {read_s:.1f} s")
     for error, seconds in ((write, wrote), (read, read_s)):
@@ -232,8 +232,8 @@ def test_a_stalled_s3_endpoint_fails_a_write_and_a_read_within_90_s_naming_the_e
 def test_s3_timeouts_are_configurable_through_storage_options(stalled_s3):
     from curate import files
 
-    options = {**stalled_s3, "config_kwargs": {"read_timeout": 2, "retries": {"max_attempts": 1}}}
+    options = {**stalled_s3, "config_kwargs": {"read_timeout": 2, "retries": {"total_max_attempts": 1}}}
     start = time.monotonic()
     with pytest.raises(files.StorageTimeoutError, match="did not answer within 2 s"):
-        files.read_bytes("s3://b/there.bin", storage_options=options)
+        files.read_bytes("s3://stalled/there.bin", storage_options=options)
     assert time.monotonic() - start < 15
