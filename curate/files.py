@@ -16,6 +16,7 @@ minutes. Raise them in storage_options: {"config_kwargs": {"read_timeout": 120, 
 
 from __future__ import annotations
 
+import errno
 import glob
 import io
 import json
@@ -25,8 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-__all__ = ["S3_CONFIG", "S3_RETRIES", "StorageConnectionError", "StorageError", "StorageTimeoutError", "atomic_write",
-           "deadline", "filesystem", "read_bytes", "remote_errors", "stale_temps", "write_json"]
+__all__ = ["DiskFullError", "S3_CONFIG", "S3_RETRIES", "StorageConnectionError", "StorageError", "StorageTimeoutError",
+           "atomic_write", "deadline", "filesystem", "read_bytes", "remote_errors", "stale_temps", "write_json"]
 
 # botocore's client config for every S3 filesystem curate opens: a request that gets no answer fails after
 # 2 × 20 s, not botocore's default 60 s × 5 attempts (times s3fs's 5 rounds: the ~15 minutes issue 13 measured)
@@ -45,6 +46,20 @@ class StorageTimeoutError(StorageError, TimeoutError):
 
 class StorageConnectionError(StorageError, ConnectionError):
     """The endpoint refused the connection or its name did not resolve."""
+
+
+class DiskFullError(OSError):
+    """A local write ran out of room: no space (ENOSPC), over quota (EDQUOT) or over a file size limit (EFBIG).
+
+    `str()` is one line: what happened, where, and the usual fixes."""
+
+    def __str__(self) -> str:
+        return (f"{self.strerror}: free space there, or write elsewhere (a recipe's train.out); a file size limit "
+                "comes from `ulimit -f` or the file system")
+
+
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+         errno.EFBIG: "file too large for this file system or the file size limit"}
 
 
 def _s3_options(storage_options: dict | None) -> dict:
@@ -191,6 +206,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, parents: bool = F
             stream.flush()
             os.fsync(stream.fileno())  # the bytes are on disk before the name points at them
         os.replace(temp, target)
+    except OSError as error:
+        if error.errno in _FULL:
+            raise DiskFullError(error.errno, f"{_FULL[error.errno]} writing {target}", target) from error
+        raise
     finally:
         if os.path.exists(temp):
             os.remove(temp)

@@ -178,12 +178,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as error:  # RecipeError is a ValueError
+    except (OSError, ValueError, RuntimeError, ImportError) as error:  # RecipeError is a ValueError; DiskFullError,
+        # StorageError (curate.files) and FileNotFoundError are OSErrors
         if isinstance(error, ModuleNotFoundError):  # an extra the command needs beyond the app's (faiss, s3fs, ray)
             error = extras.explain(error, f"curate {args.command}") or error
-        print(f"curate {args.command}: error: {error}", file=sys.stderr)
+        print(f"curate {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:  # botocore's connection errors are no OSError: S3 reached outside curate.files
+        storage = _storage_error(error)
+        if storage is None:
+            raise
+        print(f"curate {args.command}: error: {storage}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The message on one line (multi-line messages, e.g. a recipe's list of invalid keys, joined with '; ')."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def _storage_error(error: BaseException) -> str | None:
+    """A one-line message for an S3 connection failure or timeout that escaped curate.files' translation."""
+    from curate.files import _connection_error, _timeout_error
+
+    if not (_connection_error(error) or _timeout_error(error)):
+        return None
+    what = "did not answer in time" if _timeout_error(error) else "could not be reached"
+    return (f"S3 endpoint {getattr(error, 'kwargs', {}).get('endpoint_url', '')} {what} "
+            f"({type(error).__name__}: {_one_line(error)[:200]}): check data.storage_options' endpoint_url and the "
+            "network, or raise the timeouts via data.storage_options.config_kwargs (read_timeout, retries)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ rank's pipeline state) and plots.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import sys
@@ -394,8 +395,12 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
 
 
 def _save_atomic(state: dict, path: Path) -> None:
+    # serialised in memory first: torch's zip writer turns a short write (a file size limit, EFBIG) into
+    # "unexpected pos" and loses the OSError, which atomic_write names (DiskFullError) and cleans up after
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_write(path) as stream:
-        torch.save(state, stream)
+        stream.write(buffer.getbuffer())
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
