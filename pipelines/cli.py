@@ -4,7 +4,7 @@
     curate train-reference RECIPE       train the reference on the curated split
     curate precompute RECIPE            reference scores → Parquet cache
     curate curate-set RECIPE            reference embeddings → dedup → balance → curated key list
-    curate run RECIPE [--compare uniform] [--resume] [--set key=value ...]
+    curate run RECIPE [--compare uniform] [--resume | --resume-anyway] [--set key=value ...]
     curate inspect CACHE                summarise a score cache, histogram PNG
 
 Only the standard library is imported here: arguments are parsed (and `--help` answered) before torch, the
@@ -118,7 +118,7 @@ def _run(args) -> None:
 
     recipe = _recipe(args)
     # under torchrun, run() prepares on rank 0 only while the other ranks wait
-    run(recipe, resume=args.resume, prepare=prepare if recipe.prepare else None)
+    run(recipe, resume=args.resume, resume_anyway=args.resume_anyway, prepare=prepare if recipe.prepare else None)
 
 
 def _inspect(args) -> None:
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--compare", metavar="RULE", help="also train this baseline, e.g. uniform")
             p.add_argument("--resume", action="store_true", help="continue from the runs' checkpoints")
+            p.add_argument("--resume-anyway", action="store_true",
+                           help="--resume even under a recipe changed since the checkpoint (the changes are logged)")
         if name == "precompute":
             p.add_argument("--rank", type=int, default=0)
             p.add_argument("--world-size", type=int, default=1)
