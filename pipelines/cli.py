@@ -53,10 +53,12 @@ def prepare(recipe: Recipe, log=print) -> None:
 
 
 def _cache_exists(recipe: Recipe) -> bool:
-    import fsspec
+    from curate.files import filesystem, remote_errors
 
-    fs, path = fsspec.core.url_to_fs(recipe.cache.path, **recipe.data.storage_options)
-    return fs.exists(path) and bool(fs.glob(f"{path.rstrip('/')}/part-*.parquet"))
+    assert recipe.cache.path is not None
+    with remote_errors(recipe.cache.path, recipe.data.storage_options, "listing"):  # bounded S3 timeouts
+        fs, path = filesystem(recipe.cache.path, recipe.data.storage_options)
+        return fs.exists(path) and bool(fs.glob(f"{path.rstrip('/')}/part-*.parquet"))
 
 
 def _recipe(args) -> Recipe:
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"curate {args.command}: error: {missing}", file=sys.stderr)
         return 2
+    _bound_s3()
     try:
         args.fn(args)
     except (OSError, ValueError, RuntimeError, ImportError) as error:  # RecipeError is a ValueError; DiskFullError,
@@ -195,6 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _bound_s3() -> None:
+    """curate.files' S3 timeouts for every S3 filesystem this command opens, also those opened by plain
+    fsspec.open (the shard readers of pipelines.data): fsspec fills them in wherever storage_options give no
+    config_kwargs of their own. Only the command's process: the library sets no global defaults."""
+    import fsspec.config
+
+    from curate.files import S3_CONFIG
+
+    fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", dict(S3_CONFIG))
+
+
 def _one_line(error: BaseException) -> str:
     """The message on one line (multi-line messages, e.g. a recipe's list of invalid keys, joined with '; ')."""
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
@@ -206,8 +220,11 @@ def _storage_error(error: BaseException) -> str | None:
 
     if not (_connection_error(error) or _timeout_error(error)):
         return None
+    from urllib.parse import urlsplit
+
     what = "did not answer in time" if _timeout_error(error) else "could not be reached"
-    return (f"S3 endpoint {getattr(error, 'kwargs', {}).get('endpoint_url', '')} {what} "
+    url = urlsplit(str(getattr(error, "kwargs", {}).get("endpoint_url", "")))
+    return (f"S3 endpoint {url.scheme}://{url.netloc} {what} "
             f"({type(error).__name__}: {_one_line(error)[:200]}): check data.storage_options' endpoint_url and the "
             "network, or raise the timeouts via data.storage_options.config_kwargs (read_timeout, retries)")
 
