@@ -94,6 +94,8 @@ def stalled_ranks(rank: int, world_size: int, *, wait: float = 3.0) -> list[int]
     """
     try:
         store = dist.distributed_c10d._get_default_store()
+        # short: the job is failing anyway, and a store that rank 0 hosts (no torchrun) may be the stalled one
+        store.set_timeout(timedelta(seconds=wait))
         prefix = f"curate/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
         store.set(f"{prefix}{rank}", "1")
         deadline = time.monotonic() + wait
@@ -115,7 +117,9 @@ def peer_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError | OSError) and bool(_PEER_FAILURE.search(str(error)))
 
 
-_PEER_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe|peer", re.IGNORECASE)
+# what gloo / NCCL say when a peer stalls or dies (not "timeout" alone: curate's S3 errors mention timeouts)
+_PEER_FAILURE = re.compile(r"timed out waiting|connection (closed|reset) by peer|broken pipe|gloo|nccl|watchdog",
+                           re.IGNORECASE)
 
 
 def stalled_error(error: BaseException, what: str, rank: int, world_size: int,
