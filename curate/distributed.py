@@ -26,8 +26,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -42,8 +46,9 @@ from .score import ScoredSuperbatch
 from .scorers import ModelScores
 from .stage import Counter, Stage
 
-__all__ = ["Comm", "GlobalScope", "Lockstep", "RankSplit", "SCOPES", "Shards", "already_split", "local_sizes",
-           "resolve_world", "shards_of"]
+__all__ = ["Comm", "GlobalScope", "Lockstep", "RankSplit", "RankStalledError", "SCOPES", "Shards", "already_split",
+           "default_timeout", "local_sizes", "peer_failure", "resolve_world", "shards_of", "stalled_error",
+           "stalled_ranks"]
 
 SCOPES = ("local", "global")
 
@@ -66,6 +71,71 @@ def resolve_world(rank: int | None = None, world_size: int | None = None) -> tup
     return rank, world_size
 
 
+class RankStalledError(RuntimeError):
+    """A collective of the pipeline timed out or lost a peer: a rank stalled, stopped or died."""
+
+
+def default_timeout() -> float | None:
+    """Seconds the default process group's collectives wait (init_process_group's timeout), if torch tells."""
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        return group._get_backend(device).options._timeout.total_seconds()
+    except Exception:  # private API: without it the pipeline's group gets torch's default
+        return None
+
+
+def stalled_ranks(rank: int, world_size: int, *, wait: float = 3.0) -> list[int] | None:
+    """After a collective failed: the ranks that did not report themselves alive within `wait` seconds.
+
+    gloo's timeout names no peer, so every rank whose collective failed marks itself alive in the job's store
+    (torchrun's agent serves it, so a stopped rank cannot block it) and looks for the others' marks; the ranks
+    without one are the ones still stuck. None when the store cannot be reached.
+    """
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        # short: the job is failing anyway, and a store that rank 0 hosts (no torchrun) may be the stalled one
+        store.set_timeout(timedelta(seconds=wait))
+        prefix = f"curate/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        store.set(f"{prefix}{rank}", "1")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r in range(world_size) if not store.check([f"{prefix}{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.1)
+    except Exception:  # private API, or the store went with the failure: the rank stays unnamed
+        return None
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that timed out or lost its peer (rather than a bug in what was sent)."""
+    if isinstance(error, RankStalledError):
+        return False
+    if isinstance(error, getattr(dist, "DistBackendError", ())):
+        return True
+    return isinstance(error, RuntimeError | OSError) and bool(_PEER_FAILURE.search(str(error)))
+
+
+# what gloo / NCCL say when a peer stalls or dies (not "timeout" alone: curate's S3 errors mention timeouts)
+_PEER_FAILURE = re.compile(r"timed out waiting|connection (closed|reset) by peer|broken pipe|gloo|nccl|watchdog",
+                           re.IGNORECASE)
+
+
+def stalled_error(error: BaseException, what: str, rank: int, world_size: int,
+                  timeout: float | None) -> RankStalledError:
+    """The error a rank raises when `what` (a collective) failed on a peer: which rank stalled and what to do."""
+    message = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    missing = stalled_ranks(rank, world_size)
+    who = (f"rank(s) {missing}" if missing else "another rank") if missing is not None else "another rank"
+    waited = f"within {timeout:g} s" if timeout is not None else "within the process group's timeout"
+    return RankStalledError(
+        f"distributed: rank {rank} of {world_size}: {who} did not answer the {what} {waited} (stalled, stopped or "
+        f"dead: see its log); every rank stops rather than wait. If ranks legitimately take longer between steps, "
+        f"raise the timeout: curate.pipeline(timeout=...) or the recipe's distributed.timeout_s "
+        f"({type(error).__name__}: {message})")
+
+
 def local_sizes(batch_size: int, superbatch_size: int, world_size: int) -> tuple[int, int]:
     """Per-rank (b, B) of a global batch and superbatch split evenly over `world_size` ranks."""
     for name, n in (("batch_size", batch_size), ("superbatch_size", superbatch_size)):
@@ -81,11 +151,16 @@ class Comm:
     Build it with `Comm.create`; all collectives are blocking and every rank must make them in the same order.
     """
 
-    def __init__(self, rank: int, world_size: int, group=None):
+    def __init__(self, rank: int, world_size: int, group=None, timeout: float | None = None):
         self.rank, self.world_size, self.group = rank, world_size, group
+        self.timeout = timeout  # seconds a collective waits for the other ranks (None: the group's, unknown)
 
     @classmethod
-    def create(cls, rank: int, world_size: int, *, need_group: bool = False) -> Comm:
+    def create(cls, rank: int, world_size: int, *, need_group: bool = False, timeout: float | None = None) -> Comm:
+        """`timeout`: seconds a collective of the pipeline waits for a stalled or dead rank before every rank fails
+        (default: the default process group's timeout, as given to init_process_group)."""
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"pipeline: timeout must be a positive number of seconds, got {timeout=}")
         if world_size == 1:
             return cls(0, 1)
         if not (dist.is_available() and dist.is_initialized()):
@@ -98,13 +173,18 @@ class Comm:
         if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
             raise ValueError(f"pipeline: rank={rank} world_size={world_size} but torch.distributed runs this process "
                              f"as rank {dist.get_rank()} of {dist.get_world_size()}; leave them unset to use those")
-        return cls(rank, world_size, dist.new_group(backend="gloo"))  # collective: every rank builds its pipeline
+        seconds = timeout if timeout is not None else default_timeout()
+        # new_group would otherwise take torch's 30-minute default, whatever init_process_group was given: a
+        # stalled rank then hung the job for half an hour (issue 13)
+        group = dist.new_group(backend="gloo", timeout=None if seconds is None else timedelta(seconds=seconds))
+        return cls(rank, world_size, group, seconds)  # collective: every rank builds its pipeline
 
     def gather_tensor(self, tensor: Tensor) -> Tensor:
         """Every rank's `tensor` (same shape everywhere) concatenated along dim 0 in rank order."""
         local = tensor.detach().contiguous().cpu()
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(parts, local, group=self.group)
+        with self._collective("all_gather"):
+            dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts).to(tensor.device)
 
     def gather_object(self, obj) -> list:
@@ -112,7 +192,8 @@ class Comm:
         if self.world_size == 1:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        with self._collective("all_gather_object"):
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def broadcast_object(self, obj):
@@ -120,7 +201,9 @@ class Comm:
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        with self._collective("broadcast"):
+            dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
     def all_to_all(self, objects: list) -> list:
@@ -128,11 +211,21 @@ class Comm:
         payloads = [pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) for obj in objects]
         send_sizes = torch.tensor([len(p) for p in payloads], dtype=torch.int64)
         recv_sizes = torch.empty_like(send_sizes)
-        dist.all_to_all_single(recv_sizes, send_sizes, group=self.group)
-        send = torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8)
-        recv = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8)
-        dist.all_to_all_single(recv, send, recv_sizes.tolist(), send_sizes.tolist(), group=self.group)
+        with self._collective("all_to_all"):
+            dist.all_to_all_single(recv_sizes, send_sizes, group=self.group)
+            send = torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8)
+            recv = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8)
+            dist.all_to_all_single(recv, send, recv_sizes.tolist(), send_sizes.tolist(), group=self.group)
         return [pickle.loads(chunk.numpy().tobytes()) for chunk in recv.split(recv_sizes.tolist())]
+
+    @contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (RuntimeError, OSError) as error:  # gloo: a RuntimeError on a timeout or a lost peer
+            if not peer_failure(error):
+                raise
+            raise stalled_error(error, f"pipeline's {what}", self.rank, self.world_size, self.timeout) from error
 
     def check_same(self, what: str, config: dict) -> None:
         """Raise on every rank if `config` (a flat dict) differs across ranks, naming the ranks and the keys."""

@@ -249,6 +249,7 @@ def pipeline(
     selection_scope: str = "local",
     rank_split: str = "auto",
     device: torch.device | str | None = None,
+    timeout: float | None = None,
 ) -> Pipeline:
     """Curated training batches from any iterable of samples.
 
@@ -310,6 +311,8 @@ def pipeline(
         rank_split: "auto": a `curate.distributed.Shards` source (or a DataLoader over one) splits by shard, a
             DataLoader with a DistributedSampler is taken as split, anything else is split by sample index
             (every world_size-th sample). "none": the source already yields only this rank's data.
+        timeout: seconds the pipeline's collectives wait for the other ranks before every rank fails with
+            `curate.distributed.RankStalledError` (default: the default process group's timeout).
     """
     if method not in METHODS:
         raise ValueError(f"pipeline: unknown method {method!r}; valid methods are {list(METHODS)}")
@@ -337,7 +340,7 @@ def pipeline(
     if shards is not None and (shards.rank, shards.world_size) != (rank, world_size):
         raise ValueError(f"pipeline: the source {shards!r} is split for rank {shards.rank} of {shards.world_size} but "
                          f"the pipeline runs as rank {rank} of {world_size}; give both the same rank= and world_size=")
-    comm = Comm.create(rank, world_size, need_group=selection_scope == "global")
+    comm = Comm.create(rank, world_size, need_group=selection_scope == "global", timeout=timeout)
     comm.check_same("pipeline configuration", {  # a rank with other options would silently train differently
         "batch_size": batch_size, "superbatch_size": superbatch_size, "method": method, "n_chunks": n_chunks,
         "temperature": temperature, "seed": seed, "rule": rule.name, "selection_scope": selection_scope,

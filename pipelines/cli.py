@@ -4,7 +4,7 @@
     curate train-reference RECIPE       train the reference on the curated split
     curate precompute RECIPE            reference scores → Parquet cache
     curate curate-set RECIPE            reference embeddings → dedup → balance → curated key list
-    curate run RECIPE [--compare uniform] [--resume] [--set key=value ...]
+    curate run RECIPE [--compare uniform] [--resume | --resume-anyway] [--set key=value ...]
     curate inspect CACHE                summarise a score cache, histogram PNG
 
 Only the standard library is imported here: arguments are parsed (and `--help` answered) before torch, the
@@ -53,10 +53,12 @@ def prepare(recipe: Recipe, log=print) -> None:
 
 
 def _cache_exists(recipe: Recipe) -> bool:
-    import fsspec
+    from curate.files import filesystem, remote_errors
 
-    fs, path = fsspec.core.url_to_fs(recipe.cache.path, **recipe.data.storage_options)
-    return fs.exists(path) and bool(fs.glob(f"{path.rstrip('/')}/part-*.parquet"))
+    assert recipe.cache.path is not None
+    with remote_errors(recipe.cache.path, recipe.data.storage_options, "listing"):  # bounded S3 timeouts
+        fs, path = filesystem(recipe.cache.path, recipe.data.storage_options)
+        return fs.exists(path) and bool(fs.glob(f"{path.rstrip('/')}/part-*.parquet"))
 
 
 def _recipe(args) -> Recipe:
@@ -118,7 +120,7 @@ def _run(args) -> None:
 
     recipe = _recipe(args)
     # under torchrun, run() prepares on rank 0 only while the other ranks wait
-    run(recipe, resume=args.resume, prepare=prepare if recipe.prepare else None)
+    run(recipe, resume=args.resume, resume_anyway=args.resume_anyway, prepare=prepare if recipe.prepare else None)
 
 
 def _inspect(args) -> None:
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--compare", metavar="RULE", help="also train this baseline, e.g. uniform")
             p.add_argument("--resume", action="store_true", help="continue from the runs' checkpoints")
+            p.add_argument("--resume-anyway", action="store_true",
+                           help="--resume even under a recipe changed since the checkpoint (the changes are logged)")
         if name == "precompute":
             p.add_argument("--rank", type=int, default=0)
             p.add_argument("--world-size", type=int, default=1)
@@ -176,14 +180,53 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"curate {args.command}: error: {missing}", file=sys.stderr)
         return 2
+    _bound_s3()
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as error:  # RecipeError is a ValueError
+    except (OSError, ValueError, RuntimeError, ImportError) as error:  # RecipeError is a ValueError; DiskFullError,
+        # StorageError (curate.files) and FileNotFoundError are OSErrors
         if isinstance(error, ModuleNotFoundError):  # an extra the command needs beyond the app's (faiss, s3fs, ray)
             error = extras.explain(error, f"curate {args.command}") or error
-        print(f"curate {args.command}: error: {error}", file=sys.stderr)
+        print(f"curate {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:  # botocore's connection errors are no OSError: S3 reached outside curate.files
+        storage = _storage_error(error)
+        if storage is None:
+            raise
+        print(f"curate {args.command}: error: {storage}", file=sys.stderr)
         return 2
     return 0
+
+
+def _bound_s3() -> None:
+    """curate.files' S3 timeouts for every S3 filesystem this command opens, also those opened by plain
+    fsspec.open (the shard readers of pipelines.data): fsspec fills them in wherever storage_options give no
+    config_kwargs of their own. Only the command's process: the library sets no global defaults."""
+    import fsspec.config
+
+    from curate.files import S3_CONFIG
+
+    fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", dict(S3_CONFIG))
+
+
+def _one_line(error: BaseException) -> str:
+    """The message on one line (multi-line messages, e.g. a recipe's list of invalid keys, joined with '; ')."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def _storage_error(error: BaseException) -> str | None:
+    """A one-line message for an S3 connection failure or timeout that escaped curate.files' translation."""
+    from curate.files import _connection_error, _timeout_error
+
+    if not (_connection_error(error) or _timeout_error(error)):
+        return None
+    from urllib.parse import urlsplit
+
+    what = "did not answer in time" if _timeout_error(error) else "could not be reached"
+    url = urlsplit(str(getattr(error, "kwargs", {}).get("endpoint_url", "")))
+    return (f"S3 endpoint {url.scheme}://{url.netloc} {what} "
+            f"({type(error).__name__}: {_one_line(error)[:200]}): check data.storage_options' endpoint_url and the "
+            "network, or raise the timeouts via data.storage_options.config_kwargs (read_timeout, retries)")
 
 
 if __name__ == "__main__":

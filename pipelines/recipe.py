@@ -158,6 +158,18 @@ class Recipe(_Strict):
                              "since runs go to runs/<name>; set train.out to write somewhere else")
         return value
 
+    @field_validator("train", "reference", "cache")
+    @classmethod
+    def _paths_inside(cls, value, info):
+        # a relative output path is taken from the working directory (the run root); one that climbs out of it
+        # (../../x) writes somewhere the user did not say, so only an absolute path may point outside
+        key = {"train": "out", "reference": "path", "cache": "path"}[info.field_name]
+        path = getattr(value, key)
+        if path and "://" not in path and not Path(path).is_absolute() and not _inside(path):
+            raise ValueError(f"{info.field_name}.{key}={path!r} points outside the working directory; give an "
+                             "absolute path to write there explicitly")
+        return value
+
     @field_validator("compare")
     @classmethod
     def _known_baselines(cls, value: list[str]) -> list[str]:
@@ -183,6 +195,16 @@ class Recipe(_Strict):
         return self.reference.model or self.model
 
 
+def _inside(path: str) -> bool:
+    """Whether relative `path` stays inside the directory it is taken from (after resolving '..' lexically)."""
+    depth = 0
+    for part in Path(path).parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            return False
+    return True
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML: `3`, `0.5`, `true`, `[uniform]`)."""
     for item in overrides:
@@ -196,7 +218,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {item!r}: {key!r} is not a section")
             node = child
-        node[keys[-1]] = yaml.safe_load(raw)
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise RecipeError(f"--set {item!r}: the value {raw!r} is not valid YAML ({problem}); quote a string "
+                              f"that holds YAML syntax, e.g. --set '{path.strip()}=\"{raw}\"'") from None
     return data
 
 

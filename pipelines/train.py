@@ -14,7 +14,9 @@ rank's pipeline state) and plots.
 from __future__ import annotations
 
 import functools
+import io
 import json
+import logging
 import os
 import sys
 import time
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 import curate
-from curate.distributed import Comm, Shards, local_sizes, resolve_world
+from curate.distributed import Comm, Shards, local_sizes, peer_failure, resolve_world, stalled_error
 from curate.files import atomic_write, write_json
 from curate.pipeline import superbatch_size_for
 
@@ -95,9 +97,14 @@ def distributed_session(recipe: Recipe) -> Iterator[Comm]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=recipe.distributed.timeout_s))
     try:
-        comm = Comm(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+        comm = Comm(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, recipe.distributed.timeout_s)
         comm.check_same("recipe", _flatten(recipe.model_dump(mode="json")))
         yield comm
+    except (RuntimeError, OSError) as error:  # DDP's all-reduce on the default group: name the rank that stalled
+        if not peer_failure(error):
+            raise
+        raise stalled_error(error, "collectives of training (gradients, metrics, checkpoints)", comm.rank,
+                            comm.world_size, recipe.distributed.timeout_s) from error
     finally:
         if started:
             dist.destroy_process_group()
@@ -149,13 +156,15 @@ class _TrainLoss(nn.Module):
 
 def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, progress: bool = True,
             test: list[dict] | None = None, comm: Comm | None = None, source: Iterable[dict] | None = None,
-            checkpoint: bool = True) -> list[dict]:
+            checkpoint: bool = True, resume_anyway: bool = False) -> list[dict]:
     """Train one run; returns its metrics history (one dict per evaluation).
 
     With `comm` of several ranks (`distributed_session`) this rank trains its part; the history is rank 0's.
     `source`: samples to train on instead of the recipe's train shards (e.g. decoded once into memory and
     shared by a benchmark's runs). `test`: collated test batches (default: the recipe's test split).
     `checkpoint=False` writes no checkpoint (the run cannot be resumed); `metrics.jsonl` is still written.
+    The checkpoint holds the resolved recipe; `resume` under a recipe that differs in a key that changes the
+    result (`recipe_changes`) is refused naming the keys, unless `resume_anyway` (then a logged warning).
     """
     if resume and not checkpoint:
         raise ValueError(f"run_one: run {name!r} with resume=True needs checkpoint=True (nothing else to resume from)")
@@ -207,6 +216,7 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
     state = load_checkpoint(checkpoint_path) if resume and comm.rank == 0 and checkpoint_path.is_file() else None
     state = comm.broadcast_object(state)  # rank 0 reads: other nodes need not share its file system
     if state is not None:
+        _check_recipe(state, recipe, checkpoint_path, resume_anyway)
         if state.get("world_size", 1) != comm.world_size:
             raise ValueError(f"--resume: {checkpoint_path} was written by {state.get('world_size', 1)} processes, "
                              f"this run has {comm.world_size}; resume with the same number of processes")
@@ -250,10 +260,49 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
                     _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                   "pipeline": states[0], "pipelines": states, "world_size": comm.world_size,
                                   "step": step, "history": history, "noisy": noisy, "seen": seen,
-                                  "seconds": record["seconds"]}, checkpoint_path)
+                                  "seconds": record["seconds"], "recipe": recipe.model_dump(mode="json")},
+                                 checkpoint_path)
                 _write_jsonl(out / "metrics.jsonl", history)
     bar.close()
     return history
+
+
+# Recipe keys a run may resume under changed, because they leave the trajectory up to and after the checkpoint
+# as it was: the run's length (a longer run continues the same one), where outputs go, what `prepare` makes when
+# missing, the other runs of the recipe (each run checks its own checkpoint), how long collectives wait, and
+# S3 credentials / endpoints / timeouts. Every other key (data, model, selection, seed, lr, eval_every, ...)
+# changes what the resumed run computes or records.
+RESUMABLE_CHANGES = ("train.steps", "train.out", "prepare", "compare", "distributed.timeout_s",
+                     "data.storage_options")
+
+
+def recipe_changes(saved: dict, recipe: Recipe) -> list[str]:
+    """'key: old → new' for each dotted recipe key that differs from the checkpoint's (RESUMABLE_CHANGES aside)."""
+    old, new = _flatten(saved), _flatten(recipe.model_dump(mode="json"))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>")
+                  and not any(k == free or k.startswith(f"{free}.") for free in RESUMABLE_CHANGES))
+    return [f"{k}: {_shown(old, k)} → {_shown(new, k)}" for k in keys]
+
+
+def _shown(flat: dict, key: str) -> str:
+    return json.dumps(flat[key]) if key in flat else "(unset)"
+
+
+def _check_recipe(state: dict, recipe: Recipe, path: Path, anyway: bool) -> None:
+    """Refuse (or, asked to, warn about) resuming a checkpoint under a recipe that changes its result."""
+    saved = state.get("recipe")
+    changes = ["the checkpoint holds no recipe (written by an older curate)"] if saved is None else \
+        recipe_changes(saved, recipe)
+    if not changes:
+        return
+    listed = "; ".join(changes[:10]) + (f"; and {len(changes) - 10} more" if len(changes) > 10 else "")
+    if anyway:
+        logging.getLogger("curate.run").warning(
+            "warning: --resume-anyway: resuming %s under a changed recipe (%s); the result matches neither recipe's "
+            "uninterrupted run", path, listed)
+        return
+    raise ValueError(f"--resume: {path} was written under another recipe ({listed}); resume with the recipe it was "
+                     "written with, or pass --resume-anyway to continue under this one")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -286,11 +335,12 @@ def _record(name: str, step: int, loss: float, noisy: int, seen: int, batches, t
 
 
 def run(recipe: Recipe, *, resume: bool = False, progress: bool | None = None, log=print,
-        prepare: Callable[[Recipe], None] | None = None) -> dict:
+        prepare: Callable[[Recipe], None] | None = None, resume_anyway: bool = False) -> dict:
     """All runs of a recipe (the selection and its `compare` baselines), then the summary and the plot.
 
     `prepare(recipe)` (e.g. `pipelines.cli.prepare`) runs first, on rank 0 only while the others wait, so that
     ranks do not make the same data or reference at once. Under torchrun only rank 0 logs and writes.
+    `resume_anyway`: resume even where the recipe changed since the checkpoint (see `run_one`).
     """
     with distributed_session(recipe) as comm:
         if prepare is not None:
@@ -305,7 +355,8 @@ def run(recipe: Recipe, *, resume: bool = False, progress: bool | None = None, l
         test = tasks.in_memory_batches(tasks.load_split(recipe, "test")) if comm.rank == 0 else None
         histories = {}
         for name, options in runs.items():
-            histories[name] = run_one(recipe, name, options, resume=resume, progress=progress, test=test, comm=comm)
+            histories[name] = run_one(recipe, name, options, resume=resume or resume_anyway, progress=progress,
+                                      test=test, comm=comm, resume_anyway=resume_anyway)
             last = histories[name][-1]
             log(f"{name}: step {last['step']} accuracy {last['accuracy']:.3f} "
                 f"({last['seconds']:.1f}s, {last['step'] / last['seconds']:.1f} steps/s)")
@@ -390,8 +441,12 @@ def plot(histories: dict[str, list[dict]], path: Path, title: str) -> None:
 
 
 def _save_atomic(state: dict, path: Path) -> None:
+    # serialised in memory first: torch's zip writer turns a short write (a file size limit, EFBIG) into
+    # "unexpected pos" and loses the OSError, which atomic_write names (DiskFullError) and cleans up after
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_write(path) as stream:
-        torch.save(state, stream)
+        stream.write(buffer.getbuffer())
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

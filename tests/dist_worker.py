@@ -155,11 +155,34 @@ def scenario_bad(out: dict, digits: str, one_shard: str) -> None:
     out["alive"] = True
 
 
+def scenario_stall(out: dict, timeout: str) -> None:
+    """Rank 1 stops itself (SIGSTOP) after two batches; rank 0 must fail within the pipeline's `timeout`, not the
+    default group's 120 s. Each rank notes its pid first (the test kills the stopped one)."""
+    import os
+    import signal
+    import time
+
+    rank = dist.get_rank()
+    Path(out["tmp"], f"pid-{rank}").write_text(str(os.getpid()))
+    p = curate.pipeline(make_samples(100_000), rule="uniform", method="sample", batch_size=5, shuffle_buffer=0,
+                        timeout=float(timeout))
+    start = None
+    try:
+        for step, _ in enumerate(p):
+            if step == 2:
+                start = time.monotonic()
+                if rank == 1:
+                    os.kill(os.getpid(), signal.SIGSTOP)
+    except Exception as error:
+        Path(out["tmp"], f"error-{rank}").write_text(f"{time.monotonic() - start:.1f}\n{type(error).__name__}: {error}")
+        raise
+
+
 def main() -> None:
     scenario, target, *args = sys.argv[1:]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120 if scenario == "stall" else 60))
     out: dict = {"tmp": target}
-    {"library": scenario_library, "bad": scenario_bad}[scenario](out, *args)
+    {"library": scenario_library, "bad": scenario_bad, "stall": scenario_stall}[scenario](out, *args)
     torch.save(out, Path(target) / f"{scenario}-{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
