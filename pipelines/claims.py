@@ -113,6 +113,7 @@ class Claims:
 
     def _create(self, claim: str) -> bool:
         if self.local:
+            os.makedirs(posixpath.dirname(claim) or ".", exist_ok=True)  # the first claim comes before any part
             try:
                 fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:

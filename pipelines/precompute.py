@@ -70,10 +70,12 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
     counts = [shard["count"] for shard in tasks.manifest(recipe)[recipe.data.dataset]["splits"]["train"]["shards"]]
     urls = tasks.shard_urls(recipe, "train")
     mine = [(i, url, counts[i]) for i, url in enumerate(urls) if i % world_size == rank]
+    if backend == "ray":
+        from .precompute_ray import require_ray
+
+        require_ray()
     fs, root = filesystem(recipe.cache.path, recipe.data.storage_options)
     fs.invalidate_cache(root)  # s3fs caches listings; parts another process wrote must show up
-    if "file" in fs.protocol:
-        fs.makedirs(root, exist_ok=True)  # the claims go there before the first part
     done = {posixpath.basename(path) for path in fs.glob(f"{root.rstrip('/')}/part-*.parquet")}
     check = Check(recipe, provenance(recipe), time.time() if overwrite else None)
     states = {index: check(part_path(recipe, index)) if posixpath.basename(part_path(recipe, index)) in done

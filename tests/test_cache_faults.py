@@ -39,6 +39,8 @@ from pipelines.recipe import load_recipe
 from pipelines.train import _reference
 from pipelines.train_reference import train_reference
 
+from .conftest import make_bucket
+
 ROOT = Path(__file__).resolve().parent.parent
 META = {"reference_hash": "ref0", "scorer": "ContrastiveScorer", "dataset": "digits/train:aaaa"}
 
@@ -342,3 +344,22 @@ def test_two_concurrent_precomputes_score_every_shard_once(world, tmp_path):
     precompute(single, **QUIET)
     assert frame(recipe).equals(frame(single))
     print(f"parts written by the two runs: {written}")
+
+
+def test_claims_on_s3_are_exclusive_and_a_stale_one_is_taken_over_once(s3_server):
+    from pipelines.claims import Claims
+
+    fs = make_bucket(s3_server, "claims")
+    part = "claims/cache/part-00000.parquet"
+    first = Claims(fs, timeout_s=1.0, log=lambda *_: None)  # not entered: no heartbeat, so its claim goes stale
+    second, third = (Claims(fs, timeout_s=1.0, log=lambda *_: None) for _ in range(2))
+    assert first.acquire(part) and not second.acquire(part)  # If-None-Match: one creator wins
+    owner, _, stale_etag = second._read(Claims.path(part))
+    assert owner["token"] == first.owner["token"]
+    time.sleep(1.5)
+    assert second.acquire(part)  # stale: replaced with If-Match on the stale claim's ETag
+    assert not third._take_over(Claims.path(part), owner, stale_etag)  # a second taker of the same stale claim loses
+    first.release(part)  # no longer its claim: left alone
+    assert json.loads(fs.cat_file(Claims.path(part)))["token"] == second.owner["token"]
+    second.release(part)
+    assert not fs.exists(Claims.path(part))
