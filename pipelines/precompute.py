@@ -9,8 +9,8 @@ stale and rescored, and `overwrite=True` (`--overwrite`) rescores every part. Co
 split the work through claims (`pipelines.claims`): each shard is scored by one of them. A shard that cannot
 be read whole (a corrupt or truncated tar, a sample that does not decode, fewer samples than the manifest
 lists) fails the job by default; `on_error="skip"` writes no part for it and records it, with the keys
-that could be read before the damage, in `precompute_report.json` under the run directory. `backend="ray"` runs the same
-per-shard function under Ray Data (`pipelines.precompute_ray`) for clusters.
+that could be read before the damage, in `precompute_report.json` under the run directory.
+`backend="ray"` runs the same per-shard function under Ray Data (`pipelines.precompute_ray`) for clusters.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
     fs, root = filesystem(recipe.cache.path, recipe.data.storage_options)
     fs.invalidate_cache(root)  # s3fs caches listings; parts another process wrote must show up
     done = {posixpath.basename(path) for path in fs.glob(f"{root.rstrip('/')}/part-*.parquet")}
-    check = Check(recipe, provenance(recipe), time.time() if overwrite else None)
+    check = _Check(recipe, provenance(recipe), time.time() if overwrite else None)
     states = {index: check(part_path(recipe, index)) if posixpath.basename(part_path(recipe, index)) in done
               else "missing" for index, _, _ in mine}
     todo = [shard for shard in mine if states[shard[0]] != "current"]
@@ -92,8 +92,8 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
             if backend == "ray":
                 from .precompute_ray import run_ray
 
-                todo, elsewhere, finished = _claim_all(recipe, todo, claims, check, log)
-                records = run_ray(recipe, todo, on_error=on_error, actors=actors, cpus_per_actor=cpus_per_actor,
+                claimed, elsewhere, finished = _claim_all(recipe, todo, claims, check, log)
+                records = run_ray(recipe, claimed, on_error=on_error, actors=actors, cpus_per_actor=cpus_per_actor,
                                   progress=bar.update)
             else:
                 records, elsewhere, finished = _run_local(recipe, todo, on_error, claims, check, bar.update, log)
@@ -120,7 +120,7 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
     return summary
 
 
-class Check:
+class _Check:
     """Whether an existing part is current: "current", or why it is not (another reference, dataset, scorer,
     schema, an unreadable footer, or written before an --overwrite run started)."""
 
@@ -145,7 +145,7 @@ class Check:
         return "current"
 
 
-def _claim(recipe: Recipe, index: int, claims: Claims, check: Check, log) -> str:
+def _claim(recipe: Recipe, index: int, claims: Claims, check: _Check, log) -> str:
     """Claims shard `index`'s part: "mine" (to score; what killed writers left of it removed), "elsewhere" (a
     live claim of another run) or "finished" (another run wrote it since this one looked)."""
     part = part_path(recipe, index)
@@ -163,7 +163,7 @@ def _claim(recipe: Recipe, index: int, claims: Claims, check: Check, log) -> str
     return "mine"
 
 
-def _claim_all(recipe: Recipe, todo: list[tuple[int, str, int]], claims: Claims, check: Check,
+def _claim_all(recipe: Recipe, todo: list[tuple[int, str, int]], claims: Claims, check: _Check,
                log) -> tuple[list[tuple[int, str, int]], list[int], int]:
     """The Ray backend claims its shards up front (the driver holds them while the actors score)."""
     states = {index: _claim(recipe, index, claims, check, log) for index, _, _ in todo}
@@ -172,7 +172,7 @@ def _claim_all(recipe: Recipe, todo: list[tuple[int, str, int]], claims: Claims,
             sum(state == "finished" for state in states.values()))
 
 
-def _run_local(recipe: Recipe, todo: list[tuple[int, str, int]], on_error: str, claims: Claims, check: Check,
+def _run_local(recipe: Recipe, todo: list[tuple[int, str, int]], on_error: str, claims: Claims, check: _Check,
                progress, log) -> tuple[list[dict], list[int], int]:
     """Scores the shards one at a time, each under its claim; the reference is loaded at the first one claimed."""
     model = None
