@@ -363,3 +363,24 @@ def test_claims_on_s3_are_exclusive_and_a_stale_one_is_taken_over_once(s3_server
     assert json.loads(fs.cat_file(Claims.path(part)))["token"] == second.owner["token"]
     second.release(part)
     assert not fs.exists(Claims.path(part))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_working_owner_keeps_its_claim_fresh(where, tmp_path, request):
+    """The heartbeat: a claim held longer than the timeout by a live owner is not taken over."""
+    import fsspec
+
+    from pipelines.claims import Claims
+
+    if where == "s3":
+        fs, part = make_bucket(request.getfixturevalue("s3_server"), "beats"), "beats/cache/part-00000.parquet"
+    else:
+        fs, part = fsspec.filesystem("file"), str(tmp_path / "part-00000.parquet")
+    other = Claims(fs, timeout_s=2.0, log=lambda *_: None)
+    with Claims(fs, timeout_s=2.0, log=lambda *_: None) as owner:
+        assert owner.acquire(part)
+        time.sleep(3.0)  # past the timeout: only the heartbeat (every 0.5 s) keeps it fresh
+        found = other._read(Claims.path(part))
+        assert found is not None and found[1] < 2.0 and not other.acquire(part), found
+    assert other.acquire(part)  # released on exit
+    other.release(part)
