@@ -3,7 +3,11 @@
 A part holds `__key__` and the reference's per-example `ref_loss` and/or its L2-normalised `image_emb` /
 `text_emb` (fixed-size float32 arrays, or float16 with `write_part(..., emb_dtype="float16")`: half the bytes).
 Provenance lives in the Parquet key-value metadata under `curate.*`: schema version, reference-model hash,
-scorer, dataset, created-at, and the reference's logit scale / bias.
+scorer, score kind ("example", "softmax", "sigmoid"), dataset, created-at, the reference's logit scale / bias, and
+a sha256 checksum of the part's decoded contents (keys, score columns, schema and the other `curate.*` entries),
+verified on open: a damaged part raises `CorruptPartError` instead of loading different numbers.
+`ScoreCache.open(expect={...})` refuses a cache of another reference, dataset or scorer (`ProvenanceError`), and
+`scores` refuses a scorer of another kind than the cache was written for (a SigLIP cache for a softmax scorer).
 
 `ScoreCache.open` loads the parts into memory (all of them, or one rank's share: `parts=` / `keys=`) and
 indexes the keys by a 64-bit hash sorted once, so a step's lookup is a radix-directory search over sorted
@@ -34,10 +38,11 @@ from .batch import is_batch, split_batch, take
 from .files import atomic_write, filesystem
 from .scorers import Kind, ModelScores, Scorer, score_model
 
-__all__ = ["MissingKeysError", "SCHEMA_VERSION", "ScoreCache", "model_hash", "polars_storage_options", "scan",
+__all__ = ["CorruptPartError", "DuplicateKeysError", "KeyTypeError", "MissingKeysError", "ProvenanceError",
+           "SCHEMA_VERSION", "ScoreCache", "model_hash", "part_metadata", "polars_storage_options", "scan",
            "write_part"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: curate.kind and curate.checksum (version 1 parts have neither)
 KEY = "__key__"
 REGENERATE = "`curate precompute RECIPE`"
 _COLUMNS = ("ref_loss", "image_emb", "text_emb")
@@ -45,8 +50,10 @@ _EMB_DTYPES = {"float32": np.float32, "float16": np.float16}
 _PART_NAME = re.compile(r"part-(\d+)\.parquet")  # how `curate precompute` names shard i's part
 _CHECK_SEED = 8  # the second hash's seed offset: outside the seeds _index tries for the search hash
 _REQUIRED = ("reference_hash", "scorer", "dataset")
-_RESERVED = ("schema_version", "created_at", "logit_scale", "logit_bias")
-_CONSISTENT = ("schema_version", "reference_hash", "scorer", "dataset", "logit_scale", "logit_bias")
+_RESERVED = ("schema_version", "created_at", "logit_scale", "logit_bias", "kind", "checksum")
+_CONSISTENT = ("schema_version", "reference_hash", "scorer", "kind", "dataset", "logit_scale", "logit_bias")
+_KINDS = ("example", "softmax", "sigmoid")
+_FOOTER_GUESS = 1 << 16  # bytes of a remote part's tail fetched to read its footer: most footers fit in one request
 _POLARS_RETRY = {"max_retries": 2, "connect_timeout": "5s"}
 
 
@@ -57,6 +64,38 @@ class MissingKeysError(ValueError):
     def __init__(self, message: str, keys: list[str], count: int):
         super().__init__(message)
         self.keys, self.count = keys, count
+
+
+class CorruptPartError(ValueError):
+    """A cache part that cannot be trusted: unreadable, or its contents do not match the checksum written with
+    it (a flipped bit, a truncated copy). `part` is the file."""
+
+    def __init__(self, part: str, why: str):
+        super().__init__(f"ScoreCache: part {part} is damaged ({why}); delete it and rerun {REGENERATE} (which "
+                         "scores only the missing parts), or rerun it with --overwrite to rescore every part")
+        self.part = part
+
+
+class ProvenanceError(ValueError):
+    """A cache written for another reference, dataset or scorer than the caller expects (`ScoreCache.open(
+    expect=...)`). `field` is the provenance entry, `found` the cache's value, `expected` the caller's."""
+
+    def __init__(self, message: str, field: str, found, expected):
+        super().__init__(message)
+        self.field, self.found, self.expected = field, found, expected
+
+
+class DuplicateKeysError(ValueError):
+    """A superbatch holds one `__key__` more than once, so its samples would share one cached score. `keys` are
+    the first duplicated keys (at most 5)."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
+
+
+class KeyTypeError(TypeError):
+    """`__key__` values that are not strings (ints, tensors, None): the cache is keyed by strings."""
 
 
 def model_hash(model: nn.Module) -> str:
@@ -101,7 +140,7 @@ def scan(path: str, storage_options: dict | None = None) -> pl.LazyFrame:
 
 def write_part(path: str, keys: Sequence[str], *, ref_loss=None, image_emb=None, text_emb=None,
                logit_scale: float | None = None, logit_bias: float | None = None, metadata: dict,
-               emb_dtype: str = "float32", storage_options: dict | None = None) -> str:
+               kind: str | None = None, emb_dtype: str = "float32", storage_options: dict | None = None) -> str:
     """Writes one cache part (a `.parquet` file) atomically and returns its path.
 
     Args:
@@ -111,14 +150,19 @@ def write_part(path: str, keys: Sequence[str], *, ref_loss=None, image_emb=None,
         logit_scale: the reference's `logit_scale` parameter (log of the scale, `model.logit_scale.item()`),
             required with embeddings.
         logit_bias: the reference's sigmoid logit bias (None for a softmax-only reference).
-        metadata: provenance; needs "reference_hash" (`model_hash(reference)`), "scorer", "dataset"; other
-            entries (e.g. "recipe") are kept. Non-string values are stored as JSON.
+        metadata: provenance; needs "reference_hash" (`model_hash(reference)`), "scorer", "dataset" (best an
+            identity of the data, e.g. a hash of its shard list, so that a cache of other data is told apart);
+            other entries (e.g. "recipe") are kept. Non-string values are stored as JSON.
+        kind: the scorer kind the scores are for, `Scorer.kind`: "example" (losses only), "softmax" or "sigmoid"
+            (the embeddings' loss). Default: "example" for losses only, else "sigmoid" with a logit_bias, "softmax"
+            without. `ScoreCache.scores` refuses a contrastive scorer of another kind.
         emb_dtype: "float32" or "float16", how the embeddings are stored. float16 halves their bytes (on disk and
             in a loaded cache) and rounds each coordinate to ~3 significant digits; `ScoreCache` hands the
             sampler float32 either way. ref_loss is always float32.
         storage_options: fsspec/s3fs options for remote paths.
 
-    Written with `curate.files.atomic_write`: a failed write never leaves a partial part.
+    Written with `curate.files.atomic_write`: a failed write never leaves a partial part. The part carries a
+    sha256 of its decoded contents (`curate.checksum`), which `ScoreCache.open` verifies.
     """
     if not str(path).endswith(".parquet"):
         raise ValueError(f"write_part: path must end in .parquet (ScoreCache.open reads *.parquet), got {path=}")
@@ -133,14 +177,44 @@ def write_part(path: str, keys: Sequence[str], *, ref_loss=None, image_emb=None,
     if missing or reserved:
         raise ValueError(f"write_part: metadata needs {list(_REQUIRED)} and must not set {list(_RESERVED)}; "
                          f"got {sorted(metadata)} (missing {missing}, reserved {reserved})")
+    kind = _part_kind(kind, has_emb, "ref_loss" in frame.columns, logit_bias)
     meta = {name: value if isinstance(value, str) else json.dumps(value) for name, value in metadata.items()}
     meta |= {"schema_version": str(SCHEMA_VERSION), "created_at": datetime.now(timezone.utc).isoformat("T", "seconds"),
              "logit_scale": _float_text(logit_scale, "logit_scale"),
-             "logit_bias": _float_text(logit_bias, "logit_bias")}
+             "logit_bias": _float_text(logit_bias, "logit_bias"), "kind": kind}
+    meta["checksum"] = _checksum(frame, meta)
     meta = {f"curate.{name}": value for name, value in meta.items()}
     with atomic_write(str(path), parents=True, storage_options=storage_options) as stream:
         frame.write_parquet(stream, metadata=meta)
     return str(path)
+
+
+def _part_kind(kind: str | None, has_emb: bool, has_loss: bool, logit_bias: float | None) -> str:
+    if kind is None:
+        return ("sigmoid" if logit_bias is not None else "softmax") if has_emb else "example"
+    usable = {"example": has_loss and not has_emb, "softmax": has_emb, "sigmoid": has_emb and logit_bias is not None}
+    if kind not in _KINDS or not usable[kind]:
+        raise ValueError(f"write_part: kind must be one of {list(_KINDS)} and match the columns (example: ref_loss; "
+                         f"softmax: embeddings; sigmoid: embeddings and logit_bias), got {kind=}")
+    return kind
+
+
+def _checksum(frame: pl.DataFrame, meta: dict) -> str:
+    """sha256 over what a reader gets from a part: schema, the other curate.* entries, key bytes and lengths, and
+    the score columns' bytes. Of decoded values, not file bytes, so a flip anywhere in the file (data pages,
+    page headers, footer, schema) that changes what is read changes the digest; one that changes nothing read
+    (e.g. unused statistics) does not matter. hashlib releases the GIL and runs at ~1.4 GB/s."""
+    digest = hashlib.sha256()
+    header = {"schema": {name: str(dtype) for name, dtype in frame.schema.items()},
+              "metadata": sorted((name, value) for name, value in meta.items() if name != "checksum")}
+    digest.update(json.dumps(header).encode())
+    keys = frame[KEY]
+    digest.update(keys.str.len_bytes().to_numpy().astype("<u4").tobytes())
+    digest.update(keys.str.join("").cast(pl.Binary).item())  # one buffer: ~30 ns a key, not a Python loop
+    for name in _COLUMNS:
+        if name in frame.columns:
+            digest.update(np.ascontiguousarray(frame[name].to_numpy()).reshape(-1).view(np.uint8).data)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _float_text(value: float | None, name: str) -> str:
@@ -237,14 +311,16 @@ class ScoreCache:
         self._part_starts = np.cumsum([0, *(part_rows if part_rows is not None else [len(keys)])])[:-1]
         self.logit_scale = float(metadata["logit_scale"]) if metadata.get("logit_scale") else None
         self.logit_bias = float(metadata["logit_bias"]) if metadata.get("logit_bias") else None
+        self.kind = metadata.get("kind") or None  # None: an in-memory cache that does not say
         self._index()
         self.counts = {"looked_up": 0, "online": 0, "dropped": 0}
 
     @classmethod
     def open(cls, path: str, storage_options: dict | None = None, *,
              parts: Iterable[int] | Callable[[str], bool] | None = None, keys: Iterable[str] | None = None,
-             expect_reference_hash: str | None = None, expect_schema_version: int = SCHEMA_VERSION,
-             missing: str = "error", fallback: nn.Module | None = None) -> ScoreCache:
+             expect: dict | None = None, expect_reference_hash: str | None = None,
+             expect_schema_version: int = SCHEMA_VERSION, missing: str = "error",
+             fallback: nn.Module | None = None) -> ScoreCache:
         """Loads the `*.parquet` parts under `path` (a directory, an `s3://` prefix, or one file): all of them,
         or the share one rank looks up.
 
@@ -256,13 +332,18 @@ class ScoreCache:
                 file name, e.g. `lambda name: name.startswith("part-001")`. Default: every part.
             keys: keep only the rows of these keys (e.g. the rank's key list); parts are still read whole, one
                 at a time. Keys that are in no part are not an error here: looking them up is.
-            expect_reference_hash: raise unless the parts were written by this reference (`model_hash(ref)`).
+            expect: provenance the parts must have, e.g. {"reference_hash": model_hash(reference), "dataset":
+                ..., "kind": scorer.kind, "scorer": repr(scorer)} (any of reference_hash, dataset, kind, scorer;
+                None values are not checked); a part with another value raises `ProvenanceError` naming both.
+            expect_reference_hash: the same as expect={"reference_hash": ...}.
             expect_schema_version: raise unless the parts have this schema version.
             missing, fallback: see the class.
 
         A cache opened with `parts=` or `keys=` holds only those rows: `scores` for any other key raises
-        `MissingKeysError` (missing="error"), saying what was loaded. Provenance is checked on the parts read.
+        `MissingKeysError` (missing="error"), saying what was loaded. Provenance is checked on the parts read, and
+        each part's checksum is verified (`CorruptPartError` names a damaged one).
         """
+        expected = _expectations(expect, expect_reference_hash)
         fs, root = filesystem(str(path), storage_options)
         try:
             fs.invalidate_cache(root)  # s3fs caches listings: parts written by other processes must show up
@@ -288,6 +369,7 @@ class ScoreCache:
                 meta, frame = _read_part(file, blobs.pop(file), path)  # pop: each blob is freed once decoded
                 schema = schema or frame.schema
                 _check_part(file, meta, frame, files[0], metas[0] if metas else meta, schema, expect_schema_version)
+                _check_provenance(file, meta, expected, path)
                 if wanted is not None:
                     frame = frame.filter(pl.col(KEY).is_in(wanted.implode()))
                 metas.append(meta)
@@ -296,9 +378,6 @@ class ScoreCache:
                     column_parts[name].append(_column(frame, name))  # views of the part's Arrow buffers
                 del frame
         first = metas[0]
-        if expect_reference_hash is not None and first["reference_hash"] != expect_reference_hash:
-            raise ValueError(f"ScoreCache: {path} was written by reference {first['reference_hash']}, expected "
-                             f"{expect_reference_hash}; regenerate it with {REGENERATE}")
         part_rows = [len(k) for k in key_parts]
         if sum(part_rows) == 0:
             raise ValueError(f"ScoreCache: none of the {len(wanted) if wanted is not None else 0} keys= are in the "
@@ -388,6 +467,7 @@ class ScoreCache:
         `micro_batch_size` bounds the fallback's forward passes (missing="online"); `Score` passes its own."""
         keys = batch[KEY]
         rows, found = self._lookup(keys)
+        self._check_unique(rows[found], len(keys))
         kind = scorer.kind
         cached = self._gather(np.maximum(rows, 0), kind)
         if found.all():
@@ -417,6 +497,27 @@ class ScoreCache:
         image[absent], text[absent] = online.image_emb, online.text_emb
         return ModelScores(kind, image, text, cached.scale, cached.bias)
 
+    def _check_unique(self, rows: np.ndarray, n: int) -> None:
+        """Two samples with one key would both get that key's score (one of them another sample's)."""
+        ordered = np.sort(rows)  # ~30 us for 4096 rows, next to ~1 ms for the lookup
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+        if len(repeated):
+            names = self.keys.gather(np.unique(repeated)[:5]).to_list()
+            raise DuplicateKeysError(
+                f"ScoreCache: the superbatch holds {KEY} {names} more than once ({len(repeated)} repeats in {n} keys); "
+                f"a cached score belongs to one sample, so every sample needs its own {KEY} (e.g. shard name + "
+                "index), or drop the repeated samples before Score", names)
+
+    def _check_kind(self, kind: Kind) -> None:
+        if self.kind is not None and kind != self.kind:
+            names = {"example": "per-example losses", "softmax": "softmax (CLIP) embeddings",
+                     "sigmoid": "sigmoid (SigLIP) embeddings"}
+            raise ProvenanceError(
+                f"ScoreCache: {self.path} holds {names.get(self.kind, self.kind)} (kind {self.kind!r}), but the "
+                f"scorer is {kind!r}: the selection would not be the one the scorer's loss defines. Use a scorer with "
+                f"loss={self.kind!r}, or rerun {REGENERATE} with this scorer (it rescores parts of another scorer)",
+                "kind", self.kind, kind)
+
     def _gather(self, rows: np.ndarray, kind: Kind) -> ModelScores:
         if kind == "example":
             if self.ref_loss is None:
@@ -430,6 +531,7 @@ class ScoreCache:
         if bias is None:
             raise ValueError(f"ScoreCache: loss='sigmoid' needs the reference's logit_bias, which {self.path} "
                              "does not record; use loss='softmax' or regenerate with a SigLIP reference")
+        self._check_kind(kind)
         # exp in float32 like ContrastiveScorer's model.logit_scale.exp(), so cached and online scales match bitwise
         scale = float(torch.tensor(self.logit_scale, dtype=torch.float32).exp())
         assert self.text_emb is not None, "ScoreCache: a frame with image_emb has text_emb (write_part writes both)"
@@ -511,7 +613,21 @@ def _concat(arrays: list) -> np.ndarray | None:
 
 
 def _key_series(keys: Iterable[str]) -> pl.Series:
-    return pl.Series(KEY, keys if isinstance(keys, pl.Series) else list(keys), dtype=pl.String)
+    if isinstance(keys, pl.Series) and keys.dtype == pl.String:
+        series = keys
+    else:
+        try:
+            if isinstance(keys, Tensor | pl.Series):  # e.g. int keys that default_collate made a tensor
+                raise TypeError(f"a {type(keys).__name__} of {getattr(keys, 'dtype', '?')}")
+            series = pl.Series(KEY, list(keys), dtype=pl.String)
+        except TypeError as err:
+            raise KeyTypeError(f"ScoreCache: {KEY} values must be strings (a list of str per batch), got "
+                               f"{str(err).splitlines()[0]}; make the keys strings in the source, e.g. "
+                               f"sample['{KEY}'] = str(index)") from None
+    if series.null_count():
+        raise KeyTypeError(f"ScoreCache: {series.null_count()} {KEY} values are None; every sample needs a string "
+                           f"{KEY}")
+    return series
 
 
 def _select_parts(files: list[str], parts, path: str) -> tuple[list[str], str]:
@@ -550,11 +666,80 @@ def _read_part(file: str, blob: bytes | Exception | None, path: str) -> tuple[di
     try:
         raw = pl.read_parquet_metadata(source)
         frame = pl.read_parquet(source, memory_map=True)  # a local part is mapped, not read into a buffer first
-    except Exception as err:
-        raise ValueError(f"ScoreCache: part {file} is not a readable Parquet file ({type(err).__name__}: {err}); "
-                         f"delete it and regenerate it with {REGENERATE}") from err
+    except (Exception, pl.exceptions.PanicException) as err:  # a damaged file can make Polars' Rust code panic
+        raise CorruptPartError(file, f"not a readable Parquet file: {type(err).__name__}: {err}") from err
     meta = {name.removeprefix("curate."): value for name, value in raw.items() if name.startswith("curate.")}
+    if meta and meta.get("schema_version") != "1":  # no curate.* or version 1 (no checksum): _check_part says so
+        _verify(file, meta, frame)
     return meta, frame
+
+
+def _verify(file: str, meta: dict, frame: pl.DataFrame) -> None:
+    """Raises CorruptPartError unless the part decodes to exactly what write_part wrote."""
+    if "checksum" not in meta:
+        raise CorruptPartError(file, "it has curate.* metadata but no curate.checksum")
+    nulls = {name: count for name, count in zip(frame.columns, frame.null_count().row(0), strict=True) if count}
+    if nulls:  # write_part never writes a null; a damaged definition level can make one
+        raise CorruptPartError(file, f"null values in {nulls}")
+    try:
+        digest = _checksum(frame, meta)
+    except (Exception, pl.exceptions.PanicException) as err:  # e.g. a column decoded as a type it never had
+        raise CorruptPartError(file, f"its columns cannot be checked: {type(err).__name__}: {err}") from err
+    if digest != meta["checksum"]:
+        raise CorruptPartError(file, f"its contents hash to {digest[:23]}..., the part records "
+                                     f"{meta['checksum'][:23]}...")
+
+
+def part_metadata(file: str, storage_options: dict | None = None) -> dict:
+    """One part's curate.* metadata (prefix removed), from its footer alone: one or two ranged reads of a remote
+    part, not the whole file. {} for a file without curate.* entries. Raises CorruptPartError for a file whose
+    footer cannot be read. The checksum is not verified here (that needs the whole part): see ScoreCache.open."""
+    fs, target = filesystem(file, storage_options)
+    try:
+        if "file" in fs.protocol:
+            raw = pl.read_parquet_metadata(target)
+        else:
+            size = fs.size(target)
+            tail = fs.cat_file(target, start=max(0, size - _FOOTER_GUESS))
+            length = int.from_bytes(tail[-8:-4], "little")
+            if tail[-4:] != b"PAR1" or length + 8 > size:
+                raise ValueError("no Parquet footer")
+            if length + 8 > len(tail):
+                tail = fs.cat_file(target, start=size - length - 8)
+            raw = pl.read_parquet_metadata(io.BytesIO(b"PAR1" + tail[-length - 8:]))  # the footer is self-contained
+    except FileNotFoundError:
+        raise
+    except (Exception, pl.exceptions.PanicException) as err:
+        raise CorruptPartError(file, f"its Parquet footer cannot be read: {type(err).__name__}: {err}") from err
+    return {name.removeprefix("curate."): value for name, value in raw.items() if name.startswith("curate.")}
+
+
+_PROVENANCE = {  # what `expect=` may check, and what a mismatch most likely means
+    "reference_hash": "the reference was retrained or replaced since the cache was written",
+    "dataset": "the cache was made for other data (another dataset, split or version of its shards)",
+    "kind": "the cache holds scores of another kind (losses, softmax/CLIP or sigmoid/SigLIP embeddings)",
+    "scorer": "the cache was scored with another scorer (fields, loss or precision)",
+}
+
+
+def _expectations(expect: dict | None, reference_hash: str | None) -> dict:
+    expected = {name: value for name, value in (expect or {}).items() if value is not None}
+    unknown = sorted(set(expected) - set(_PROVENANCE))
+    if unknown:
+        raise ValueError(f"ScoreCache.open: expect= checks {list(_PROVENANCE)}, got {unknown}")
+    if reference_hash is not None:
+        expected["reference_hash"] = reference_hash
+    return {name: str(value) for name, value in expected.items()}
+
+
+def _check_provenance(file: str, meta: dict, expected: dict, path: str) -> None:
+    for name, value in expected.items():
+        if meta.get(name) != value:
+            raise ProvenanceError(
+                f"ScoreCache: {path} was written with {name} {meta.get(name)!r} (part {file}), but {value!r} is "
+                f"expected: {_PROVENANCE[name]}. Rerun {REGENERATE} with this recipe: it rescores the parts made "
+                "with another reference, dataset or scorer (--overwrite rescores every part); or point cache.path "
+                "at the cache made for it", name, meta.get(name), value)
 
 
 def _check_part(file: str, meta: dict, frame: pl.DataFrame, first_file: str, first: dict, schema,
@@ -568,8 +753,9 @@ def _check_part(file: str, meta: dict, frame: pl.DataFrame, first_file: str, fir
     for name in _CONSISTENT:
         if meta.get(name) != first.get(name):
             raise ValueError(f"ScoreCache: parts disagree on {name}: {first.get(name)!r} in {first_file}, "
-                             f"{meta.get(name)!r} in {file}; a cache holds one reference's scores, regenerate "
-                             f"the odd parts with {REGENERATE}")
+                             f"{meta.get(name)!r} in {file}; a cache holds one reference's scores: rerun "
+                             f"{REGENERATE} with the recipe of the reference you want, which rescores the parts "
+                             "made with another reference, dataset or scorer (--overwrite rescores every part)")
     if frame.schema != schema:
         raise ValueError(f"ScoreCache: part {file} has columns {dict(frame.schema)}, but {first_file} has "
                          f"{dict(schema)}; regenerate the odd parts with {REGENERATE}")

@@ -102,7 +102,7 @@ def _precompute(args) -> None:
     from .precompute import precompute
 
     precompute(_recipe(args), rank=args.rank, world_size=args.world_size, backend=args.backend,
-               on_error=args.on_error)
+               on_error=args.on_error, overwrite=args.overwrite, claim_timeout_s=args.claim_timeout)
 
 
 def _curate_set(args) -> None:
@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--rank", type=int, default=0)
             p.add_argument("--world-size", type=int, default=1)
             p.add_argument("--backend", choices=["local", "ray"], default="local")
+            p.add_argument("--overwrite", action="store_true", help="rescore every part, also current ones")
+            p.add_argument("--claim-timeout", type=float, default=600.0, metavar="S",
+                           help="take over another run's claim on a shard after S seconds without a heartbeat")
             p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                            help="a shard that cannot be read whole: fail (default), or skip it and record it "
                                 "in precompute_report.json")

@@ -1,13 +1,16 @@
 """`curate precompute RECIPE`: the reference model over the train shards → a Parquet score cache.
 
 One part per input shard (`part-NNNNN.parquet`, N = the shard's index in the manifest), so the job is
-sharded by `--rank/--world-size` (shard i belongs to rank i % world_size) and resumable: a part that
-exists is finished and skipped, because a part is only ever written whole (`curate.cache.write_part`
-writes a temporary file and renames it; on S3 a part is one PUT). A shard that cannot be read whole (a
-corrupt or truncated tar, a sample that does not decode, fewer samples than the manifest lists) fails the
-job by default; `on_error="skip"` writes no part for it and records it, with the keys that could be read
-before the damage, in `precompute_report.json` under the run directory. `backend="ray"` runs the same
-per-shard function under Ray Data (`pipelines.precompute_ray`) for clusters.
+sharded by `--rank/--world-size` (shard i belongs to rank i % world_size) and resumable: a part is only ever
+written whole (`curate.cache.write_part` writes a temporary file and renames it; on S3 a part is one PUT), so
+a part that exists and records this recipe's provenance (`score_shard.provenance`: reference hash, dataset
+identity, scorer kind and scorer) is finished and skipped; a part of another reference, dataset or scorer is
+stale and rescored, and `overwrite=True` (`--overwrite`) rescores every part. Concurrent runs on one cache
+split the work through claims (`pipelines.claims`): each shard is scored by one of them. A shard that cannot
+be read whole (a corrupt or truncated tar, a sample that does not decode, fewer samples than the manifest
+lists) fails the job by default; `on_error="skip"` writes no part for it and records it, with the keys
+that could be read before the damage, in `precompute_report.json` under the run directory.
+`backend="ray"` runs the same per-shard function under Ray Data (`pipelines.precompute_ray`) for clusters.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from curate.cache import ScoreCache
+from curate.cache import SCHEMA_VERSION, CorruptPartError, ScoreCache, part_metadata
 from curate.files import filesystem, stale_temps, write_json
 
 from . import tasks
+from .claims import Claims
 from .extras import needs_extra
 from .recipe import Recipe
-from .score_shard import ShardError, fail_message, part_path, precompute_shard, score_shard
+from .score_shard import ShardError, fail_message, part_path, precompute_shard, provenance, score_shard
 
 with needs_extra("pipelines.precompute (curate precompute)"):
     from tqdm import tqdm
@@ -42,7 +46,7 @@ def report_path(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Path:
 
 def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: str = "local",
                on_error: str = "fail", actors: int | None = None, cpus_per_actor: float | None = None,
-               log=print) -> dict:
+               overwrite: bool = False, claim_timeout_s: float = 600.0, log=print) -> dict:
     """Write this rank's missing parts and `report_path(recipe, rank, world_size)`; returns that summary.
 
     Args:
@@ -51,6 +55,9 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
         on_error: "fail" raises on the first shard that cannot be read whole, naming it; "skip" writes no
             part for it, records it and the keys read from it in the report, and goes on.
         actors, cpus_per_actor: the Ray actor pool (see `pipelines.precompute_ray.run_ray`); ignored locally.
+        overwrite: rescore every part of this rank, also those that are current (written before this run started).
+        claim_timeout_s: a claim on a shard that its owner has not refreshed for this long is taken over (its
+            owner hung or died on another host; a dead owner on this host is noticed at once).
     """
     if not recipe.cache.path:
         raise ValueError("cache.path: precompute needs a cache path in the recipe, e.g. cache: {path: runs/x/cache}")
@@ -63,65 +70,130 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
     counts = [shard["count"] for shard in tasks.manifest(recipe)[recipe.data.dataset]["splits"]["train"]["shards"]]
     urls = tasks.shard_urls(recipe, "train")
     mine = [(i, url, counts[i]) for i, url in enumerate(urls) if i % world_size == rank]
+    if backend == "ray":
+        from .precompute_ray import require_ray
+
+        require_ray()
     fs, root = filesystem(recipe.cache.path, recipe.data.storage_options)
     fs.invalidate_cache(root)  # s3fs caches listings; parts another process wrote must show up
     done = {posixpath.basename(path) for path in fs.glob(f"{root.rstrip('/')}/part-*.parquet")}
-    todo = [shard for shard in mine if posixpath.basename(part_path(recipe, shard[0])) not in done]
-    if "file" in fs.protocol:
-        _remove_stale_temps(recipe, [index for index, _, _ in todo], log)
+    check = _Check(recipe, provenance(recipe), time.time() if overwrite else None)
+    states = {index: check(part_path(recipe, index)) if posixpath.basename(part_path(recipe, index)) in done
+              else "missing" for index, _, _ in mine}
+    todo = [shard for shard in mine if states[shard[0]] != "current"]
+    stale = sorted(index for index, state in states.items() if state not in ("current", "missing"))
+    if stale:
+        log(f"precompute: rescoring {len(stale)} parts that are not current (part {stale[0]}: {states[stale[0]]})")
     start = time.perf_counter()
     bar = tqdm(total=sum(count for _, _, count in todo), desc="precompute", unit="sample", unit_scale=True,
                disable=None, file=sys.stderr)  # disable=None: no bar when stderr is not a terminal
-    try:
-        if backend == "ray":
-            from .precompute_ray import run_ray
+    with Claims(fs, claim_timeout_s, log) as claims:
+        try:
+            if backend == "ray":
+                from .precompute_ray import run_ray
 
-            records = run_ray(recipe, todo, on_error=on_error, actors=actors, cpus_per_actor=cpus_per_actor,
-                              progress=bar.update)
-        else:
-            records = _run_local(recipe, todo, on_error, progress=bar.update)
-    finally:
-        bar.close()
+                claimed, elsewhere, finished = _claim_all(recipe, todo, claims, check, log)
+                records = run_ray(recipe, claimed, on_error=on_error, actors=actors, cpus_per_actor=cpus_per_actor,
+                                  progress=bar.update)
+            else:
+                records, elsewhere, finished = _run_local(recipe, todo, on_error, claims, check, bar.update, log)
+        finally:
+            bar.close()
     seconds = time.perf_counter() - start
     rows = sum(record["rows"] for record in records)
     failed = sorted((r for r in records if r["error"]), key=lambda r: r["index"])
+    written = sorted(r["index"] for r in records if not r["error"])
     summary = {"cache": recipe.cache.path, "backend": backend, "rank": rank, "world_size": world_size,
-               "shards": len(mine), "parts_written": len(records) - len(failed),
-               "parts_existing": len(mine) - len(todo), "shards_skipped": len(failed), "rows": rows,
+               "shards": len(mine), "parts_written": len(written),
+               "parts_existing": len(mine) - len(todo) + finished, "parts_rescored": len(set(stale) & set(written)),
+               "parts_claimed_elsewhere": len(elsewhere), "shards_skipped": len(failed), "rows": rows,
                "seconds": round(seconds, 2), "samples_per_s": round(rows / seconds, 1) if seconds else None,
+               "written": written, "claimed_elsewhere": elsewhere,
                "skipped": [{"shard": r["url"], "index": r["index"], "error": r["error"],
                             "keys_read": r["keys_read"]} for r in failed]}
     write_json(report_path(recipe, rank, world_size), summary, parents=True)
-    log(f"precompute: {summary['parts_written']} parts written, {summary['parts_existing']} already there, "
+    log(f"precompute: {summary['parts_written']} parts written ({summary['parts_rescored']} of them rescored), "
+        f"{summary['parts_existing']} already there, {len(elsewhere)} being written by another run, "
         f"{len(failed)} shards skipped; {rows} rows in {seconds:.1f}s ({summary['samples_per_s']} samples/s) "
         f"→ {recipe.cache.path}" + (f"; skipped shards are listed in {report_path(recipe, rank, world_size)}"
                                     if failed else ""))
     return summary
 
 
-def _run_local(recipe: Recipe, todo: list[tuple[int, str, int]], on_error: str, progress) -> list[dict]:
-    if not todo:
-        return []
-    model, _ = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)
-    model.to(tasks.resolve_device(recipe.train.device))
-    records = []
+class _Check:
+    """Whether an existing part is current: "current", or why it is not (another reference, dataset, scorer,
+    schema, an unreadable footer, or written before an --overwrite run started)."""
+
+    def __init__(self, recipe: Recipe, expected: dict, written_after: float | None):
+        self.storage_options = recipe.data.storage_options
+        self.expected = {name: value for name, value in expected.items() if value is not None}
+        self.expected["schema_version"] = str(SCHEMA_VERSION)
+        self.written_after = written_after
+
+    def __call__(self, part: str) -> str:
+        try:
+            meta = part_metadata(part, self.storage_options)
+        except FileNotFoundError:
+            return "missing"
+        except CorruptPartError:
+            return "its footer is unreadable"
+        for name, value in self.expected.items():
+            if meta.get(name) != value:
+                return f"{name} {meta.get(name)!r}, now {value!r}"
+        if self.written_after is not None and float(meta.get("written_at") or 0) < self.written_after:
+            return "written before this --overwrite run"
+        return "current"
+
+
+def _claim(recipe: Recipe, index: int, claims: Claims, check: _Check, log) -> str:
+    """Claims shard `index`'s part: "mine" (to score; what killed writers left of it removed), "elsewhere" (a
+    live claim of another run) or "finished" (another run wrote it since this one looked)."""
+    part = part_path(recipe, index)
+    if not claims.acquire(part):
+        return "elsewhere"
+    if check(part) == "current":
+        claims.release(part)
+        return "finished"
+    if claims.local:  # the temps of a part we hold the claim on are what dead or stale writers left
+        stale = stale_temps(part)
+        for temp in stale:
+            os.remove(temp)
+        if stale:
+            log(f"precompute: removed {len(stale)} temp files an interrupted run left for {posixpath.basename(part)}")
+    return "mine"
+
+
+def _claim_all(recipe: Recipe, todo: list[tuple[int, str, int]], claims: Claims, check: _Check,
+               log) -> tuple[list[tuple[int, str, int]], list[int], int]:
+    """The Ray backend claims its shards up front (the driver holds them while the actors score)."""
+    states = {index: _claim(recipe, index, claims, check, log) for index, _, _ in todo}
+    return ([shard for shard in todo if states[shard[0]] == "mine"],
+            [index for index, state in states.items() if state == "elsewhere"],
+            sum(state == "finished" for state in states.values()))
+
+
+def _run_local(recipe: Recipe, todo: list[tuple[int, str, int]], on_error: str, claims: Claims, check: _Check,
+               progress, log) -> tuple[list[dict], list[int], int]:
+    """Scores the shards one at a time, each under its claim; the reference is loaded at the first one claimed."""
+    model = None
+    records, elsewhere, finished = [], [], 0
     for index, url, expected in todo:
+        state = _claim(recipe, index, claims, check, log)
+        if state != "mine":
+            elsewhere += [index] if state == "elsewhere" else []
+            finished += state == "finished"
+            progress(expected)
+            continue
+        if model is None:
+            model, _ = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)
+            model.to(tasks.resolve_device(recipe.train.device))
         record = score_shard(recipe, model, index, url, expected)
+        claims.release(part_path(recipe, index))
         if record["error"] and on_error == "fail":
             raise RuntimeError(fail_message(record))
         records.append(record)
         progress(record["rows"] or expected)
-    return records
-
-
-def _remove_stale_temps(recipe: Recipe, indices: list[int], log) -> None:
-    """Temp files a killed run left for the parts still to do. Only this rank's own parts: another rank
-    may be writing its temp files right now."""
-    stale = [temp for index in indices for temp in stale_temps(part_path(recipe, index))]
-    for temp in stale:
-        os.remove(temp)
-    if stale:
-        log(f"precompute: removed {len(stale)} temp files an interrupted run left in {recipe.cache.path}")
+    return records, elsewhere, finished
 
 
 def inspect_cache(path: str, *, png: Path | None = None, storage_options: dict | None = None, log=print) -> dict:

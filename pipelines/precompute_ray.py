@@ -19,7 +19,7 @@ from .extras import needs_extra
 from .recipe import Recipe
 from .score_shard import fail_message, score_shard
 
-__all__ = ["run_ray"]
+__all__ = ["require_ray", "run_ray"]
 
 
 class _ShardScorer:
@@ -52,6 +52,16 @@ class _ShardScorer:
             "keys_read": [list(record["keys_read"]) for record in records]}
 
 
+def require_ray() -> None:
+    """Raises ImportError naming the pip command when Ray Data is not installed (before any work is claimed)."""
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError as error:
+        raise ImportError('precompute: backend="ray" needs Ray Data: pip install "curate[ray]" '
+                          '(or pip install "ray[data]>=2.9")') from error
+
+
 def run_ray(recipe: Recipe, todo: list[tuple[int, str, int]], *, on_error: str = "fail", actors: int | None = None,
             cpus_per_actor: float | None = None, progress=lambda n: None) -> list[dict]:
     """Score `todo` ((shard index, url, expected samples) triples) on a Ray actor pool; one record per shard.
@@ -65,12 +75,10 @@ def run_ray(recipe: Recipe, todo: list[tuple[int, str, int]], *, on_error: str =
             leave Ray Data none and the job never starts). Default 1.
         progress: called with the samples of each finished shard (the job's progress bar).
     """
-    try:
-        import ray
-        import ray.data
-    except ImportError as error:
-        raise ImportError('precompute: backend="ray" needs Ray Data: pip install "curate[ray]" '
-                          '(or pip install "ray[data]>=2.9")') from error
+    require_ray()
+    import ray
+    import ray.data
+
     if not todo:
         return []
     if cpus_per_actor is not None and not cpus_per_actor > 0:

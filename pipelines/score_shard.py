@@ -6,6 +6,12 @@ actors), in a module of its own so that neither backend imports the other.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import socket
+import time
+
 import torch
 
 from curate.cache import model_hash, write_part
@@ -14,7 +20,8 @@ from curate.scorers import score_model
 from . import tasks
 from .recipe import Recipe
 
-__all__ = ["DROP", "ShardError", "fail_message", "part_path", "precompute_shard", "score_shard"]
+__all__ = ["DROP", "ShardError", "dataset_identity", "fail_message", "part_path", "precompute_shard", "provenance",
+           "reference_hash", "score_shard"]
 
 DROP = ("caption", "noise")  # sample fields default_collate cannot batch and scoring never reads
 
@@ -29,6 +36,30 @@ class ShardError(RuntimeError):
 
 def part_path(recipe: Recipe, index: int) -> str:
     return f"{recipe.cache.path.rstrip('/')}/part-{index:05d}.parquet"
+
+
+def dataset_identity(recipe: Recipe) -> str:
+    """The train split's identity: the dataset name and a hash of the manifest's shard list (paths, counts,
+    sha256 of each shard). Independent of where the data lives (a copy on S3 is the same data), different for
+    other data with the same key names (another seed, another version of a shard)."""
+    shards = tasks.manifest(recipe)[recipe.data.dataset]["splits"]["train"]["shards"]
+    digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{recipe.data.dataset}/train:{digest}"
+
+
+def reference_hash(recipe: Recipe) -> str | None:
+    """The trained reference's `model_hash`, from its model.json (load_model checks it against the weights);
+    None when there is no trained reference."""
+    info = recipe.reference_path / "model.json"
+    return json.loads(info.read_text())["hash"] if info.is_file() else None
+
+
+def provenance(recipe: Recipe) -> dict:
+    """What every part of this recipe's cache records, and so what `curate precompute` and `curate run` check
+    a part against: reference, dataset, scorer kind (losses, softmax or sigmoid embeddings) and scorer."""
+    scorer = tasks.scorer_for(recipe, recipe.reference_model)
+    return {"reference_hash": reference_hash(recipe), "dataset": dataset_identity(recipe), "kind": scorer.kind,
+            "scorer": repr(scorer)}
 
 
 def precompute_shard(recipe: Recipe, index: int, url: str, model: torch.nn.Module, *,
@@ -65,15 +96,17 @@ def precompute_shard(recipe: Recipe, index: int, url: str, model: torch.nn.Modul
         raise ShardError(url, keys, f"read {len(keys)} samples, the manifest lists {expected}")
     if not keys:
         raise ShardError(url, keys, "no samples")
+    # writer and written_at: who wrote the part and when (--overwrite redoes parts written before it started)
     metadata = {"reference_hash": model_hash(model), "scorer": repr(scorer), "recipe": recipe.name,
-                "dataset": f"{recipe.data.root}/{recipe.data.dataset}/train", "shard": url}
+                "dataset": dataset_identity(recipe), "data_root": recipe.data.root, "shard": url,
+                "writer": f"{socket.gethostname()}:{os.getpid()}", "written_at": repr(time.time())}
     if images:
         bias = getattr(model, "logit_bias", None)
         write_part(part_path(recipe, index), keys, image_emb=torch.cat(images), text_emb=torch.cat(texts),
                    logit_scale=model.logit_scale.item(), logit_bias=None if bias is None else bias.item(),
-                   metadata=metadata, storage_options=recipe.data.storage_options)
+                   metadata=metadata, kind=scorer.kind, storage_options=recipe.data.storage_options)
     else:
-        write_part(part_path(recipe, index), keys, ref_loss=torch.cat(losses), metadata=metadata,
+        write_part(part_path(recipe, index), keys, ref_loss=torch.cat(losses), metadata=metadata, kind=scorer.kind,
                    storage_options=recipe.data.storage_options)
     return len(keys)
 

@@ -67,14 +67,26 @@ def _curated_keys(recipe: Recipe) -> Path | None:
 
 
 def _reference(recipe: Recipe, device: torch.device, comm: Comm):
+    """The reference scores: the cache when the recipe has one, else the reference model itself.
+
+    A cache must have been written for this recipe: by its reference (the hash in the trained reference's
+    model.json; not checked when there is no trained reference here), for its train data (the manifest's shard
+    list) and for its scorer's kind (per-example losses, softmax or sigmoid embeddings). Anything else is refused
+    (curate.cache.ProvenanceError) naming both values and the fix, `curate precompute RECIPE`, which rescores
+    exactly the parts made otherwise."""
     if recipe.cache.path:
         from curate.cache import ScoreCache
+
+        from .score_shard import dataset_identity, reference_hash
 
         parts = None
         if comm.world_size > 1:  # only this rank's shards' parts (part i scores shard i; Shards gives i % W == rank)
             mine = set(range(comm.rank, len(tasks.shard_urls(recipe, "train")), comm.world_size))
             parts = lambda name: int(name.split("-")[1].split(".")[0]) in mine  # noqa: E731
-        return ScoreCache.open(recipe.cache.path, storage_options=recipe.data.storage_options, parts=parts)
+        expect = {"reference_hash": reference_hash(recipe), "dataset": dataset_identity(recipe),
+                  "kind": tasks.scorer_for(recipe).kind}  # the kind the run's scorer asks the cache for
+        return ScoreCache.open(recipe.cache.path, storage_options=recipe.data.storage_options, parts=parts,
+                               expect=expect)
     model, _ = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)
     return model.to(device)
 

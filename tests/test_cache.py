@@ -232,10 +232,11 @@ def test_bad_caches_are_refused_naming_the_file(tmp_path):
         ScoreCache.open(str(tmp_path))
     os.remove(tmp_path / "part-00001.parquet")
 
-    with pytest.raises(ValueError, match=r"written by reference ref0, expected ref1; .*curate precompute RECIPE"):
+    with pytest.raises(ValueError, match=r"written with reference_hash 'ref0' \(part .*part-00000.parquet\), but "
+                                         r"'ref1' is expected.*curate precompute RECIPE"):
         ScoreCache.open(str(tmp_path), expect_reference_hash="ref1")
-    with pytest.raises(ValueError, match=r"schema version 1, expected 2; .*curate precompute RECIPE"):
-        ScoreCache.open(str(tmp_path), expect_schema_version=2)
+    with pytest.raises(ValueError, match=r"schema version 2, expected 3; .*curate precompute RECIPE"):
+        ScoreCache.open(str(tmp_path), expect_schema_version=3)
     losses_part(tmp_path, "part-00002.parquet", ["x"], meta={**META, "reference_hash": "other"})
     with pytest.raises(ValueError, match=r"disagree on reference_hash: 'ref0' in .*part-00000.*'other' in .*-00002"):
         ScoreCache.open(str(tmp_path))
@@ -244,7 +245,7 @@ def test_bad_caches_are_refused_naming_the_file(tmp_path):
     good = (tmp_path / "part-00000.parquet").read_bytes()
     for corrupt in (b"not parquet at all", good[: len(good) // 2]):
         (tmp_path / "part-00003.parquet").write_bytes(corrupt)
-        with pytest.raises(ValueError, match=r"part .*part-00003.parquet is not a readable Parquet file"):
+        with pytest.raises(ValueError, match=r"part .*part-00003.parquet is damaged \(not a readable .*--overwrite"):
             ScoreCache.open(str(tmp_path))
     os.remove(tmp_path / "part-00003.parquet")
     pl.DataFrame({"__key__": ["q"], "ref_loss": [1.0]}).write_parquet(tmp_path / "foreign.parquet")
@@ -395,7 +396,7 @@ def test_s3_cache_through_s3fs_and_polars(s3):
 
     fs = fsspec.filesystem("s3", **s3)
     fs.pipe_file("caches/run1/part-00002.parquet", b"PAR1 truncated")
-    with pytest.raises(ValueError, match=r"part caches/run1/part-00002.parquet is not a readable Parquet file"):
+    with pytest.raises(ValueError, match=r"part caches/run1/part-00002.parquet is damaged \(not a readable Parquet"):
         ScoreCache.open(url, storage_options=s3)
     with pytest.raises(FileNotFoundError, match=r"no \*\.parquet parts"):
         ScoreCache.open("s3://caches/empty", storage_options=s3)
