@@ -30,7 +30,7 @@ from torch import nn
 
 import curate
 from curate.distributed import Comm, Shards, local_sizes, peer_failure, resolve_world, stalled_error
-from curate.files import atomic_write, write_json
+from curate.files import atomic_write, stale_temps, write_json
 from curate.pipeline import superbatch_size_for
 
 from . import tasks
@@ -189,6 +189,7 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
     out = recipe.out / name
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out, ("checkpoint.pt", "metrics.jsonl"))
     model = tasks.build_model(cfg, recipe, seed=tc.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     forward = lambda batch: task.train_loss(model, batch, cfg, device)  # noqa: E731
@@ -374,12 +375,21 @@ def run(recipe: Recipe, *, resume: bool = False, progress: bool | None = None, l
                 f"({last['seconds']:.1f}s, {last['step'] / last['seconds']:.1f} steps/s)")
         summary = summarise(histories)
         if comm.rank == 0:
+            _remove_stale_temps(recipe.out, ("metrics.jsonl", "summary.json", "learning_curve.png"))
             _write_jsonl(recipe.out / "metrics.jsonl", [r for h in histories.values() for r in h])
             write_json(recipe.out / "summary.json", summary)
             plot(histories, recipe.out / "learning_curve.png", title=recipe.name)
         log(format_summary(summary))
         log(f"wrote {recipe.out / 'metrics.jsonl'}, {recipe.out / 'summary.json'}, {recipe.out / 'learning_curve.png'}")
         return summary
+
+
+def _remove_stale_temps(directory: Path, names: tuple[str, ...]) -> None:
+    # a run killed mid-write (SIGKILL: no clean-up ran) leaves the temporary its atomic_write was filling; a run
+    # directory belongs to one run at a time, so whatever temporaries of its files are there now are dead
+    for name in names:
+        for temp in stale_temps(directory / name):
+            os.remove(temp)
 
 
 def _on_rank0(comm: Comm, fn: Callable[[], None]) -> None:
