@@ -5,9 +5,18 @@ The public API. Everything a user needs is importable from here; submodules are 
 
 from .actor import Actor, TrainActor
 from .batch import concat_batches, take
-from .cache import MissingKeysError, ScoreCache, model_hash, write_part
+from .cache import (
+    CorruptPartError,
+    DuplicateKeysError,
+    KeyTypeError,
+    MissingKeysError,
+    ProvenanceError,
+    ScoreCache,
+    model_hash,
+    write_part,
+)
 from .curation import DedupResult, balance, read_keys, semantic_dedup, write_keys
-from .distributed import GlobalScope, Lockstep, RankSplit, Shards, local_sizes, resolve_world
+from .distributed import GlobalScope, Lockstep, RankSplit, RankStalledError, Shards, local_sizes, resolve_world
 from .flops import TrainingFlops, forward_flops
 from .joint_select import METHODS, JointSelect, LocalScope
 from .learner import LearnerSide, resolve_learner
@@ -39,11 +48,14 @@ __all__ = [
     "Batch",
     "ClassificationScorer",
     "ContrastiveScorer",
+    "CorruptPartError",
     "Counter",
     "DedupResult",
+    "DuplicateKeysError",
     "GlobalScope",
     "JointSelect",
     "KeepKeys",
+    "KeyTypeError",
     "LearnerSide",
     "LocalScope",
     "Lockstep",
@@ -54,8 +66,10 @@ __all__ = [
     "ModelScores",
     "Pipeline",
     "Prefetch",
+    "ProvenanceError",
     "RULES",
     "RankSplit",
+    "RankStalledError",
     "Rule",
     "Score",
     "ScoreCache",

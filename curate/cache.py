@@ -318,7 +318,7 @@ class ScoreCache:
     @classmethod
     def open(cls, path: str, storage_options: dict | None = None, *,
              parts: Iterable[int] | Callable[[str], bool] | None = None, keys: Iterable[str] | None = None,
-             expect: dict | None = None, expect_reference_hash: str | None = None,
+             expect: dict | None = None,
              expect_schema_version: int = SCHEMA_VERSION, missing: str = "error",
              fallback: nn.Module | None = None) -> ScoreCache:
         """Loads the `*.parquet` parts under `path` (a directory, an `s3://` prefix, or one file): all of them,
@@ -335,7 +335,6 @@ class ScoreCache:
             expect: provenance the parts must have, e.g. {"reference_hash": model_hash(reference), "dataset":
                 ..., "kind": scorer.kind, "scorer": repr(scorer)} (any of reference_hash, dataset, kind, scorer;
                 None values are not checked); a part with another value raises `ProvenanceError` naming both.
-            expect_reference_hash: the same as expect={"reference_hash": ...}.
             expect_schema_version: raise unless the parts have this schema version.
             missing, fallback: see the class.
 
@@ -343,7 +342,7 @@ class ScoreCache:
         `MissingKeysError` (missing="error"), saying what was loaded. Provenance is checked on the parts read, and
         each part's checksum is verified (`CorruptPartError` names a damaged one).
         """
-        expected = _expectations(expect, expect_reference_hash)
+        expected = _expectations(expect)
         fs, root = filesystem(str(path), storage_options)
         try:
             fs.invalidate_cache(root)  # s3fs caches listings: parts written by other processes must show up
@@ -722,13 +721,11 @@ _PROVENANCE = {  # what `expect=` may check, and what a mismatch most likely mea
 }
 
 
-def _expectations(expect: dict | None, reference_hash: str | None) -> dict:
+def _expectations(expect: dict | None) -> dict:
     expected = {name: value for name, value in (expect or {}).items() if value is not None}
     unknown = sorted(set(expected) - set(_PROVENANCE))
     if unknown:
         raise ValueError(f"ScoreCache.open: expect= checks {list(_PROVENANCE)}, got {unknown}")
-    if reference_hash is not None:
-        expected["reference_hash"] = reference_hash
     return {name: str(value) for name, value in expected.items()}
 
 

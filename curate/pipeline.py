@@ -202,7 +202,14 @@ class _EpochIterator(LoaderIterator):
         self.epoch, self.stopped = -1, False
 
     def reset(self, initial_state: dict | None = None):
-        super().reset(initial_state)
+        try:
+            super().reset(initial_state)
+        except KeyError as error:  # a stage's state lacks what the stage saves: another chain saved it
+            raise ValueError(
+                f"Pipeline.load_state_dict: the state does not fit this pipeline (a stage's state has no {error}): "
+                "it was saved by a pipeline with other options or stages (shuffle_buffer, prefetch, method...); "
+                "build the pipeline with the options it was saved with"
+            ) from error
         if initial_state is None:
             self.epoch, self.stopped = self.epoch + 1, False
         else:  # a state saved before these keys: epoch unknown (-1: no set_epoch check), not stopped

@@ -51,7 +51,7 @@ def losses_part(root, name, keys, seed=0, meta=META, **options):
 def test_write_open_lookup_describe_and_scan(tmp_path):
     expected = losses_part(tmp_path, "part-00000.parquet", [f"a{i}" for i in range(50)], seed=1)
     expected |= losses_part(tmp_path, "part-00001.parquet", [f"b{i}" for i in range(30)], seed=2)
-    cache = ScoreCache.open(str(tmp_path), expect_reference_hash="ref0")
+    cache = ScoreCache.open(str(tmp_path), expect={"reference_hash": "ref0"})
     assert len(cache) == 80 and len(cache.parts) == 2
     query = ["b3", "zz", "a49", "a0", "", "b29"]
     rows, found = cache.lookup(query)
@@ -234,7 +234,7 @@ def test_bad_caches_are_refused_naming_the_file(tmp_path):
 
     with pytest.raises(ValueError, match=r"written with reference_hash 'ref0' \(part .*part-00000.parquet\), but "
                                          r"'ref1' is expected.*curate precompute RECIPE"):
-        ScoreCache.open(str(tmp_path), expect_reference_hash="ref1")
+        ScoreCache.open(str(tmp_path), expect={"reference_hash": "ref1"})
     with pytest.raises(ValueError, match=r"schema version 2, expected 3; .*curate precompute RECIPE"):
         ScoreCache.open(str(tmp_path), expect_schema_version=3)
     losses_part(tmp_path, "part-00002.parquet", ["x"], meta={**META, "reference_hash": "other"})
@@ -331,7 +331,7 @@ def test_cached_and_online_reference_select_the_same_classification(tmp_path, pr
         loss = score_model(reference, batch, scorer, precompute_batch).loss
         write_part(str(tmp_path / f"part-{i:05d}.parquet"), batch["__key__"], ref_loss=loss,
                    metadata={**META, "reference_hash": model_hash(reference)})
-    cache = ScoreCache.open(str(tmp_path), expect_reference_hash=model_hash(reference))
+    cache = ScoreCache.open(str(tmp_path), expect={"reference_hash": model_hash(reference)})
 
     # the same forward (micro-batches of 1 on both sides) gives bitwise-equal reference losses
     superbatch = default_collate(samples[5:45])
@@ -355,7 +355,7 @@ def test_cached_and_online_reference_select_the_same_contrastive(tmp_path, loss)
                logit_scale=reference.logit_scale.item(),
                logit_bias=None if reference.logit_bias is None else reference.logit_bias.item(),
                metadata={**META, "reference_hash": model_hash(reference), "scorer": repr(scorer)})
-    cache = ScoreCache.open(str(tmp_path), expect_reference_hash=model_hash(reference))
+    cache = ScoreCache.open(str(tmp_path), expect={"reference_hash": model_hash(reference)})
 
     superbatch = default_collate(pairs[10:50])
     online, cached = score_model(reference, superbatch, scorer, 1), cache.scores(superbatch, scorer)
@@ -379,7 +379,7 @@ def test_s3_cache_through_s3fs_and_polars(s3):
     url = "s3://caches/run1"
     expected = losses_part(url, "part-00000.parquet", [f"k{i}" for i in range(40)], seed=5, storage_options=s3)
     expected |= losses_part(url, "part-00001.parquet", [f"m{i}" for i in range(25)], seed=6, storage_options=s3)
-    cache = ScoreCache.open(url, storage_options=s3, expect_reference_hash="ref0")  # s3fs
+    cache = ScoreCache.open(url, storage_options=s3, expect={"reference_hash": "ref0"})  # s3fs
     assert len(cache) == 65 and cache.parts == ["caches/run1/part-00000.parquet", "caches/run1/part-00001.parquet"]
     rows, found = cache.lookup(list(expected))
     assert found.all() and cache.ref_loss[rows.numpy()].tolist() == pytest.approx(list(expected.values()))

@@ -290,6 +290,16 @@ def test_bad_arguments_name_the_problem(over, message):
         curate.pipeline(make_samples(10), **_kwargs(**over))
 
 
+def test_a_state_from_a_pipeline_with_other_stages_is_refused_by_name():
+    # shuffle_buffer=0 has no Shuffle stage: the saved Shuffle state lands in the Superbatch (a bare KeyError before)
+    saved = curate.pipeline(make_samples(200), **_kwargs(filter_ratio=0.5, shuffle_buffer=64))
+    next(iter(saved))
+    other = curate.pipeline(make_samples(200), **_kwargs(filter_ratio=0.5, shuffle_buffer=0))
+    other.load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match="the state does not fit this pipeline.*options it was saved with"):
+        next(iter(other))
+
+
 # ---------------------------------------------------------------- curated key lists
 
 
