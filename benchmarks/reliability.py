@@ -134,7 +134,7 @@ def _matching(node: str, results: dict) -> list[str]:
 
 
 def table(results: dict[str, tuple[str, float]]) -> tuple[str, list[dict]]:
-    lines = ["| what was tried | what curate does | result | tests (seconds) |", "|---|---|---|---|"]
+    lines = ["| what was tried | what curate does | result | tests |", "|---|---|---|---|"]
     rows = []
     for tried, does, nodes in ROWS:
         names = [name for node in nodes for name in _matching(node, results)]
@@ -142,8 +142,10 @@ def table(results: dict[str, tuple[str, float]]) -> tuple[str, list[dict]]:
         result = ("pass" if names and all(o == "pass" for o in outcomes) else
                   "FAIL" if "FAIL" in outcomes or not names else "skipped")
         seconds = sum(results[name][1] for name in names)
-        tests = ", ".join(f"`{name.split('::')[1].split('[')[0]}`" for name in dict.fromkeys(names)) or "missing"
-        lines.append(f"| {tried} | {does} | {result} ({len(names)}) | {tests} ({seconds:.0f} s) |")
+        functions = dict.fromkeys(name.split("::")[1].split("[")[0] for name in names)  # parametrized: once
+        tests = ", ".join(f"`{function}`" for function in functions) or "missing"
+        cases = f"{len(names)} case" + "s" * (len(names) != 1)
+        lines.append(f"| {tried} | {does} | {result} ({cases}, {seconds:.0f} s) | {tests} |")
         rows.append({"tried": tried, "does": does, "result": result, "tests": names, "seconds": round(seconds, 1)})
     return "\n".join(lines), rows
 

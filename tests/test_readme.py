@@ -1,5 +1,6 @@
 """The README's commands and code, run as written (recipe runs shortened with --set, which they accept)."""
 
+import importlib.util
 import os
 import re
 import shlex
@@ -82,3 +83,16 @@ def test_the_readme_builds_a_chain_with_a_stage_of_its_own():
     kept = [k for batch in batches for k in batch["__key__"]]
     assert len(kept) == 64 + 56 and batches.stats()["dropped_empty"] == 100  # 600 left: superbatches of 320, 280
     assert not {p["__key__"] for p in pairs[::7]} & set(kept)
+
+
+def test_the_reliability_table_lists_every_row_of_its_script_and_real_tests():
+    spec = importlib.util.spec_from_file_location("reliability", ROOT / "benchmarks" / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+    for node in reliability.node_ids():  # every test a row names exists (a renamed test would leave a FAIL row)
+        path, name = node.rstrip("*").split("::")
+        assert re.search(rf"^def {re.escape(name)}\(", (ROOT / path).read_text(), re.M), f"no test {node}"
+    block = README.split(reliability.START)[1].split(reliability.END)[0]
+    rows = [line.split(" | ") for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[0][2:] for row in rows] == [tried for tried, _, _ in reliability.ROWS], "rerun the script"
+    assert all(row[2].startswith("pass") for row in rows), "the README's table shows a failing row"
