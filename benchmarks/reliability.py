@@ -70,10 +70,12 @@ ROWS: list[tuple[str, str, list[str]]] = [
      "every other rank exits within the timeout + a few seconds, naming the stalled rank",
      ["tests/test_liveness.py::test_a_stopped_rank_ends_the_pipeline_within_its_timeout_naming_the_group",
       "tests/test_liveness.py::test_a_stopped_rank_of_curate_run_ends_every_other_rank_within_the_recipes_timeout"]),
-    ("the S3 server process SIGSTOPped mid-job; an unreachable endpoint through the CLI",
+    ("the S3 server process SIGSTOPped mid-job (a part's write, reads, shard lists and shards, a Polars scan); "
+     "an unreachable endpoint through the CLI",
      "a named error within 90 s (limits configurable); one line, rc 2",
      ["tests/test_liveness.py::test_a_stalled_s3_endpoint_fails_a_write_and_a_read_within_90_s_naming_the_endpoint",
       "tests/test_liveness.py::test_s3_timeouts_are_configurable_through_storage_options",
+      "tests/test_liveness.py::test_a_stalled_s3_endpoint_fails_a_polars_scan_of_a_cache_within_90_s",
       "tests/test_cli_faults.py::test_an_unreachable_s3_endpoint_is_one_line_naming_it"]),
     ("`curate run --resume` under a changed recipe",
      "refused naming each changed key (old → new) unless `--resume-anyway`",

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from curate.files import atomic_write, write_json
+from curate.files import atomic_write, filesystem, read_bytes, remote_errors, write_json
 from curate.seeding import make_generator
 
 from .extras import needs_extra
@@ -277,11 +277,8 @@ def make_digits(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 20_
 
 def shard_urls(root: str | os.PathLike, dataset: str, split: str, *, storage_options: dict | None = None) -> list[str]:
     """The shard URLs of `dataset` ("pairs" | "digits") / `split` listed in `root/manifest.json` (local or s3://)."""
-    import fsspec
-
     root = str(root).rstrip("/")
-    with fsspec.open(f"{root}/manifest.json", "rt", **(storage_options or {})) as stream:
-        manifest = json.load(stream)
+    manifest = json.loads(read_bytes(f"{root}/manifest.json", storage_options))
     if dataset not in ("pairs", "digits") or split not in manifest[dataset]["splits"]:
         raise ValueError(f"shard_urls: no {dataset=} {split=} in {root}/manifest.json; datasets are 'pairs' and "
                          f"'digits', splits {list(manifest['pairs']['splits'])}")
@@ -368,14 +365,14 @@ def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
 def _read_shards(sources: Iterable[dict], storage_options: dict) -> Iterator[dict]:
     """Webdataset stage: shard URLs in, raw samples out ({"__key__", "__url__", ext: bytes}).
 
-    Opens through fsspec, so local paths and s3:// (s3fs) read the same way. Files group into a sample
-    by key as webdataset does: the path up to the first dot of the file name; the rest is the field.
+    Opens through `curate.files.filesystem`, so local paths and s3:// (s3fs) read the same way, S3 with bounded
+    timeouts and a named error (`remote_errors`). Files group into a sample by key as webdataset does: the path
+    up to the first dot of the file name; the rest is the field.
     """
-    import fsspec
-
     for source in sources:
         url, sample = source["url"], None
-        with fsspec.open(url, "rb", **storage_options) as stream:
+        fs, inner = filesystem(url, storage_options)
+        with remote_errors(url, storage_options), fs.open(inner, "rb") as stream:
             for name, data in _tar_members(stream, url):
                 dot = name.find(".", name.rfind("/") + 1)
                 if dot < 0 or name.startswith("__"):

@@ -96,12 +96,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def manifest(recipe: Recipe) -> dict:
-    import fsspec
+    from curate.files import read_bytes
 
     root = recipe.data.root.rstrip("/")
     try:
-        with fsspec.open(f"{root}/manifest.json", "rt", **recipe.data.storage_options) as stream:
-            return json.load(stream)
+        return json.loads(read_bytes(f"{root}/manifest.json", recipe.data.storage_options))
     except FileNotFoundError:
         raise MissingDataError(
             f"data.root: no dataset at {root!r} (no manifest.json); make it with `curate data digits {root}` "

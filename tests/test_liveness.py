@@ -237,3 +237,23 @@ def test_s3_timeouts_are_configurable_through_storage_options(stalled_s3):
     with pytest.raises(files.StorageTimeoutError, match="did not answer within 2 s"):
         files.read_bytes("s3://stalled/there.bin", storage_options=options)
     assert time.monotonic() - start < 15
+    # the jobs' shard lists and shard reads go through the same limits (they used plain fsspec.open: ~200 s)
+    from pipelines import data
+
+    start = time.monotonic()
+    with pytest.raises(files.StorageTimeoutError, match="did not answer within 2 s"):
+        data.shard_urls("s3://stalled", "digits", "train", storage_options=options)
+    with pytest.raises(files.StorageTimeoutError, match="did not answer within 2 s"):
+        list(data.load_digits(["s3://stalled/there.bin"], storage_options=options))
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_stalled_s3_endpoint_fails_a_polars_scan_of_a_cache_within_90_s(stalled_s3):
+    from curate.cache import scan
+
+    start = time.monotonic()
+    with pytest.raises(Exception, match="(?i)timed? ?out|deadline"):  # Polars' object store: 20 s per request
+        scan("s3://stalled/cache", storage_options=stalled_s3).collect()
+    assert time.monotonic() - start < 90
