@@ -7,6 +7,9 @@ downloaded: weights are randomly initialised from the seed in force (`torch.manu
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -18,7 +21,8 @@ from curate.cache import model_hash  # re-exported: the one provenance hash, sha
 
 from .extras import needs_extra
 
-__all__ = ["tiny_clip", "HashedEmbedding", "small_cnn", "mlp", "model_hash", "zero_shot_accuracy", "eval_mode"]
+__all__ = ["tiny_clip", "HashedEmbedding", "small_cnn", "mlp", "from_factory", "model_hash", "zero_shot_accuracy",
+           "eval_mode"]
 
 TOKENIZER_VOCAB = 49408  # open_clip's CLIP BPE tokenizer
 
@@ -91,6 +95,40 @@ def mlp(num_classes: int = 10, *, image_size: int = 16, in_channels: int = 1, hi
 
 
 @torch.no_grad()
+def from_factory(spec: str, options: dict, *, image_size: int) -> nn.Module:
+    """The model `spec` ("package.module:function") returns for `options`, plus `image_size` when the function
+    takes it. Every way this can go wrong is a ValueError naming the factory and the fix."""
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"model.factory: cannot import {module_name!r} ({error}); install the package that "
+                         "holds it, or run from the directory that does (it must be on sys.path)") from error
+    function = getattr(module, name, None)
+    if not callable(function):
+        close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=3)
+        raise ValueError(f"model.factory: {module_name} has no function {name!r}"
+                         + (f"; did you mean {' or '.join(close)}?" if close else ""))
+    kwargs = dict(options)
+    try:
+        signature: inspect.Signature | None = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read, so call it as written
+        signature = None
+    if signature is not None:
+        if "image_size" in signature.parameters and "image_size" not in kwargs:
+            kwargs["image_size"] = image_size
+        try:
+            signature.bind(**kwargs)
+        except TypeError as error:  # checked before the call, so a TypeError inside the factory stays its own
+            raise ValueError(f"model.factory: {spec}{signature} cannot take model.options {sorted(options)} "
+                             f"({error})") from error
+    model = function(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.factory: {spec} returned a {type(model).__name__}, not a torch.nn.Module; "
+                         "return the model itself")
+    return model
+
+
 def zero_shot_accuracy(model: nn.Module, batches: Iterable[dict], *, prompts: torch.Tensor | None = None,
                        image_key: str = "image", label_key: str = "label") -> float:
     """Fraction of images whose nearest class prompt (cosine) is their true label.

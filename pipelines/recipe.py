@@ -40,11 +40,29 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A model from `pipelines.models`: `kind` names the builder, `options` are its keyword arguments."""
+    """A model: `kind` names a built-in builder of `pipelines.models` (tiny_clip, small_cnn, mlp) or is
+    `factory`, your own function named by `factory: "package.module:function"`; `options` are the builder's
+    keyword arguments. A factory gets `image_size` (the dataset's) too when its signature takes it, and must
+    return an `nn.Module` with the task's interface: a classifier's `model(images) -> logits` (digits), or the
+    open_clip API `encode_image` / `encode_text` / `logit_scale` (pairs)."""
 
-    kind: Literal["tiny_clip", "small_cnn", "mlp"] = "tiny_clip"
+    kind: Literal["tiny_clip", "small_cnn", "mlp", "factory"] = "tiny_clip"
+    factory: str | None = None
     loss: Literal["sigmoid", "softmax"] = "sigmoid"
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_spelling(cls, value: str | None) -> str | None:
+        module, _, name = (value or "").partition(":")
+        if value is not None and not (module and name.isidentifier()):
+            raise ValueError(f"expected 'package.module:function', got {value!r}")
+        return value
+
+    def model_post_init(self, context: Any) -> None:
+        if (self.kind == "factory") != (self.factory is not None):
+            raise ValueError("model.factory names the function of kind: factory (e.g. kind: factory, factory: "
+                             f"'mypkg.models:build'); got kind: {self.kind} with factory: {self.factory!r}")
 
 
 class ReferenceConfig(_Strict):

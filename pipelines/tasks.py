@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -123,12 +123,33 @@ def build_model(cfg: ModelConfig, recipe: Recipe, seed: int) -> nn.Module:
     """A fresh model of `cfg`, initialised from `seed` (the same seed gives the same weights)."""
     image_size = manifest(recipe)["image_size"]
     task = task_of(recipe)
+    if cfg.kind == "factory":
+        torch.manual_seed(seed)
+        return models.from_factory(cast(str, cfg.factory), cfg.options, image_size=image_size)
     if cfg.kind not in task.models:
         owners = [name for name, other in TASKS.items() if cfg.kind in other.models]
         raise ValueError(f"model.kind: {cfg.kind} is a model of data.dataset: {' or '.join(owners)}, not "
                          f"{task.name}; the models of {task.name} are {list(task.models)}")
     torch.manual_seed(seed)
     return task.models[cfg.kind](cfg, image_size)
+
+
+def _check_weights_fit(model: nn.Module, weights: dict, path: Path) -> None:
+    """Names the first parameter whose name or shape differs (load_state_dict's error lists them all, unsorted)."""
+    expected = model.state_dict()
+    fix = ("it was trained for another model: retrain it with `curate train-reference RECIPE`, or set "
+           "reference.model to the architecture it was trained with")
+    for name, tensor in expected.items():
+        if name not in weights:
+            raise ValueError(f"reference: {path}/model.safetensors has no parameter {name!r}, which the recipe's "
+                             f"model has; {fix}")
+        if tuple(weights[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"reference: {path}/model.safetensors has {name!r} of shape {tuple(weights[name].shape)}"
+                             f", the recipe's model {tuple(tensor.shape)}; {fix}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise ValueError(f"reference: {path}/model.safetensors has parameters the recipe's model lacks "
+                         f"({extra[:3]}{'...' if len(extra) > 3 else ''}); {fix}")
 
 
 def scorer_for(recipe: Recipe, cfg: ModelConfig | None = None, *, patch_dropout: float = 0.0):
@@ -169,7 +190,9 @@ def load_model(path: Path, recipe: Recipe, cfg: ModelConfig) -> tuple[nn.Module,
                                "`curate train-reference RECIPE` or set prepare: true in the recipe")
     info = json.loads((path / "model.json").read_text())
     model = build_model(cfg, recipe, seed=0)
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    weights = load_file(str(path / "model.safetensors"))
+    _check_weights_fit(model, weights, path)
+    model.load_state_dict(weights)
     if models.model_hash(model) != info["hash"]:
         raise ValueError(f"reference: {path}/model.safetensors does not match the hash in model.json; "
                          "retrain it with `curate train-reference RECIPE`")
