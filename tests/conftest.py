@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest and avoids oversubscription
 
@@ -59,6 +60,19 @@ def assert_same_stream(a: list, b: list) -> None:
     assert len(a) == len(b), f"streams differ in length: {len(a)} != {len(b)}"
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         assert_same_item(x, y, where=f"item {i}")
+
+
+class MapDataset(Dataset):
+    """A map-style dataset over a list, for DataLoader and StatefulDataLoader sources (importable by workers)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
 
 
 def assert_same_item(x, y, where: str = "") -> None:

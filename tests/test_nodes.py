@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchdata.nodes import Loader
 
 import curate
@@ -23,18 +23,7 @@ from curate import (
 )
 from curate.nodes import Batch
 
-from .conftest import check_resume, make_samples, roundtrip
-
-
-class MapDataset(Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
+from .conftest import MapDataset, check_resume, make_samples, roundtrip
 
 
 def _models():

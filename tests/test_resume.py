@@ -5,24 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import curate
 
-from .conftest import assert_same_stream, check_resume, make_samples, roundtrip, run_test_save_load_state
+from .conftest import (
+    MapDataset,
+    assert_same_stream,
+    check_resume,
+    make_samples,
+    roundtrip,
+    run_test_save_load_state,
+)
 from .test_nodes import STAGES, _chain
-
-
-class MapDataset(Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
 
 
 def _select(source, **over):
