@@ -1,10 +1,10 @@
 """The `curate` command: argv in, jobs from `pipelines/` out.
 
-    curate data digits OUT              make the embedded default datasets
+    curate data digits OUT [--format npy|webdataset|parquet]   make the embedded datasets (in your data's shapes)
     curate train-reference RECIPE       train the reference on the curated split
     curate precompute RECIPE            reference scores → Parquet cache
     curate curate-set RECIPE            reference embeddings → dedup → balance → curated key list
-    curate run RECIPE [--compare uniform] [--resume | --resume-anyway] [--set key=value ...]
+    curate run RECIPE [--compare RULE ...] [--resume | --resume-anyway] [--set key=value ...]
     curate inspect CACHE                summarise a score cache, histogram PNG
 
 Only the standard library is imported here: arguments are parsed (and `--help` answered) before torch, the
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import extras
+from .recipe_keys import help_text
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -32,15 +33,15 @@ def prepare(recipe: Recipe, log=print) -> None:
     from . import tasks
 
     try:
-        tasks.manifest(recipe)
+        tasks.check_data(recipe)
     except tasks.MissingDataError:
-        if recipe.data.root.startswith("s3://"):
+        if recipe.data.root.startswith("s3://") or tasks.own_data(recipe):
             raise
         from .data import make_digits
 
         log(f"prepare: making the digits datasets in {recipe.data.root}")
         make_digits(recipe.data.root, seed=recipe.train.seed)
-    if not (recipe.reference_path / "model.safetensors").is_file():
+    if recipe.reference.checkpoint is None and not (recipe.reference_path / "model.safetensors").is_file():
         from .train_reference import train_reference
 
         log("prepare: training the reference")
@@ -68,19 +69,27 @@ def _recipe(args) -> Recipe:
 
     overrides = list(args.set or [])
     recipe = load_recipe(args.recipe, overrides)
-    baseline = getattr(args, "compare", None)
-    if baseline and baseline not in recipe.compare:  # --compare RULE adds a baseline to the recipe's own list
-        recipe = load_recipe(args.recipe, [*overrides, f"compare={json.dumps([*recipe.compare, baseline])}"])
+    # --compare RULE (repeated, or comma-separated) adds baselines to the recipe's own list; the recipe validates them
+    given = [name.strip() for value in getattr(args, "compare", None) or [] for name in value.split(",")]
+    added = [name for name in dict.fromkeys(given) if name and name not in recipe.compare]
+    if added:
+        recipe = load_recipe(args.recipe, [*overrides, f"compare={json.dumps([*recipe.compare, *added])}"])
     return recipe
 
 
 def _data(args) -> None:
     from .data import make_digits
 
-    manifest = make_digits(args.out, seed=args.seed, n_train=args.n_train)
-    print(f"wrote {args.out}: " + ", ".join(
+    manifest = make_digits(args.out, seed=args.seed, n_train=args.n_train, format=args.format,
+                           image_size=args.image_size, shard_size=args.shard_size)
+    print(f"wrote {args.out} ({args.format}): " + ", ".join(
         f"{name} " + "/".join(f"{split['count']}" for split in ds["splits"].values())
         for name, ds in manifest.items() if isinstance(ds, dict) and "splits" in ds) + " (train/curated/test)")
+    if args.format != "npy":  # what an own-data recipe points at
+        suffix = "tar" if args.format == "webdataset" else "parquet"
+        for name in ("pairs", "digits"):
+            print(f"  {name}: data.train: {args.out}/{name}/train-*.{suffix}  data.curated: "
+                  f"{args.out}/{name}/curated-*.{suffix}  data.eval: {args.out}/{name}/test-*.{suffix}")
 
 
 def _train_reference(args) -> None:
@@ -91,7 +100,7 @@ def _train_reference(args) -> None:
         from . import tasks
 
         try:
-            tasks.manifest(recipe)
+            tasks.check_data(recipe)
         except tasks.MissingDataError:
             prepare(recipe)
             return
@@ -130,26 +139,34 @@ def _inspect(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="curate", description="Choose what to train on.")
+    keys = {"epilog": help_text(), "formatter_class": argparse.RawDescriptionHelpFormatter}
+    parser = argparse.ArgumentParser(prog="curate", description="Choose what to train on.", **keys)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("data", help="make an embedded default dataset")
+    p = commands.add_parser("data", help="make an embedded default dataset", **keys)
     p.add_argument("name", choices=["digits"])
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=20_000)
+    p.add_argument("--n-train", type=int, default=20_000, help="train samples of each dataset (default 20000)")
+    p.add_argument("--format", choices=["npy", "webdataset", "parquet"], default="npy",
+                   help="npy: tar shards of .npy images, what the demo recipes read (default); webdataset: JPEG "
+                        "tar shards as img2dataset writes them; parquet: tables of JPEG bytes and columns (the "
+                        "last two are the shapes of your own data, for recipes/byo_*.yaml)")
+    p.add_argument("--image-size", type=int, default=16, help="side of the square images (default 16)")
+    p.add_argument("--shard-size", type=int, default=5_000, help="samples per shard (default 5000)")
     p.set_defaults(fn=_data)
 
     for name, fn, text in (("train-reference", _train_reference, "train the reference model"),
                            ("precompute", _precompute, "reference scores → Parquet cache"),
                            ("curate-set", _curate_set, "reference embeddings → dedup → balance → curated keys"),
                            ("run", _run, "train with curated batches")):
-        p = commands.add_parser(name, help=text)
+        p = commands.add_parser(name, help=text, description=text, **keys)
         p.add_argument("recipe", type=Path)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value")
         p.set_defaults(fn=fn)
         if name == "run":
-            p.add_argument("--compare", metavar="RULE", help="also train this baseline, e.g. uniform")
+            p.add_argument("--compare", metavar="RULE", action="append",
+                           help="also train this baseline (repeat, or comma-separate: uniform,easy_reference)")
             p.add_argument("--resume", action="store_true", help="continue from the runs' checkpoints")
             p.add_argument("--resume-anyway", action="store_true",
                            help="--resume even under a recipe changed since the checkpoint (the changes are logged)")
@@ -172,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--per-cluster", type=int, default=None, help="cap per cluster after dedup (default: none)")
             p.add_argument("--seed", type=int, default=None, help="k-means and balancing seed (default: train.seed)")
 
-    p = commands.add_parser("inspect", help="summarise a score cache")
+    p = commands.add_parser("inspect", help="summarise a score cache", **keys)
     p.add_argument("cache")
     p.add_argument("--png", type=Path, default=None, help="histogram path (default: scores.png here)")
     p.set_defaults(fn=_inspect)
@@ -184,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"curate {args.command}: error: {missing}", file=sys.stderr)
         return 2
     _bound_s3()
+    _log_to_stderr()
     try:
         args.fn(args)
     except (OSError, ValueError, RuntimeError, ImportError) as error:  # RecipeError is a ValueError; DiskFullError,
@@ -199,6 +217,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"curate {args.command}: error: {storage}", file=sys.stderr)
         return 2
     return 0
+
+
+def _log_to_stderr() -> None:
+    """curate's log lines (progress where stderr is not a terminal, skipped samples, warnings) on stderr, as
+    `curate: message`; only in the command's process, and only when nothing configured the `curate` logger."""
+    import logging
+
+    class Stderr(logging.StreamHandler):  # the stderr of the moment: a test (or a caller) may swap sys.stderr
+        stream = property(lambda self: sys.stderr, lambda self, value: None)  # type: ignore[assignment]
+
+    logger = logging.getLogger("curate")
+    if not logger.handlers:
+        handler = Stderr()
+        handler.setFormatter(logging.Formatter("curate: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _bound_s3() -> None:

@@ -7,6 +7,10 @@
 - `OUT/digits/{train,curated,test}-NNNNNN.tar`: classification; train labels flipped at `label_noise`.
 - `OUT/manifest.json`: splits, counts, noise rates, image size, seed, shard sizes and sha256.
 
+`format="webdataset"` / `"parquet"` write the same samples as JPEG tar shards / Parquet tables
+(`OUT/{pairs,digits}/{split}-NNNNNN.{tar,parquet}`, listed in `OUT/manifest-{webdataset,parquet}.json`), the
+shapes of a user's own data, for the own-data recipes; both can live in one directory.
+
 The 1797 source images are split into disjoint pools *before* augmentation, so no augmentation of a
 test (or curated) image lands in train. Every sample keeps its `__key__`, the index of its source
 image, and an `is_noisy` flag plus the `noise` kind, for diagnostics only (selection never reads them).
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import hashlib
 import io
 import json
 import os
@@ -31,10 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from curate.files import atomic_write, filesystem, read_bytes, remote_errors, write_json
+from curate.files import filesystem, read_bytes, remote_errors, write_json
 from curate.seeding import make_generator
 
 from .extras import needs_extra
+from .shard_writers import SUFFIX, as_jpeg, write_parquet, write_tar
 
 __all__ = [
     "make_digits", "load_pairs", "load_digits", "shard_urls", "tokenize", "class_prompts", "augment",
@@ -46,6 +50,8 @@ ZERO_SHOT_TEMPLATE = "a photo of the digit {name}"
 CONTEXT_LENGTH = 16  # the longest caption is 12 BPE tokens with start/end; 77 would be mostly padding
 
 SPLITS = ("train", "curated", "test")
+FORMATS = ("npy", "webdataset", "parquet")  # make_digits' shard formats
+MANIFEST = {"npy": "manifest.json", "webdataset": "manifest-webdataset.json", "parquet": "manifest-parquet.json"}
 # Fractions of the 1797 source images in each pool: train gets most, curated/test a clean fifth each.
 SOURCE_FRACTIONS = {"train": 0.6, "curated": 0.2, "test": 0.2}
 # How web noise divides among its kinds (misaligned captions dominate in scraped alt-text).
@@ -183,29 +189,9 @@ def _npy(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _write_shards(rows: list[dict], directory: Path, split: str, shard_size: int) -> list[dict]:
-    """Shards `split-NNNNNN.tar`, each written atomically: a killed run leaves no partial shard."""
-    import webdataset as wds
-
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for index, start in enumerate(range(0, len(rows), shard_size)):
-        final = directory / f"{split}-{index:06d}.tar"
-        with atomic_write(final) as stream:
-            # Fixed mtime/owner: the same rows give byte-identical tar files.
-            with wds.TarWriter(stream, encoder=False, mtime=0, user="curate", group="curate") as writer:
-                for row in rows[start:start + shard_size]:
-                    writer.write(row)
-        data = final.read_bytes()
-        shards.append({"path": f"{directory.name}/{final.name}", "count": len(rows[start:start + shard_size]),
-                       "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    # Shards a previous, larger run left behind would silently join a brace pattern or a glob; temp
-    # files are what a killed run left.
-    written = {shard["path"] for shard in shards}
-    for stale in [*directory.glob(f"{split}-*.tar"), *directory.glob(f".{split}-*.tmp")]:
-        if f"{directory.name}/{stale.name}" not in written:
-            stale.unlink(missing_ok=True)
-    return shards
+def _with_class(row: dict) -> dict:
+    """A pair with a `cls` member (the digit its image shows, from its metadata); a digit as it is."""
+    return row if "cls" in row else {**row, "cls": b"%d" % json.loads(row["json"])["label"]}
 
 
 def _split_summary(rows: list[dict], shards: list[dict]) -> dict:
@@ -219,7 +205,7 @@ def _split_summary(rows: list[dict], shards: list[dict]) -> dict:
 
 def make_digits(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 20_000, n_curated: int = 2_000,
                 n_test: int = 2_000, pair_noise: float = 0.4, noise_mix: dict[str, float] | None = None,
-                label_noise: float = 0.3, image_size: int = 16, shard_size: int = 5_000) -> dict:
+                label_noise: float = 0.3, image_size: int = 16, shard_size: int = 5_000, format: str = "npy") -> dict:
     """Write the digit pairs and noisy digits shards under `out_dir` and return the manifest.
 
     Args:
@@ -230,11 +216,20 @@ def make_digits(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 20_
         noise_mix: {"misaligned", "junk", "duplicate"} → share of the noisy pairs (sums to 1).
         label_noise: fraction of train digits whose target is flipped to another class.
         image_size: side of the square uint8 images (≥ 8; 16 by default: see the module docstring).
-        shard_size: samples per tar shard.
+        shard_size: samples per shard.
+        format: "npy" (tar shards of uint8 .npy images: what the demo recipes, data.format: digits, read),
+            "webdataset" (tar shards of JPEG images, as img2dataset writes them) or "parquet" (tables of JPEG
+            bytes and columns): the same samples and keys in the shapes of your own data, for data.format:
+            webdataset / parquet recipes (recipes/byo_*.yaml). Those add a `cls` member (the digit shown) to
+            the pairs too, for zero-shot evaluation.
     """
-    with needs_extra("make_digits"):  # both, before any work: the shards are written after all rows are made
+    if format not in FORMATS:
+        raise ValueError(f"make_digits: format must be one of {list(FORMATS)}, got {format=}")
+    with needs_extra("make_digits"):  # all, before any work: the shards are written after all rows are made
         import sklearn.datasets  # noqa: F401
         import webdataset  # noqa: F401
+        if format != "npy":
+            import PIL  # noqa: F401
     mix = dict(DEFAULT_NOISE_MIX if noise_mix is None else noise_mix)
     for name, rate in {"pair_noise": pair_noise, "label_noise": label_noise}.items():
         if not 0.0 <= rate < 1.0:
@@ -252,23 +247,31 @@ def make_digits(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 20_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # No manifest while shards change: an interrupted re-run reads as "no dataset", never as a mix.
-    (out / "manifest.json").unlink(missing_ok=True)
+    # npy and webdataset shards share names (split-NNNNNN.tar): writing one invalidates the other's manifest.
+    for other in FORMATS:
+        if SUFFIX[other] == SUFFIX[format]:
+            (out / MANIFEST[other]).unlink(missing_ok=True)
     images, labels, pools = _source_pools(seed)
+    image = "npy" if format == "npy" else "jpg"
     sizes = {"train": n_train, "curated": n_curated, "test": n_test}
     manifest = {
-        "version": 1, "seed": seed, "image_size": image_size, "image_format": "npy uint8 (H, W)",
+        "version": 1, "seed": seed, "image_size": image_size, "format": format,
+        "image_format": "npy uint8 (H, W)" if format == "npy" else "jpeg rgb",
         "source": "sklearn.datasets.load_digits", "source_pools": {k: len(v) for k, v in pools.items()},
-        "pairs": {"pair_noise": pair_noise, "noise_mix": mix, "fields": ["npy", "txt", "json"], "splits": {}},
-        "digits": {"label_noise": label_noise, "fields": ["npy", "cls", "json"], "splits": {}},
+        "pairs": {"pair_noise": pair_noise, "noise_mix": mix, "splits": {},
+                  "fields": ["npy", "txt", "json"] if format == "npy" else ["jpg", "txt", "cls", "json"]},
+        "digits": {"label_noise": label_noise, "fields": [image, "cls", "json"], "splits": {}},
     }
     for split in SPLITS:
         common = (image_size, seed, images, labels, pools[split])
         made = {"pairs": _make_pairs(split, sizes[split], pair_noise, mix, *common),
                 "digits": _make_digits(split, sizes[split], label_noise, *common)}
         for dataset, rows in made.items():
-            shards = _write_shards(rows, out / dataset, split, shard_size)
+            written = rows if format == "npy" else [as_jpeg(_with_class(row)) for row in rows]
+            write = write_parquet if format == "parquet" else write_tar
+            shards = write(written, out / dataset, split, shard_size)
             manifest[dataset]["splits"][split] = _split_summary(rows, shards)
-    write_json(out / "manifest.json", manifest, indent=1)
+    write_json(out / MANIFEST[format], manifest, indent=1)
     return manifest
 
 

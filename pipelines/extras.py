@@ -25,6 +25,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "safetensors": ("app", "safetensors"),
     "webdataset": ("app", "webdataset"),
     "sklearn": ("app", "scikit-learn"),
+    "PIL": ("app", "pillow"),
+    "torchvision": ("vision", "torchvision"),
     "open_clip": ("clip", "open_clip_torch"),
     "faiss": ("curation", "faiss-cpu"),
     "s3fs": ("s3", "s3fs"),

@@ -17,6 +17,7 @@ import difflib
 import importlib
 import inspect
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -302,8 +303,9 @@ def open_clip_model(name: str | None = None, *, config: str | None = None, pretr
             Path(folder, "open_clip_config.json").write_text(
                 json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}))
             source = f"local-dir:{folder}"
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            source, pretrained=None, load_weights=False, pretrained_image=False, pretrained_text=False, **options)
+        with _quiet_about_weights():
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                source, pretrained=None, load_weights=False, pretrained_image=False, pretrained_text=False, **options)
         context_length = getattr(model, "context_length", None)
         tokenizer = open_clip.get_tokenizer(source, context_length=context_length)
     vocab_size = getattr(model, "vocab_size", None)
@@ -314,6 +316,24 @@ def open_clip_model(name: str | None = None, *, config: str | None = None, pretr
     if pretrained is not None:
         _load_pretrained(model, pretrained, f"open_clip {name or config}")
     return Built(model, preprocess_train, preprocess_val, tokenizer)
+
+
+class _NoWeightsWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "No pretrained weights loaded" not in message and "no CLIP weights found" not in message
+
+
+@contextmanager
+def _quiet_about_weights() -> Iterator[None]:
+    """Drops open_clip's root-logger warnings that a model was built without weights: curate builds it so on
+    purpose (weights come from model.pretrained or a checkpoint), and the warning reads as a failure."""
+    root, quiet = logging.getLogger(), _NoWeightsWarnings()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 # torchvision builders' keywords that download weights, or that curate sets itself
@@ -360,7 +380,7 @@ def torchvision_model(name: str, *, pretrained: str | None = None, **options: An
 
 
 @torch.no_grad()
-def from_factory(spec: str, options: dict, *, image_size: int) -> Built:
+def from_factory(spec: str, options: dict, *, image_size: int | None) -> Built:
     """What `spec` ("package.module:function") returns for `options`, plus `image_size` when the function
     takes it, as a `Built`. The function may return a torch module, a tuple like open_clip's
     `create_model_and_transforms`: (model, preprocess_train, preprocess_val), or (model, preprocess) for both,
@@ -383,7 +403,7 @@ def from_factory(spec: str, options: dict, *, image_size: int) -> Built:
     except (TypeError, ValueError):  # a builtin or C callable: no signature to read, so call it as written
         signature = None
     if signature is not None:
-        if "image_size" in signature.parameters and "image_size" not in kwargs:
+        if "image_size" in signature.parameters and "image_size" not in kwargs and image_size is not None:
             kwargs["image_size"] = image_size
         try:
             signature.bind(**kwargs)

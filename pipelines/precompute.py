@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import sys
 import time
 from pathlib import Path
 
@@ -28,11 +27,9 @@ from curate.files import filesystem, stale_temps, write_json
 from . import tasks
 from .claims import Claims
 from .extras import needs_extra
+from .progress import progress as show_progress
 from .recipe import Recipe
 from .score_shard import ShardError, fail_message, part_path, precompute_shard, provenance, score_shard
-
-with needs_extra("pipelines.precompute (curate precompute)"):
-    from tqdm import tqdm
 
 __all__ = ["precompute", "precompute_shard", "score_shard", "ShardError", "inspect_cache", "part_path",
            "report_path", "fail_message"]
@@ -67,7 +64,7 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
         raise ValueError(f"precompute: on_error must be 'fail' or 'skip', got {on_error=}")
     if backend not in ("local", "ray"):
         raise ValueError(f"precompute: backend must be 'local' or 'ray', got {backend=}")
-    counts = [shard["count"] for shard in tasks.manifest(recipe)[recipe.data.dataset]["splits"]["train"]["shards"]]
+    counts = tasks.shard_counts(recipe)
     urls = tasks.shard_urls(recipe, "train")
     mine = [(i, url, counts[i]) for i, url in enumerate(urls) if i % world_size == rank]
     if backend == "ray":
@@ -85,8 +82,7 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
     if stale:
         log(f"precompute: rescoring {len(stale)} parts that are not current (part {stale[0]}: {states[stale[0]]})")
     start = time.perf_counter()
-    bar = tqdm(total=sum(count for _, _, count in todo), desc="precompute", unit="sample", unit_scale=True,
-               disable=None, file=sys.stderr)  # disable=None: no bar when stderr is not a terminal
+    bar = show_progress(None if None in counts else sum(count or 0 for _, _, count in todo), "precompute", "sample")
     with Claims(fs, claim_timeout_s, log) as claims:
         try:
             if backend == "ray":
@@ -110,11 +106,13 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
                "seconds": round(seconds, 2), "samples_per_s": round(rows / seconds, 1) if seconds else None,
                "written": written, "claimed_elsewhere": elsewhere,
                "skipped": [{"shard": r["url"], "index": r["index"], "error": r["error"],
-                            "keys_read": r["keys_read"]} for r in failed]}
+                            "keys_read": r["keys_read"]} for r in failed],
+               "corrupt_samples_skipped": {r["url"]: r["corrupt_skipped"] for r in records if r.get("corrupt_skipped")}}
     write_json(report_path(recipe, rank, world_size), summary, parents=True)
     log(f"precompute: {summary['parts_written']} parts written ({summary['parts_rescored']} of them rescored), "
         f"{summary['parts_existing']} already there, {len(elsewhere)} being written by another run, "
-        f"{len(failed)} shards skipped; {rows} rows in {seconds:.1f}s ({summary['samples_per_s']} samples/s) "
+        f"{len(failed)} shards skipped, {sum(map(len, summary['corrupt_samples_skipped'].values()))} corrupt samples "
+        f"skipped; {rows} rows in {seconds:.1f}s ({summary['samples_per_s']} samples/s) "
         f"→ {recipe.cache.path}" + (f"; skipped shards are listed in {report_path(recipe, rank, world_size)}"
                                     if failed else ""))
     return summary
@@ -182,17 +180,17 @@ def _run_local(recipe: Recipe, todo: list[tuple[int, str, int]], on_error: str, 
         if state != "mine":
             elsewhere += [index] if state == "elsewhere" else []
             finished += state == "finished"
-            progress(expected)
+            progress(expected or 0)
             continue
         if model is None:
-            model, _ = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)
+            model, _ = tasks.load_reference(recipe)
             model.to(tasks.resolve_device(recipe.train.device))
         record = score_shard(recipe, model, index, url, expected)
         claims.release(part_path(recipe, index))
         if record["error"] and on_error == "fail":
             raise RuntimeError(fail_message(record))
         records.append(record)
-        progress(record["rows"] or expected)
+        progress(record["rows"] or expected or 0)
     return records, elsewhere, finished
 
 

@@ -46,7 +46,7 @@ class _ShardScorer:
         self.model = model.eval().to(tasks.resolve_device(self.recipe.train.device))
 
     def __call__(self, batch: dict) -> dict:
-        records = [score_shard(self.recipe, self.model, int(index), str(url), int(expected))
+        records = [score_shard(self.recipe, self.model, int(index), str(url), None if expected < 0 else int(expected))
                    for index, url, expected in zip(batch["index"], batch["url"], batch["expected"], strict=True)]
         return {name: [record[name] for record in records] for name in ("index", "url", "rows", "error")} | {
             "keys_read": [list(record["keys_read"]) for record in records]}
@@ -90,7 +90,7 @@ def run_ray(recipe: Recipe, todo: list[tuple[int, str, int]], *, on_error: str =
 
     from curate.cache import model_hash
 
-    model, _ = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)
+    model, _ = tasks.load_reference(recipe)
     weights = save({name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()})
     if not ray.is_initialized():
         ray.init()
@@ -100,7 +100,8 @@ def run_ray(recipe: Recipe, todo: list[tuple[int, str, int]], *, on_error: str =
     if actors is None:
         actors = gpus or max(1, math.floor((resources.get("CPU", 1) - 1) / cpus))
     actors = min(actors, len(todo))
-    shards = ray.data.from_items([{"index": i, "url": url, "expected": n} for i, url, n in todo],
+    # -1: a count not known ahead (your own shards; Arrow columns hold no None among ints)
+    shards = ray.data.from_items([{"index": i, "url": url, "expected": -1 if n is None else n} for i, url, n in todo],
                                  override_num_blocks=len(todo))
     scored = shards.map_batches(
         _ShardScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
@@ -113,5 +114,5 @@ def run_ray(recipe: Recipe, todo: list[tuple[int, str, int]], *, on_error: str =
         if record["error"] and on_error == "fail":
             raise RuntimeError(fail_message(record))
         records.append(record)
-        progress(record["rows"] or next(n for i, _, n in todo if i == record["index"]))
+        progress(record["rows"] or next(n or 0 for i, _, n in todo if i == record["index"]))
     return records

@@ -31,22 +31,79 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
-    """Where the shards are: `root` as written by `curate data digits ROOT` (local or s3://)."""
+class FieldsConfig(_Strict):
+    """Which member (webdataset: the file extension; Parquet: the column) holds each field of a sample.
 
+    `image`, `text` and `label` may list alternatives separated by ';' (the first present is taken, as
+    webdataset's `to_tuple("jpg;png")`). `key` is `__key__` (webdataset's sample key) or a column name.
+    """
+
+    image: str = "jpg;jpeg;png;webp"
+    text: str = "txt"
+    label: str = "cls"
+    key: str = "__key__"
+
+
+class DataConfig(_Strict):
+    """Where the samples are.
+
+    `format: digits` (the default) reads the embedded dataset `curate data digits ROOT` writes under `root`
+    (`dataset` picks its task: pairs or digits). `format: webdataset` (tar shards, as img2dataset writes them) or
+    `parquet` (image bytes + columns, as Hugging Face / DataComp exports) reads your own shards: `train`,
+    `curated` (what `curate train-reference` trains on) and `eval` are shard URLs, each a brace pattern
+    (`shards/train-{000000..000099}.tar`) or a list, local or s3:// (with `storage_options`); `task` says what
+    they hold: `contrastive` (image + text) or `classification` (image + label).
+    """
+
+    format: Literal["digits", "webdataset", "parquet"] = "digits"
     root: str = "data/digits"
     dataset: Literal["pairs", "digits"] = "pairs"
+    task: Literal["contrastive", "classification"] | None = None
+    train: str | list[str] | None = None
+    curated: str | list[str] | None = None
+    eval: str | list[str] | None = None
+    fields: FieldsConfig = Field(default_factory=FieldsConfig)
+    image_size: int | None = Field(None, gt=0)
+    on_corrupt: Literal["fail", "skip"] = "fail"
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    def model_post_init(self, context: Any) -> None:
+        if self.format == "digits":
+            given = [key for key in ("task", "train", "curated", "eval") if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"data.{given[0]} is for your own shards (format: webdataset or parquet); the "
+                                 "embedded digits data (format: digits) is chosen by data.root and data.dataset")
+            return
+        if self.task is None:
+            raise ValueError(f"data.task: format {self.format} needs the task its samples are for: contrastive "
+                             "(image + text) or classification (image + label)")
+        if self.train is None:
+            raise ValueError(f"data.train: format {self.format} needs the train shards' URLs, e.g. "
+                             "train: shards/train-{000000..000009}.tar")
+
+    @property
+    def task_name(self) -> str:
+        """The task's name: the embedded dataset's (pairs | digits) or `task` for your own shards."""
+        return self.dataset if self.format == "digits" else str(self.task)
 
 
 class ModelConfig(_Strict):
-    """A model: `kind` names a built-in builder of `pipelines.models` (tiny_clip, small_cnn, mlp) or is
-    `factory`, your own function named by `factory: "package.module:function"`; `options` are the builder's
-    keyword arguments. A factory gets `image_size` (the dataset's) too when its signature takes it, and must
-    return an `nn.Module` with the task's interface: a classifier's `model(images) -> logits` (digits), or the
-    open_clip API `encode_image` / `encode_text` / `logit_scale` (pairs)."""
+    """A model: `kind` names a built-in builder (the demo's tiny_clip, small_cnn, mlp), `open_clip` (`name`, an
+    open_clip architecture, or `config`, a model config JSON of your own; built without weights unless
+    `pretrained` names a local weights file; `loss: sigmoid` starts it as SigLIP does, logit scale 10 and bias
+    -10, unless options set init_logit_scale / init_logit_bias), `torchvision` (`name`, an architecture of
+    torchvision.models; e.g. options: {num_classes: 10}), or `factory`, your own function named by
+    `factory: "package.module:function"`.
+    `options` are the builder's keyword arguments. A factory gets `image_size` (the data's) too when its
+    signature takes it, and returns an `nn.Module` with the task's interface (a classifier's
+    `model(images) -> logits`, or the open_clip API `encode_image` / `encode_text` / `logit_scale` for
+    contrastive tasks), or a tuple `(model, preprocess_train, preprocess_val)` as open_clip's
+    `create_model_and_transforms` does."""
 
-    kind: Literal["tiny_clip", "small_cnn", "mlp", "factory"] = "tiny_clip"
+    kind: Literal["tiny_clip", "small_cnn", "mlp", "open_clip", "torchvision", "factory"] = "tiny_clip"
+    name: str | None = None
+    config: str | None = None
+    pretrained: str | None = None
     factory: str | None = None
     loss: Literal["sigmoid", "softmax"] = "sigmoid"
     options: dict[str, Any] = Field(default_factory=dict)
@@ -63,12 +120,25 @@ class ModelConfig(_Strict):
         if (self.kind == "factory") != (self.factory is not None):
             raise ValueError("model.factory names the function of kind: factory (e.g. kind: factory, factory: "
                              f"'mypkg.models:build'); got kind: {self.kind} with factory: {self.factory!r}")
+        if self.kind == "open_clip" and (self.name is None) == (self.config is None):
+            raise ValueError("model.kind: open_clip needs exactly one of model.name (an open_clip architecture, "
+                             "e.g. ViT-B-32) or model.config (a model config JSON file)")
+        if self.kind == "torchvision" and self.name is None:
+            raise ValueError("model.kind: torchvision needs model.name, an architecture of torchvision.models "
+                             "(e.g. resnet18)")
+        if self.kind not in ("open_clip", "torchvision"):
+            given = [key for key in ("name", "config", "pretrained") if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"model.{given[0]} is a key of kind: open_clip or torchvision, not {self.kind}")
+        if self.config is not None and self.kind != "open_clip":
+            raise ValueError("model.config (a model config JSON) is a key of kind: open_clip")
 
 
 class ReferenceConfig(_Strict):
     """The reference model: trained on the curated split by `curate train-reference`."""
 
     path: str | None = None  # default: <train.out>/reference
+    checkpoint: str | None = None  # a given reference's weights file (safetensors or torch): used, never trained
     model: ModelConfig | None = None  # default: the learner's architecture
     steps: int = Field(400, gt=0)
     batch_size: int = Field(128, gt=0)
@@ -120,6 +190,24 @@ class CurationConfig(_Strict):
     train_on_curated: bool = False  # `curate run` trains only on the curated key list
 
 
+class EvalConfig(_Strict):
+    """Evaluation of your own data (format webdataset | parquet): a classifier's accuracy against the eval data's
+    labels; a contrastive model's zero-shot accuracy over `classnames` (in label order, each class's prompts
+    the `templates` with its name for `{}`, embeddings averaged), or with no classnames its image→text
+    retrieval R@1 over the eval pairs (reported as accuracy)."""
+
+    classnames: list[str] | None = None
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."])
+
+    @field_validator("templates")
+    @classmethod
+    def _has_slot(cls, value: list[str]) -> list[str]:
+        for template in value:
+            if "{}" not in template:
+                raise ValueError(f"the template {template!r} has no {{}} for the class name")
+        return value or ["a photo of a {}."]
+
+
 class TrainConfig(_Strict):
     steps: int = Field(300, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -164,6 +252,7 @@ class Recipe(_Strict):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     compare: list[str] = Field(default_factory=list)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 

@@ -6,8 +6,6 @@ actors), in a module of its own so that neither backend imports the other.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 import time
@@ -20,8 +18,7 @@ from curate.scorers import score_model
 from . import tasks
 from .recipe import Recipe
 
-__all__ = ["DROP", "ShardError", "dataset_identity", "fail_message", "part_path", "precompute_shard", "provenance",
-           "reference_hash", "score_shard"]
+__all__ = ["DROP", "ShardError", "fail_message", "part_path", "precompute_shard", "provenance", "score_shard"]
 
 DROP = ("caption", "noise")  # sample fields default_collate cannot batch and scoring never reads
 
@@ -38,27 +35,12 @@ def part_path(recipe: Recipe, index: int) -> str:
     return f"{recipe.cache.path.rstrip('/')}/part-{index:05d}.parquet"
 
 
-def dataset_identity(recipe: Recipe) -> str:
-    """The train split's identity: the dataset name and a hash of the manifest's shard list (paths, counts,
-    sha256 of each shard). Independent of where the data lives (a copy on S3 is the same data), different for
-    other data with the same key names (another seed, another version of a shard)."""
-    shards = tasks.manifest(recipe)[recipe.data.dataset]["splits"]["train"]["shards"]
-    digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{recipe.data.dataset}/train:{digest}"
-
-
-def reference_hash(recipe: Recipe) -> str | None:
-    """The trained reference's `model_hash`, from its model.json (load_model checks it against the weights);
-    None when there is no trained reference."""
-    info = recipe.reference_path / "model.json"
-    return json.loads(info.read_text())["hash"] if info.is_file() else None
-
-
 def provenance(recipe: Recipe) -> dict:
     """What every part of this recipe's cache records, and so what `curate precompute` and `curate run` check
     a part against: reference, dataset, scorer kind (losses, softmax or sigmoid embeddings) and scorer."""
     scorer = tasks.scorer_for(recipe, recipe.reference_model)
-    return {"reference_hash": reference_hash(recipe), "dataset": dataset_identity(recipe), "kind": scorer.kind,
+    return {"reference_hash": tasks.reference_hash(recipe), "dataset": tasks.dataset_identity(recipe),
+            "kind": scorer.kind,
             "scorer": repr(scorer)}
 
 
@@ -92,13 +74,13 @@ def precompute_shard(recipe: Recipe, index: int, url: str, model: torch.nn.Modul
                 break
     except Exception as error:  # anything a damaged shard can raise: tar, decode, collate, forward
         raise ShardError(url, keys, f"{type(error).__name__}: {error}") from error
-    if expected is not None and len(keys) != expected:
+    if expected is not None and len(keys) != expected:  # the manifest's count (the embedded data's)
         raise ShardError(url, keys, f"read {len(keys)} samples, the manifest lists {expected}")
     if not keys:
         raise ShardError(url, keys, "no samples")
     # writer and written_at: who wrote the part and when (--overwrite redoes parts written before it started)
     metadata = {"reference_hash": model_hash(model), "scorer": repr(scorer), "recipe": recipe.name,
-                "dataset": dataset_identity(recipe), "data_root": recipe.data.root, "shard": url,
+                "dataset": tasks.dataset_identity(recipe), "data_root": recipe.data.root, "shard": url,
                 "writer": f"{socket.gethostname()}:{os.getpid()}", "written_at": repr(time.time())}
     if images:
         bias = getattr(model, "logit_bias", None)
@@ -112,12 +94,16 @@ def precompute_shard(recipe: Recipe, index: int, url: str, model: torch.nn.Modul
 
 
 def score_shard(recipe: Recipe, model: torch.nn.Module, index: int, url: str, expected: int | None) -> dict:
-    """`precompute_shard` as the record both backends collect: {index, url, rows, error, keys_read}."""
+    """`precompute_shard` as the record both backends collect: {index, url, rows, error, keys_read,
+    corrupt_skipped} (the last: the keys of samples that did not decode, skipped under data.on_corrupt: skip)."""
+    reader = getattr(tasks.task_of(recipe), "reader", None)  # your own shards' SampleReader
+    before = len(reader.skipped) if reader is not None else 0
     try:
         rows, error, keys = precompute_shard(recipe, index, url, model, expected=expected), "", []
     except ShardError as failure:
         rows, error, keys = 0, failure.cause, failure.keys
-    return {"index": index, "url": url, "rows": rows, "error": error, "keys_read": keys}
+    skipped = [key for shard, key, _ in reader.skipped[before:] if shard == url] if reader is not None else []
+    return {"index": index, "url": url, "rows": rows, "error": error, "keys_read": keys, "corrupt_skipped": skipped}
 
 
 def fail_message(record: dict) -> str:

@@ -9,7 +9,10 @@ a class with the `Task` methods and an entry in `TASKS` (and in the recipe's `da
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, cast
@@ -27,9 +30,10 @@ from .recipe import ModelConfig, Recipe
 from .task_digits import DigitsTask
 from .task_pairs import PairsTask, PatchDropoutScorer
 
-__all__ = ["MissingDataError", "PatchDropoutScorer", "TASKS", "Task", "build_model", "get_task", "in_memory_batches",
-           "load_model", "load_split", "manifest", "resolve_device", "save_model", "scorer_for", "shard_urls",
-           "task_of"]
+__all__ = ["GENERIC_KINDS", "MissingDataError", "PatchDropoutScorer", "TASKS", "Task", "build_model", "check_data",
+           "dataset_identity", "get_task", "image_size", "in_memory_batches", "load_model", "load_reference",
+           "load_split", "manifest", "own_data", "reference_hash", "resolve_device", "save_model", "scorer_for",
+           "shard_counts", "shard_urls", "task_of"]
 
 
 class Task(Protocol):
@@ -68,6 +72,8 @@ class Task(Protocol):
 
 
 TASKS: dict[str, Task] = {"pairs": PairsTask(), "digits": DigitsTask()}
+# model kinds any task builds: their interface is the user's to fit to the task
+GENERIC_KINDS = ("open_clip", "torchvision", "factory")
 
 
 def get_task(name: str) -> Task:
@@ -77,9 +83,29 @@ def get_task(name: str) -> Task:
         raise ValueError(f"data.dataset: unknown task {name!r}; the tasks are {sorted(TASKS)}") from None
 
 
+def own_data(recipe: Recipe) -> bool:
+    """Whether the recipe reads your own shards (data.format webdataset | parquet), not the embedded digits."""
+    return recipe.data.format != "digits"
+
+
 def task_of(recipe: Recipe) -> Task:
-    """The recipe's task (its `data.dataset`)."""
-    return get_task(recipe.data.dataset)
+    """The recipe's task: the embedded dataset's (data.dataset), or for your own shards the data.task reading
+    them with the learner's preprocessing and tokenizer (built once per data, eval and model section)."""
+    if not own_data(recipe):
+        return get_task(recipe.data.dataset)
+    return _shards_task(recipe.data.model_dump_json(), recipe.eval.model_dump_json(), recipe.model.model_dump_json())
+
+
+@functools.lru_cache(maxsize=8)
+def _shards_task(data_json: str, eval_json: str, model_json: str) -> Task:
+    from .recipe import DataConfig, EvalConfig
+    from .task_shards import shards_task
+
+    data, cfg = DataConfig.model_validate_json(data_json), ModelConfig.model_validate_json(model_json)
+    with torch.random.fork_rng(devices=[]):  # building the model for its preprocessing draws no run's randomness
+        built = _built(cfg, data.task_name, data.image_size)
+    length = getattr(built.model, "context_length", None)
+    return cast(Task, shards_task(data, EvalConfig.model_validate_json(eval_json), built, data.image_size, length))
 
 
 class MissingDataError(FileNotFoundError):
@@ -96,8 +122,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def manifest(recipe: Recipe) -> dict:
+    """The embedded dataset's manifest.json (data.format: digits)."""
     from curate.files import read_bytes
 
+    if own_data(recipe):
+        raise ValueError(f"data.format {recipe.data.format}: your own shards have no manifest (it is the embedded "
+                         "digits data's)")
     root = recipe.data.root.rstrip("/")
     try:
         return json.loads(read_bytes(f"{root}/manifest.json", recipe.data.storage_options))
@@ -108,10 +138,59 @@ def manifest(recipe: Recipe) -> dict:
         ) from None
 
 
+def check_data(recipe: Recipe) -> None:
+    """Fails, naming what is missing and how to make or fix it, when the recipe's train data is not there."""
+    if own_data(recipe):
+        shard_urls(recipe, "train")
+    else:
+        manifest(recipe)
+
+
+SPLIT_KEYS = {"train": "train", "curated": "curated", "test": "eval"}  # a split → its data.* key of own shards
+
+
 def shard_urls(recipe: Recipe, split: str) -> list[str]:
+    """The shards of a split ("train", "curated" or "test": your own shards' data.eval), in order."""
+    if own_data(recipe):
+        key = SPLIT_KEYS[split]
+        urls = getattr(recipe.data, key)
+        if urls is None:
+            raise MissingDataError(f"data.{key}: the recipe gives no {key} shards; "
+                                   + ("give the clean data the reference trains on, or a trained reference as "
+                                      "reference.checkpoint" if key == "curated" else "give their URLs"))
+        return _expanded(json.dumps(urls), json.dumps(recipe.data.storage_options, sort_keys=True), f"data.{key}")
     manifest(recipe)  # a clear error when the data is missing
     return digits_data.shard_urls(recipe.data.root, recipe.data.dataset, split,
                                   storage_options=recipe.data.storage_options)
+
+
+@functools.lru_cache(maxsize=32)
+def _expanded(urls_json: str, options_json: str, what: str) -> list[str]:
+    from .shards import expand
+
+    return expand(json.loads(urls_json), json.loads(options_json), what=what)
+
+
+def shard_counts(recipe: Recipe) -> list[int | None]:
+    """Samples per train shard as the manifest lists them (None each for your own shards: not known ahead)."""
+    if own_data(recipe):
+        return [None] * len(shard_urls(recipe, "train"))
+    return [shard["count"] for shard in manifest(recipe)[recipe.data.dataset]["splits"]["train"]["shards"]]
+
+
+def dataset_identity(recipe: Recipe) -> str:
+    """The train split's identity, recorded in every cache part: the embedded dataset's name and a hash of its
+    manifest's shard list (paths, counts, sha256 of each shard: the same data wherever it lives); for your own
+    shards the task and a hash of the format, field map and shard URLs (shards rewritten in place under the same
+    URLs are not told apart: rescore with `curate precompute --overwrite`)."""
+    if own_data(recipe):
+        what = {"format": recipe.data.format, "fields": recipe.data.fields.model_dump(),
+                "urls": shard_urls(recipe, "train")}
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+        return f"{recipe.data.task}/train:{digest}"
+    shards = manifest(recipe)[recipe.data.dataset]["splits"]["train"]["shards"]
+    digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{recipe.data.dataset}/train:{digest}"
 
 
 def load_split(recipe: Recipe, split: str):
@@ -119,37 +198,42 @@ def load_split(recipe: Recipe, split: str):
     return task_of(recipe).load(shard_urls(recipe, split), storage_options=recipe.data.storage_options)
 
 
+def image_size(recipe: Recipe) -> int | None:
+    """The side of the data's images: the manifest's, or your own data's data.image_size (None if not given)."""
+    return recipe.data.image_size if own_data(recipe) else manifest(recipe)["image_size"]
+
+
 def build_model(cfg: ModelConfig, recipe: Recipe, seed: int) -> nn.Module:
     """A fresh model of `cfg`, initialised from `seed` (the same seed gives the same weights)."""
-    image_size = manifest(recipe)["image_size"]
-    task = task_of(recipe)
+    torch.manual_seed(seed)
+    return _built(cfg, recipe.data.task_name, image_size(recipe)).model
+
+
+def _built(cfg: ModelConfig, task_name: str, size: int | None) -> models.Built:
+    """A model of `cfg` with what it brings (preprocessing, tokenizer), from torch's global RNG."""
+    if cfg.kind == "open_clip":
+        options = dict(cfg.options)
+        if cfg.loss == "sigmoid" and task_name in ("contrastive", "pairs"):  # SigLIP's initial t = 10, b = -10
+            options.setdefault("init_logit_bias", -10.0)
+            options.setdefault("init_logit_scale", math.log(10.0))
+        return models.open_clip_model(cfg.name, config=cfg.config, pretrained=cfg.pretrained, **options)
+    if cfg.kind == "torchvision":
+        return models.torchvision_model(cast(str, cfg.name), pretrained=cfg.pretrained, **cfg.options)
     if cfg.kind == "factory":
-        torch.manual_seed(seed)
-        return models.from_factory(cast(str, cfg.factory), cfg.options, image_size=image_size)
+        return models.from_factory(cast(str, cfg.factory), cfg.options, image_size=size)
+    task = get_task({"contrastive": "pairs", "classification": "digits"}.get(task_name, task_name))
     if cfg.kind not in task.models:
         owners = [name for name, other in TASKS.items() if cfg.kind in other.models]
         raise ValueError(f"model.kind: {cfg.kind} is a model of data.dataset: {' or '.join(owners)}, not "
-                         f"{task.name}; the models of {task.name} are {list(task.models)}")
-    torch.manual_seed(seed)
-    return task.models[cfg.kind](cfg, image_size)
+                         f"{task_name}; the models of {task_name} are {[*task.models, *GENERIC_KINDS]}")
+    if size is None:
+        raise ValueError(f"data.image_size: model.kind {cfg.kind} is built for the data's image size; give it, "
+                         "e.g. data.image_size: 32")
+    return models.Built(task.models[cfg.kind](cfg, size))
 
 
-def _check_weights_fit(model: nn.Module, weights: dict, path: Path) -> None:
-    """Names the first parameter whose name or shape differs (load_state_dict's error lists them all, unsorted)."""
-    expected = model.state_dict()
-    fix = ("it was trained for another model: retrain it with `curate train-reference RECIPE`, or set "
-           "reference.model to the architecture it was trained with")
-    for name, tensor in expected.items():
-        if name not in weights:
-            raise ValueError(f"reference: {path}/model.safetensors has no parameter {name!r}, which the recipe's "
-                             f"model has; {fix}")
-        if tuple(weights[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"reference: {path}/model.safetensors has {name!r} of shape {tuple(weights[name].shape)}"
-                             f", the recipe's model {tuple(tensor.shape)}; {fix}")
-    extra = sorted(set(weights) - set(expected))
-    if extra:
-        raise ValueError(f"reference: {path}/model.safetensors has parameters the recipe's model lacks "
-                         f"({extra[:3]}{'...' if len(extra) > 3 else ''}); {fix}")
+_REFERENCE_FIX = ("it was trained for another model: retrain it with `curate train-reference RECIPE`, or set "
+                  "reference.model to the architecture it was trained with")
 
 
 def scorer_for(recipe: Recipe, cfg: ModelConfig | None = None, *, patch_dropout: float = 0.0):
@@ -191,9 +275,47 @@ def load_model(path: Path, recipe: Recipe, cfg: ModelConfig) -> tuple[nn.Module,
     info = json.loads((path / "model.json").read_text())
     model = build_model(cfg, recipe, seed=0)
     weights = load_file(str(path / "model.safetensors"))
-    _check_weights_fit(model, weights, path)
+    models.check_weights_fit(model, weights, f"reference: {path}/model.safetensors", _REFERENCE_FIX)
     model.load_state_dict(weights)
     if models.model_hash(model) != info["hash"]:
         raise ValueError(f"reference: {path}/model.safetensors does not match the hash in model.json; "
                          "retrain it with `curate train-reference RECIPE`")
     return model.eval(), info
+
+
+def load_reference(recipe: Recipe) -> tuple[nn.Module, dict]:
+    """The reference model in eval mode and its info: the weights file reference.checkpoint when the recipe gives
+    one (safetensors, or a torch checkpoint read with weights_only=True), else the reference `curate
+    train-reference` trained (its model.safetensors and model.json under reference.path)."""
+    cfg = recipe.reference_model
+    if recipe.reference.checkpoint is None:
+        return load_model(recipe.reference_path, recipe, cfg)
+    path = Path(recipe.reference.checkpoint)
+    if not path.is_file():
+        raise MissingDataError(f"reference.checkpoint: no file {str(path)!r}; give the reference's weights file "
+                               "(safetensors or a torch checkpoint), or unset it to train one")
+    model = build_model(cfg, recipe, seed=0)
+    weights = models.read_weights(path)
+    models.check_weights_fit(model, weights, f"reference.checkpoint: {path}",
+                             "it holds weights of another model: set reference.model to the architecture it was "
+                             "trained with, or give the checkpoint of this one")
+    model.load_state_dict(weights)
+    return model.eval(), {"hash": models.model_hash(model), "checkpoint": str(path)}
+
+
+def reference_hash(recipe: Recipe) -> str | None:
+    """The reference's `model_hash`: of the reference.checkpoint's weights, or from the trained reference's
+    model.json (load_model checks it against the weights); None when there is no reference yet."""
+    if recipe.reference.checkpoint is not None:
+        path = Path(recipe.reference.checkpoint)
+        stat = path.stat() if path.is_file() else None
+        return _checkpoint_hash(recipe.model_dump_json(), stat and (stat.st_size, stat.st_mtime_ns))
+    info = recipe.reference_path / "model.json"
+    return json.loads(info.read_text())["hash"] if info.is_file() else None
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_hash(recipe_json: str, stamp) -> str | None:
+    from .recipe import Recipe as RecipeModel
+
+    return None if stamp is None else load_reference(RecipeModel.model_validate_json(recipe_json))[1]["hash"]

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -35,10 +34,8 @@ from curate.pipeline import superbatch_size_for
 
 from . import tasks
 from .extras import needs_extra
+from .progress import progress as show_progress
 from .recipe import Recipe
-
-with needs_extra("pipelines.train (curate run)"):
-    from tqdm import tqdm
 
 __all__ = ["run", "run_one", "plan_runs", "distributed_session", "load_checkpoint"]
 
@@ -77,17 +74,15 @@ def _reference(recipe: Recipe, device: torch.device, comm: Comm):
     if recipe.cache.path:
         from curate.cache import ScoreCache
 
-        from .score_shard import dataset_identity, reference_hash
-
         parts = None
         if comm.world_size > 1:  # only this rank's shards' parts (part i scores shard i; Shards gives i % W == rank)
             mine = set(range(comm.rank, len(tasks.shard_urls(recipe, "train")), comm.world_size))
             parts = lambda name: int(name.split("-")[1].split(".")[0]) in mine  # noqa: E731
-        expect = {"reference_hash": reference_hash(recipe), "dataset": dataset_identity(recipe),
+        expect = {"reference_hash": tasks.reference_hash(recipe), "dataset": tasks.dataset_identity(recipe),
                   "kind": tasks.scorer_for(recipe).kind}  # the kind the run's scorer asks the cache for
         return ScoreCache.open(recipe.cache.path, storage_options=recipe.data.storage_options, parts=parts,
                                expect=expect)
-    model, _ = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)
+    model, _ = tasks.load_reference(recipe)
     return model.to(device)
 
 
@@ -237,8 +232,8 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["pipelines"][comm.rank] if "pipelines" in state else state["pipeline"])
         step, history, noisy, seen, seconds = (state[k] for k in ("step", "history", "noisy", "seen", "seconds"))
-    bar = tqdm(total=tc.steps, initial=step, desc=name, unit="step", disable=not progress or comm.rank != 0,
-               file=sys.stderr)
+    bar = show_progress(tc.steps, name, "step", initial=step, enabled=progress and comm.rank == 0,
+                        per_step=tc.batch_size)
     # a checkpoint taken after an epoch's last batch resumes at that epoch's end: its first iter() is empty
     it, yielded = iter(batches), int(state is not None)
     model.train()
@@ -248,7 +243,8 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
             batch = next(it)
         except StopIteration:  # next epoch
             if not yielded:
-                raise RuntimeError(f"train: run {name!r} got no batches from its data; check data.root") from None
+                raise RuntimeError(f"train: run {name!r} got no batches from its data; check data.root "
+                                   "(or data.train)") from None
             it, yielded = iter(batches), 0
             continue
         yielded += 1
@@ -257,8 +253,9 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         loss.backward()
         optimizer.step()
         step += 1
-        noisy += int(batch["is_noisy"].sum())
-        seen += len(batch["is_noisy"])
+        if "is_noisy" in batch:  # a diagnostic of the embedded data (and of `curate data` exports)
+            noisy += int(batch["is_noisy"].sum())
+            seen += len(batch["is_noisy"])
         bar.update(1)
         if step % tc.eval_every == 0 or step == tc.steps:
             record = _record(name, step, loss.item(), noisy, seen, batches, task, model, test, cfg, device, comm,
@@ -341,9 +338,11 @@ def _record(name: str, step: int, loss: float, noisy: int, seen: int, batches, t
     stats = batches.global_stats() if comm.world_size > 1 else batches.stats()
     if comm.rank != 0:
         return None
+    seen_all = sum(p[2] for p in parts)
     return {"run": name, "step": step, "train_loss": sum(p[0] for p in parts) / len(parts),
             **task.evaluate(model, test, cfg, device),
-            "noisy_kept": sum(p[1] for p in parts) / sum(p[2] for p in parts),
+            # None when the data carries no is_noisy diagnostic (your own data)
+            "noisy_kept": sum(p[1] for p in parts) / seen_all if seen_all else None,
             "seconds": time.perf_counter() - start, "pipeline": stats}
 
 
@@ -360,8 +359,8 @@ def run(recipe: Recipe, *, resume: bool = False, progress: bool | None = None, l
             _on_rank0(comm, lambda: prepare(recipe))
         if comm.rank != 0:
             progress, log = False, lambda *args, **kwargs: None
-        progress = sys.stderr.isatty() if progress is None else progress
-        tasks.manifest(recipe)  # fail early, before any training, if the data is missing
+        progress = True if progress is None else progress
+        tasks.check_data(recipe)  # fail early, before any training, if the data is missing
         runs = plan_runs(recipe)
         for options in runs.values():  # every rank fails here, before training, on sizes the ranks cannot split
             _sizes(recipe, options, comm.world_size)
@@ -416,7 +415,7 @@ def summarise(histories: dict[str, list[dict]]) -> dict:
         reached = next((r["step"] for r in history if target is not None and r["accuracy"] >= target), None)
         summary[name] = {"final_accuracy": history[-1]["accuracy"], "best_accuracy": best["accuracy"],
                          "best_step": best["step"], "steps_to_uniform_best": reached,
-                         "noisy_kept": sum(r["noisy_kept"] for r in history) / len(history),
+                         "noisy_kept": _mean([r["noisy_kept"] for r in history]),
                          "seconds": history[-1]["seconds"],
                          "score_seconds": history[-1]["pipeline"].get("score_seconds", 0.0)}
         if "r1" in history[-1]:
@@ -427,6 +426,11 @@ def summarise(histories: dict[str, list[dict]]) -> dict:
             row["speedup_to_uniform_best"] = (uniform_steps / row["steps_to_uniform_best"]
                                               if row["steps_to_uniform_best"] else None)
     return summary
+
+
+def _mean(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def format_summary(summary: dict) -> str:

@@ -15,6 +15,9 @@ __all__ = ["train_reference"]
 def train_reference(recipe: Recipe, *, log=print) -> dict:
     """Train the reference (the recipe's `reference.model`, default the learner's architecture) on the
     curated split, evaluate it on the test split, and save it to `recipe.reference_path`."""
+    if recipe.reference.checkpoint is not None:
+        raise ValueError(f"train-reference: the recipe gives a trained reference (reference.checkpoint: "
+                         f"{recipe.reference.checkpoint}); unset it to train one on data.curated")
     task = tasks.task_of(recipe)
     device = tasks.resolve_device(recipe.train.device)
     cfg, rc = recipe.reference_model, recipe.reference

@@ -409,7 +409,6 @@ def test_curate_run_under_torchrun_resumes_exactly_after_a_restart(digits, tmp_p
 def test_a_rank_of_curate_run_loads_only_its_shards_cache_parts(digits, tmp_path):
     from curate.distributed import Comm
     from pipelines import tasks
-    from pipelines.score_shard import dataset_identity
     from pipelines.train import _reference
 
     recipe = parse_recipe(f"""name: parts
@@ -419,7 +418,7 @@ cache: {{path: {tmp_path / "cache"}}}
 """)
     n_shards = len(tasks.shard_urls(recipe, "train"))
     assert n_shards == 6
-    dataset = dataset_identity(recipe)  # what curate run checks a part against
+    dataset = tasks.dataset_identity(recipe)  # what curate run checks a part against
     for i in range(n_shards):
         curate.write_part(str(tmp_path / "cache" / f"part-{i:05d}.parquet"), [f"k{i}"], ref_loss=[float(i)],
                           metadata={"reference_hash": "h", "scorer": "example", "dataset": dataset})

@@ -116,8 +116,6 @@ FEATURES = {
     "sklearn": [("from pipelines.data import make_digits\nmake_digits(OUT)", "make_digits")],
     "pydantic": [("import pipelines.recipe", "curate recipes (pipelines.recipe)")],
     "yaml": [("import pipelines.recipe", "curate recipes (pipelines.recipe)")],
-    "tqdm": [("import pipelines.train", "pipelines.train (curate run)"),
-             ("import pipelines.precompute", "pipelines.precompute (curate precompute)")],
     "matplotlib": [("from pipelines.train import plot\nplot({}, OUT / 'curve.png', 't')", "the learning-curve plot")],
     "safetensors": [("import torch\nfrom pipelines.tasks import save_model\n"
                      "save_model(torch.nn.Linear(1, 1), OUT, {})", "saving a model")],

@@ -1,6 +1,7 @@
 """The README's commands and code, run as written (recipe runs shortened with --set, which they accept)."""
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -52,6 +53,18 @@ def test_every_curate_command_in_the_readme_runs(tmp_path, monkeypatch, capsys):
         assert main(args) == 0, f"README command failed: {shlex.join(command)}\n{capsys.readouterr().err[-2000:]}"
     assert (tmp_path / "runs" / "quickstart" / "summary.json").is_file()
     assert (tmp_path / "runs" / "jest" / "cache").is_dir() and (tmp_path / "scores.png").is_file()
+    for name in ("byo_clip", "byo_classifier"):  # your own data's shapes, end to end
+        summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+        assert set(summary) == {"learnability", "uniform"}, name
+
+
+def test_the_readmes_own_data_recipe_is_a_valid_recipe():
+    from pipelines.recipe import parse_recipe
+
+    (block,) = [block for block in _blocks("yaml") if "format: webdataset" in block]
+    recipe = parse_recipe("name: mine\n" + block)
+    assert recipe.data.format == "webdataset" and recipe.model.kind == "open_clip"
+    assert recipe.reference.checkpoint and recipe.eval.classnames == ["cat", "dog"]
 
 
 def _snippets() -> list[str]:
