@@ -2,13 +2,15 @@
 
 SLURM and torchrun write stderr to files, where a bar is a stream of carriage returns; there the job logs
 `precompute: 1200/5000 samples (24%), 310.5 samples/s, ETA 12s` through the standard `logging` module
-(logger `curate.progress`) every `every_s` seconds and once at the end, so it lands wherever the user's
-logging configuration sends it (the `curate` command sends INFO lines to stderr).
+(logger `curate.progress`) every 30 s (the environment variable CURATE_PROGRESS_EVERY_S sets another period)
+and once at the end, so it lands wherever the user's logging configuration sends it (the `curate` command
+sends INFO lines to stderr).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -18,10 +20,11 @@ log = logging.getLogger("curate.progress")
 
 
 def progress(total: int | None, desc: str, unit: str, *, initial: int = 0, enabled: bool = True,
-             every_s: float = 30.0, per_step: int | None = None):
+             every_s: float | None = None, per_step: int | None = None):
     """A tqdm bar when stderr is a terminal (and tqdm is installed), else a `LogProgress`; nothing shown when
     not `enabled`.
 
+    `every_s`: seconds between log lines (default: $CURATE_PROGRESS_EVERY_S, else 30).
     `per_step`: samples per unit (a training step's batch), so the log line gives samples/s too.
     """
     if enabled and sys.stderr.isatty():
@@ -31,7 +34,20 @@ def progress(total: int | None, desc: str, unit: str, *, initial: int = 0, enabl
             pass
         else:
             return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr)
+    if every_s is None:
+        every_s = _period()
     return LogProgress(total, desc, unit, initial=initial, enabled=enabled, every_s=every_s, per_step=per_step)
+
+
+def _period() -> float:
+    value = os.environ.get("CURATE_PROGRESS_EVERY_S", "30")
+    try:
+        period = float(value)
+    except ValueError:
+        period = -1.0
+    if not period >= 0:
+        raise ValueError(f"CURATE_PROGRESS_EVERY_S: expected seconds between progress lines (>= 0), got {value!r}")
+    return period
 
 
 class LogProgress:

@@ -51,8 +51,10 @@ class DataConfig(_Strict):
     (`dataset` picks its task: pairs or digits). `format: webdataset` (tar shards, as img2dataset writes them) or
     `parquet` (image bytes + columns, as Hugging Face / DataComp exports) reads your own shards: `train`,
     `curated` (what `curate train-reference` trains on) and `eval` are shard URLs, each a brace pattern
-    (`shards/train-{000000..000099}.tar`) or a list, local or s3:// (with `storage_options`); `task` says what
-    they hold: `contrastive` (image + text) or `classification` (image + label).
+    (`shards/train-{000000..000099}.tar`), a glob or a list, local or s3:// (with `storage_options`); `task` says what
+    they hold: `contrastive` (image + text) or `classification` (image + label). Images go through
+    `transforms` (torchvision.transforms.v2 ops by name, deterministic ones), else the model's own
+    preprocessing, else a resize and centre crop to `image_size`.
     """
 
     format: Literal["digits", "webdataset", "parquet"] = "digits"
@@ -64,12 +66,14 @@ class DataConfig(_Strict):
     eval: str | list[str] | None = None
     fields: FieldsConfig = Field(default_factory=FieldsConfig)
     image_size: int | None = Field(None, gt=0)
+    transforms: list[str | dict[str, dict[str, Any] | None]] | None = None
     on_corrupt: Literal["fail", "skip"] = "fail"
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     def model_post_init(self, context: Any) -> None:
         if self.format == "digits":
-            given = [key for key in ("task", "train", "curated", "eval") if getattr(self, key) is not None]
+            own = ("task", "train", "curated", "eval", "transforms")
+            given = [key for key in own if getattr(self, key) is not None]
             if given:
                 raise ValueError(f"data.{given[0]} is for your own shards (format: webdataset or parquet); the "
                                  "embedded digits data (format: digits) is chosen by data.root and data.dataset")

@@ -36,6 +36,10 @@ KEYS: dict[str, str] = {
     "data.fields.key": "the sample's key: __key__ (webdataset's) or a Parquet column (default __key__)",
     "data.image_size": "images resized and centre-cropped to this side, for models without their own "
                        "preprocessing (torchvision, factory); open_clip models use their own",
+    "data.transforms": "torchvision.transforms.v2 ops applied in order to each image as a float tensor in [0, 1], "
+                       "e.g. [{Resize: {size: 256}}, {CenterCrop: {size: 224}}, {Normalize: {mean: [...], "
+                       "std: [...]}}]; deterministic ones only (augment in your training step); they replace the "
+                       "model's own preprocessing",
     "data.on_corrupt": "a sample that does not decode: fail naming its shard and key (default) | skip it and "
                        "count its key in the reports",
     "data.storage_options": "fsspec/s3fs options for s3:// data, e.g. {endpoint_url: ..., key: ..., secret: ...}",

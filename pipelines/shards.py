@@ -5,8 +5,8 @@ as Hugging Face and DataComp export them), read into the samples a task trains o
 `shards/{00000..00999}.tar`, a glob, or a list; local or s3://) into shard URLs, refusing a pattern that
 matches nothing. `load(urls, reader)` reads them in order through `curate.files` (S3 with bounded timeouts)
 and decodes each sample with a `SampleReader`: the field map (`data.fields`) picks the members, the image is
-decoded by Pillow and transformed by the model's own preprocessing (or resized and centre-cropped to
-`data.image_size`), the caption tokenised by the model's tokenizer.
+decoded by Pillow and transformed by the recipe's `data.transforms` (torchvision ops), else the model's own
+preprocessing, else resized and centre-cropped to `data.image_size`; the caption tokenised by the model's tokenizer.
 
 A sample that does not decode either fails naming its shard and key (`data.on_corrupt: fail`, the default)
 or is skipped and counted, with its key, in `reader.skipped` (`skip`). A first sample that has none of a
@@ -16,6 +16,7 @@ the data, not a corrupt sample.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import io
 import json
@@ -31,7 +32,7 @@ from curate.files import filesystem, read_bytes, remote_errors
 
 from .extras import needs_extra
 
-__all__ = ["SampleReader", "ShardsError", "expand", "load", "resize_crop"]
+__all__ = ["SampleReader", "ShardsError", "expand", "load", "named_transforms", "resize_crop"]
 
 log = logging.getLogger("curate.data")
 
@@ -92,6 +93,67 @@ def resize_crop(image, size: int) -> torch.Tensor:
     left, top = (resized.size[0] - size) // 2, (resized.size[1] - size) // 2
     pixels = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / np.float32(255)
     return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+
+def named_transforms(specs: Sequence, *, probes: int = 16) -> Callable:
+    """The transform a recipe's `data.transforms` names: torchvision.transforms.v2 ops applied in order to the
+    image as a float32 tensor in [0, 1] (so Resize, CenterCrop, Normalize, ... all apply), e.g.
+    `[{Resize: {size: 256}}, {CenterCrop: {size: 224}}, {Normalize: {mean: [...], std: [...]}}]`; a bare name
+    takes no arguments.
+
+    Random ops are refused: every job must see the same pixels each time it reads a sample (the cache's scores
+    belong to them, and a resumed run replays them), so augmentation belongs in the training step. Random is
+    measured, not guessed from the name: the transform is run on one probe image under `probes` seeds.
+    """
+    with needs_extra("data.transforms"):
+        from torchvision.transforms import v2
+
+    ops = []
+    for spec in specs:
+        name, kwargs = (spec, {}) if isinstance(spec, str) else _single(spec)
+        op = getattr(v2, name, None)
+        if not (isinstance(op, type) and issubclass(op, v2.Transform)):
+            known = [n for n, o in vars(v2).items() if isinstance(o, type) and issubclass(o, v2.Transform)]
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"data.transforms: {name!r} is not a transform of torchvision.transforms.v2{hint}")
+        try:
+            ops.append(op(**kwargs))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"data.transforms: {name}({_kwargs(kwargs)}) fails: {error}; see "
+                             f"torchvision.transforms.v2.{name} for its arguments") from None
+    transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *ops])
+    from PIL import Image
+
+    probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    with torch.random.fork_rng(devices=[]):
+        outputs = []
+        for seed in range(probes):
+            torch.manual_seed(seed)
+            outputs.append(transform(probe))
+    if any(not torch.equal(outputs[0], other) for other in outputs[1:]):
+        raise ValueError(f"data.transforms: {[_label(spec) for spec in specs]} gives other pixels each time it is "
+                         "applied (a random op): curate must read the same sample the same way in every job, for the "
+                         "cache's scores and exact resume; keep deterministic ops here and augment in the training "
+                         "step")
+    return transform
+
+
+def _single(spec) -> tuple[str, dict]:
+    if not (isinstance(spec, dict) and len(spec) == 1):
+        raise ValueError(f"data.transforms: each entry is a name or {{Name: {{argument: value}}}}, got {spec!r}")
+    ((name, kwargs),) = spec.items()
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"data.transforms: {name}'s arguments must be a mapping, got {kwargs!r}")
+    return str(name), dict(kwargs or {})
+
+
+def _kwargs(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _label(spec) -> str:
+    return spec if isinstance(spec, str) else next(iter(spec))
 
 
 @dataclass

@@ -96,15 +96,16 @@ class ShardsClassification(_Reading, DigitsTask):
 
 def shards_task(data: DataConfig, evaluation: EvalConfig, built: models.Built, image_size: int | None,
                 context_length: int | None):
-    """The task of `data` reading with the learner's preprocessing (`built`): its own eval transform (train data
-    too: deterministic pixels, so that a resumed run, the cache and the learner see the same sample), else
-    `resize_crop` to data.image_size; its own tokenizer, else open_clip's CLIP tokenizer at the model's context
-    length (`pipelines.data.tokenize`)."""
-    transform = built.preprocess_val
+    """The task of `data` reading with the recipe's `data.transforms`, else the learner's preprocessing (`built`):
+    its own eval transform (train data too: deterministic pixels, so that a resumed run, the cache and the
+    learner see the same sample), else `resize_crop` to data.image_size; its own tokenizer, else open_clip's
+    CLIP tokenizer at the model's context length (`pipelines.data.tokenize`)."""
+    transform = shards.named_transforms(data.transforms) if data.transforms else built.preprocess_val
     if transform is None:
         if image_size is None:
             raise ValueError("data.image_size: the model brings no preprocessing of its own, so give the side that "
-                             "images are resized and centre-cropped to, e.g. data.image_size: 224")
+                             "images are resized and centre-cropped to, e.g. data.image_size: 224 (or name "
+                             "torchvision transforms in data.transforms)")
         transform = functools.partial(shards.resize_crop, size=image_size)
     tokenizer = built.tokenizer
     if tokenizer is None and data.task == "contrastive":

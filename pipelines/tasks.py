@@ -181,10 +181,12 @@ def shard_counts(recipe: Recipe) -> list[int | None]:
 def dataset_identity(recipe: Recipe) -> str:
     """The train split's identity, recorded in every cache part: the embedded dataset's name and a hash of its
     manifest's shard list (paths, counts, sha256 of each shard: the same data wherever it lives); for your own
-    shards the task and a hash of the format, field map and shard URLs (shards rewritten in place under the same
-    URLs are not told apart: rescore with `curate precompute --overwrite`)."""
+    shards the task and a hash of the format, field map, the pixels' preprocessing (data.transforms,
+    data.image_size) and shard URLs (shards rewritten in place under the same URLs are not told apart: rescore
+    with `curate precompute --overwrite`)."""
     if own_data(recipe):
         what = {"format": recipe.data.format, "fields": recipe.data.fields.model_dump(),
+                "transforms": recipe.data.transforms, "image_size": recipe.data.image_size,
                 "urls": shard_urls(recipe, "train")}
         digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
         return f"{recipe.data.task}/train:{digest}"

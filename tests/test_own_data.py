@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 import yaml
 
+from pipelines import tasks
 from pipelines.cli import main
+from pipelines.recipe import load_recipe
 
 from .conftest import make_bucket
 
@@ -327,3 +330,100 @@ def test_a_given_reference_checkpoint_with_other_shapes_names_the_parameter(tabl
     assert main(["precompute", _write(recipe, tmp_path / "r.yaml")]) == 0
     assert not (tmp_path / "run" / "reference").exists()
     assert sorted(_keys(tmp_path / "run" / "cache")) == sorted(_all_keys("train"))
+
+
+def test_named_transforms_are_torchvisions_own_applied_in_order():
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from pipelines.shards import named_transforms
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    spec = [{"Resize": {"size": 36}}, {"CenterCrop": {"size": 32}}, {"Normalize": {"mean": mean, "std": std}}]
+    expected = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Resize(36), v2.CenterCrop(32),
+                           v2.Normalize(mean, std)])(image)
+    got = named_transforms(spec)(image)
+    assert got.shape == (3, 32, 32) and got.dtype == torch.float32 and torch.equal(got, expected)
+    gray = named_transforms(["Grayscale"])(image)  # a bare name: no arguments (on floats: no uint8 rounding)
+    assert gray.shape == (1, 40, 50)
+    assert torch.allclose(gray, v2.Grayscale()(v2.ToImage()(image)).float() / 255, atol=1 / 255)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (["Resise"], "'Resise' is not a transform of torchvision.transforms.v2; did you mean Resize"),
+    ([{"CenterCrop": {"width": 3}}], "CenterCrop(width=3) fails"),
+    ([{"Resize": {"size": 8}, "CenterCrop": {"size": 8}}], "each entry is a name or {Name: {argument: value}}"),
+    ([{"Resize": {"size": 36}}, "RandomHorizontalFlip"], "gives other pixels each time it is applied"),
+    ([{"GaussianBlur": {"kernel_size": 3}}], "gives other pixels each time"),  # random sigma by default
+])
+def test_named_transforms_refuse_unknown_misused_and_random_ops(spec, message):
+    from pipelines.shards import named_transforms
+
+    with pytest.raises(ValueError) as error:
+        named_transforms(spec)
+    assert message in str(error.value)
+
+
+def test_a_torchvision_classifier_reads_through_the_recipes_transforms(tables, tmp_path, capsys):
+    out = tmp_path / "run"
+    recipe = _classifier_recipe(out, tables)
+    del recipe["data"]["image_size"]
+    recipe["data"]["transforms"] = [{"Resize": {"size": 24}}, {"Normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}}]
+    path = _write(recipe, tmp_path / "byo.yaml")
+    assert main(["run", path]) == 0
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    task = tasks.task_of(load_recipe(path))
+    sample = next(iter(task.load(tables["eval"])))
+    assert sample["image"].shape == (3, 24, 24) and float(sample["image"].min()) < 0  # normalised
+    recipe["data"]["transforms"] = [{"Resize": {"size": 32}}]  # other pixels: the cache's scores are not theirs
+    assert main(["run", _write(recipe, tmp_path / "other.yaml"), "--set", "prepare=false"]) == 2
+    assert "dataset" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_precompute_on_own_shards_writes_the_local_backends_rows(tars, vit_config, tmp_path, monkeypatch):
+    """Ray Data actors rebuild the open_clip model from a config path relative to the driver's directory, read
+    the user's tar shards and write the same rows as the local backend."""
+    ray = pytest.importorskip("ray")
+    from pipelines.precompute import precompute
+    from pipelines.train_reference import train_reference
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "vit.json").write_text(vit_config.read_text())
+    frames = {}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        for backend in ("local", "ray"):
+            recipe = _clip_recipe(tmp_path / backend, tars, Path("models/vit.json"))
+            recipe["reference"]["path"] = str(tmp_path / "reference")
+            loaded = load_recipe(_write(recipe, tmp_path / f"{backend}.yaml"))
+            if backend == "local":
+                train_reference(loaded, log=lambda *_: None)
+            report = precompute(loaded, backend=backend, actors=2, cpus_per_actor=0.5, log=lambda *_: None)
+            assert report["parts_written"] == 4 and report["rows"] == 160
+            frames[backend] = pl.concat([pl.read_parquet(p) for p in sorted((tmp_path / backend / "cache").glob(
+                "part-*.parquet"))]).sort("__key__")
+    finally:
+        ray.shutdown()
+    assert frames["ray"].equals(frames["local"]) and frames["ray"]["__key__"].to_list() == sorted(_all_keys("train"))
+
+
+@pytest.mark.slow
+def test_acl_an_actor_samples_by_learnability_on_own_shards(tars, vit_config, tmp_path):
+    """ACL on your own data: a small open_clip actor (a narrower config) trained online on the selected
+    batches scores in the learner's place; selection samples by softmax over learnability."""
+    small = {**TINY_VIT, "vision_cfg": {**TINY_VIT["vision_cfg"], "width": 32, "head_width": 16},
+             "text_cfg": {**TINY_VIT["text_cfg"], "width": 32}}
+    (tmp_path / "actor.json").write_text(json.dumps(small))
+    out = tmp_path / "run"
+    recipe = _clip_recipe(out, tars, vit_config)
+    recipe["prepare"] = True
+    recipe["selection"] = {**recipe["selection"], "method": "sample", "filter_ratio": 0.5,
+                           "actor": {"model": {"kind": "open_clip", "config": str(tmp_path / "actor.json")}}}
+    assert main(["run", _write(recipe, tmp_path / "acl.yaml")]) == 0
+    last = _metrics(out)[-1]
+    assert last["step"] == 4 and last["pipeline"]["actor_updates"] == 4 and last["pipeline"]["kept"] == 4 * 8
+    assert last["pipeline"]["seen"] == 4 * 16
