@@ -39,6 +39,7 @@ from .scorers import (
 from .seeding import derive_seed, make_generator
 from .selection import joint, sample, topk
 from .stage import Counter, Merge, Stage
+from .state import load_state, save_state, state_path
 from .sync import WeightSync
 
 __version__ = "0.1.0"
@@ -94,6 +95,7 @@ __all__ = [
     "forward_flops",
     "get_rule",
     "joint",
+    "load_state",
     "local_sizes",
     "make_generator",
     "model_hash",
@@ -102,11 +104,13 @@ __all__ = [
     "resolve_learner",
     "resolve_world",
     "sample",
+    "save_state",
     "score_model",
     "semantic_dedup",
     "sigmoid_example_losses",
     "sigmoid_pair_losses",
     "softmax_example_losses",
+    "state_path",
     "superbatch_size_for",
     "take",
     "topk",

@@ -162,15 +162,15 @@ class Source(Stage[BatchDict]):
             if samples:
                 raise ValueError("Source: the iterable yields both samples and collated batches; yield one kind")
             if not isinstance(item, dict):
-                raise TypeError(f"Source: a batch must be a dict of per-sample fields, got {type(item).__name__}")
+                raise TypeError(f"Source: a batch must be a dict of per-sample fields, got {type(item).__name__}. "
+                                f"{_SHAPE}")
             if "__key__" in item:
                 _check_keys(item["__key__"])
             if batch_size_of(item):
                 return item
         bad = next((s for s in samples if not isinstance(s, dict)), None)
         if bad is not None:
-            raise TypeError(f"Source: samples must be dicts of fields (e.g. {{'__key__': ..., 'image': ...}}), got "
-                            f"{type(bad).__name__}")
+            raise TypeError(f"Source: samples must be dicts of fields, got {type(bad).__name__}. {_SHAPE}")
         if "__key__" in samples[0]:
             _check_keys([s.get("__key__") for s in samples])
         return self.collate(samples)
@@ -192,6 +192,12 @@ class Source(Stage[BatchDict]):
         if self._stateful:
             state["iterable"] = cast(_Stateful, self.iterable).state_dict()
         return state
+
+
+_SHAPE = ("curate reads samples as dicts of fields with a string '__key__' (webdataset's shape), e.g. "
+          "{'__key__': '000042', 'image': tensor, 'label': 3}, or collated batches of them; for a dataset of "
+          "(input, target) tuples, return {'__key__': str(index), 'image': input, 'label': target} from its "
+          "__getitem__ (or map the tuples to such dicts)")
 
 
 def _check_keys(keys) -> None:

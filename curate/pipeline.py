@@ -8,7 +8,8 @@ chain also splits the data by rank, keeps ranks in step and can select over the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import json
+from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from torchdata.nodes import BaseNode, Loader
 from torchdata.nodes.loader import LoaderIterator
 
+from . import lengths
 from .actor import TrainActor
 from .distributed import SCOPES, Comm, GlobalScope, Lockstep, RankSplit, already_split, resolve_world, shards_of
 from .flops import TrainingFlops
@@ -47,22 +49,74 @@ class Pipeline(Loader):
     Args:
         root: the last node of the chain (its batches are what the pipeline yields).
         comm: this rank's place in a DDP job, for `global_stats()` and the `rank` / `world_size` stats.
+        output: batch → what the loop receives (e.g. a tuple of fields); applied after the chain, so state and
+            resume are the chain's.
+        config: the options the chain was built with; its hash goes into the state, and a state saved under
+            other options is refused. Default: the chain's stage types.
+        batches_per_epoch: batches per epoch on this rank, when known (`len()`); see `curate.lengths`.
+
+    A state knows where it came from: `state_dict()["curate"]` holds the rank, the world size and the
+    configuration hash, and `load_state_dict` refuses a state of another rank, world size or configuration,
+    naming both (after a DDP resume a rank would otherwise train on another rank's stream: duplicate data).
     """
 
+    STATE_KEY = "curate"
     _it: _EpochIterator | None  # torchdata's Loader's (untyped: torchdata ships no type information)
     _next_iter_state_dict: dict | None
     _iter_for_state_dict: bool
 
-    def __init__(self, root: BaseNode, comm: Comm | None = None):
+    def __init__(self, root: BaseNode, comm: Comm | None = None, *, output: Callable | None = None,
+                 config: dict | None = None, batches_per_epoch: int | None = None):
         super().__init__(root)
         self.comm = comm or Comm(0, 1)
         self.chain = chain(root)
+        self.output = output
+        given = config if config is not None else {"stages": [stage_name(node) for node in self.chain]}
+        self.config = json.loads(json.dumps(given, sort_keys=True, default=str))  # plain values, as a state holds
+        self.batches_per_epoch = batches_per_epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (what frameworks size progress bars and schedules by); a TypeError when
+        the source does not know its length (`batches_per_epoch` is then None)."""
+        if self.batches_per_epoch is None:
+            raise TypeError("Pipeline: the number of batches per epoch is not known: the source has no len() (an "
+                            "iterable dataset, a generator) or keep_keys drops an unknown number; give a source with "
+                            "a length, or pass batches_per_epoch= to curate.pipeline")
+        return self.batches_per_epoch
+
+    def state_dict(self) -> dict:
+        """The chain's state (positions, RNG states; no samples) and where it came from (rank, world size, config)."""
+        identity = {"rank": self.comm.rank, "world_size": self.comm.world_size, "config": self.config}
+        return {**super().state_dict(), self.STATE_KEY: identity}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from `state_dict`: the next `iter()` continues its epoch exactly. Refuses a state of another
+        rank, world size or configuration (see the class doc)."""
+        state = dict(state_dict)
+        identity = state.pop(self.STATE_KEY, None)  # None: saved before states knew their rank
+        if identity is not None:
+            if (identity["rank"], identity["world_size"]) != (self.comm.rank, self.comm.world_size):
+                raise ValueError(
+                    f"Pipeline.load_state_dict: the state is rank {identity['rank']} of {identity['world_size']}'s, "
+                    f"this pipeline is rank {self.comm.rank} of {self.comm.world_size}; load each rank's own state "
+                    "(curate.save_state / curate.load_state keep one file per rank)")
+            saved = identity["config"]
+            differ = [f"{key}: saved {saved.get(key)!r}, here {self.config.get(key)!r}"
+                      for key in sorted(set(saved) | set(self.config)) if saved.get(key) != self.config.get(key)]
+            if differ:
+                raise ValueError(f"Pipeline.load_state_dict: the state was saved by a pipeline with other options "
+                                 f"({'; '.join(differ)}); build the pipeline with the options it was saved with")
+        super().load_state_dict(state)
 
     def __iter__(self):
         """One epoch. After `load_state_dict`, the rest of the checkpoint's epoch: nothing when it was taken after
         the epoch's last batch (the loop's `for` then ends that epoch, as it would have), the next epoch when it was
         taken after the epoch's StopIteration. (torchdata's Loader goes on into the next epoch in both cases, which
         shifts the loop's epoch count by one.)"""
+        it = self._epoch()
+        return it if self.output is None else _Output(it, self.output)
+
+    def _epoch(self) -> _EpochIterator:
         if self._it is None:
             self._it = _EpochIterator(self)
         elif self._iter_for_state_dict:  # made by state_dict() before any iter(): this is that epoch
@@ -190,6 +244,53 @@ class Pipeline(Loader):
         return out
 
 
+class _Output:
+    """An epoch's iterator with `output` applied to each batch on the way out (outside the chain: the iterator's
+    look-ahead and state see the batches as the chain made them)."""
+
+    def __init__(self, it: _EpochIterator, output: Callable):
+        self.it, self.output = it, output
+
+    def __iter__(self) -> _Output:
+        return self
+
+    def __next__(self):
+        return self.output(next(self.it))
+
+
+def output_of(fields: Sequence[str] | None, output: Sequence[str] | Callable | None) -> Callable | None:
+    """`pipeline`'s `fields=` (keep these fields of each batch) and `output=` (a tuple of fields, or a function of
+    the batch) as one function of the batch, or None when the batch goes out as it is."""
+    for name, value in (("fields", fields), ("output", output)):
+        if isinstance(value, str):
+            raise TypeError(f"pipeline: {name}= takes a sequence of field names, got the string {value!r}; "
+                            f"write {name}=({value!r},)")
+    keep = tuple(fields) if fields is not None else None
+    if output is not None and not callable(output):
+        names = tuple(output)
+        if not names:
+            raise ValueError("pipeline: output= names no field; give e.g. output=('image', 'text')")
+    else:
+        names = None
+
+    def out(batch: dict):
+        if keep is not None:
+            batch = {name: _field(batch, name, "fields") for name in keep}
+        if names is not None:
+            return tuple(_field(batch, name, "output") for name in names)
+        return batch if output is None else output(batch)  # type: ignore[operator]
+
+    return None if keep is None and output is None else out
+
+
+def _field(batch: dict, name: str, option: str):
+    try:
+        return batch[name]
+    except KeyError:
+        raise KeyError(f"pipeline: {option}= names {name!r}, which the batches do not have; their fields are "
+                       f"{sorted(batch)}") from None
+
+
 class _EpochIterator(LoaderIterator):
     """torchdata's LoaderIterator that also keeps, in its state, the epoch it is in and whether that epoch ended (its
     StopIteration was raised), so a checkpoint after the last batch and one after the StopIteration resume apart."""
@@ -257,6 +358,9 @@ def pipeline(
     rank_split: str = "auto",
     device: torch.device | str | None = None,
     timeout: float | None = None,
+    fields: Sequence[str] | None = None,
+    output: Sequence[str] | Callable | None = None,
+    batches_per_epoch: int | None = None,
 ) -> Pipeline:
     """Curated training batches from any iterable of samples.
 
@@ -320,6 +424,12 @@ def pipeline(
             (every world_size-th sample). "none": the source already yields only this rank's data.
         timeout: seconds the pipeline's collectives wait for the other ranks before every rank fails with
             `curate.distributed.RankStalledError` (default: the default process group's timeout).
+        fields: keep only these fields of each batch (e.g. what `model(**batch)` takes); `__key__` too only if
+            listed. Applied as batches leave the pipeline, so state, resume and stats are unchanged.
+        output: what the loop receives: a tuple of fields (`("image", "text")` gives `(images, texts)`, as
+            open_clip's training loop unpacks) or a function of the batch.
+        batches_per_epoch: this rank's batches per epoch (`len(pipeline)`), for a source that cannot say.
+            Default: counted from the source's length when it has one (`curate.lengths`), else unknown.
     """
     if method not in METHODS:
         raise ValueError(f"pipeline: unknown method {method!r}; valid methods are {list(METHODS)}")
@@ -348,16 +458,18 @@ def pipeline(
         raise ValueError(f"pipeline: the source {shards!r} is split for rank {shards.rank} of {shards.world_size} but "
                          f"the pipeline runs as rank {rank} of {world_size}; give both the same rank= and world_size=")
     comm = Comm.create(rank, world_size, need_group=selection_scope == "global", timeout=timeout)
-    comm.check_same("pipeline configuration", {  # a rank with other options would silently train differently
-        "batch_size": batch_size, "superbatch_size": superbatch_size, "method": method, "n_chunks": n_chunks,
-        "temperature": temperature, "seed": seed, "rule": rule.name, "selection_scope": selection_scope,
-        "shuffle_buffer": shuffle_buffer, "prefetch": prefetch, "drop_last": drop_last})
+    options = {"batch_size": batch_size, "superbatch_size": superbatch_size, "method": method, "n_chunks": n_chunks,
+               "temperature": temperature, "seed": seed, "rule": rule.name, "selection_scope": selection_scope,
+               "shuffle_buffer": shuffle_buffer, "prefetch": prefetch, "drop_last": drop_last}
+    comm.check_same("pipeline configuration", options)  # a rank with other options would silently train differently
+    output_of(fields, output)  # bad fields= / output= fail here, before any work
     side = (resolve_learner(learner, prefetch=prefetch, train_model=train_model, train_scorer=train_scorer)
             if rule.uses_learner and learner is not None else None)  # (Score names a missing learner)
 
     device = _resolve_device(device, side)
     node = as_node(source, collate=collate)
-    if world_size > 1 and rank_split == "auto" and not already_split(source):
+    split_here = world_size > 1 and rank_split == "auto" and not already_split(source)
+    if split_here:
         node = RankSplit(node, rank, world_size)
     if keep_keys is not None:
         if isinstance(keep_keys, str | PathLike):
@@ -387,7 +499,12 @@ def pipeline(
     trained = side.trained if side is not None else unwrap_ddp(train_model)
     if count_flops and not score.measures_training_forward and trained is not None and scorer is not None:
         node = TrainingFlops(node, trained, train_scorer or scorer, micro_batch_size)
-    return Pipeline(node, comm)
+    if batches_per_epoch is None and keep_keys is None:  # a key filter drops a number known only by reading
+        batches_per_epoch = lengths.batches_per_epoch(
+            lengths.source_samples(source), superbatch_size, rank=rank, world_size=world_size,
+            split_here=split_here, lockstep=comm.group is not None, drop_last=drop_last)
+    config = {**options, "stages": [stage_name(n) for n in chain(node)]}
+    return Pipeline(node, comm, output=output_of(fields, output), config=config, batches_per_epoch=batches_per_epoch)
 
 
 def _resolve_device(device: torch.device | str | None, side: LearnerSide | None) -> torch.device:

@@ -68,6 +68,7 @@ def scenario_library(out: dict, digits: str) -> None:
                         shuffle_buffer=0)
     out["split_samples"] = [[b["__key__"] for b in p] for _ in range(2)]
     out["split_samples_stats"] = p.stats()
+    out["split_samples_len"] = len(p)  # known ahead: the ranks stop together at the shorter share's full superbatches
     # 2. webdataset shards of unequal sizes (200, 200, 100) split by shard, then by 2 DataLoader workers
     from pipelines import data
 

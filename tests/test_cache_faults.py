@@ -351,12 +351,13 @@ def test_claims_on_s3_are_exclusive_and_a_stale_one_is_taken_over_once(s3_server
 
     fs = make_bucket(s3_server, "claims")
     part = "claims/cache/part-00000.parquet"
-    first = Claims(fs, timeout_s=1.0, log=lambda *_: None)  # not entered: no heartbeat, so its claim goes stale
-    second, third = (Claims(fs, timeout_s=1.0, log=lambda *_: None) for _ in range(2))
+    # 3 s: a loaded 2-core machine once took over 1 s between the first two acquires, so the claim read as stale
+    first = Claims(fs, timeout_s=3.0, log=lambda *_: None)  # not entered: no heartbeat, so its claim goes stale
+    second, third = (Claims(fs, timeout_s=3.0, log=lambda *_: None) for _ in range(2))
     assert first.acquire(part) and not second.acquire(part)  # If-None-Match: one creator wins
     owner, _, stale_etag = second._read(Claims.path(part))
     assert owner["token"] == first.owner["token"]
-    time.sleep(1.5)
+    time.sleep(3.5)
     assert second.acquire(part)  # stale: replaced with If-Match on the stale claim's ETag
     assert not third._take_over(Claims.path(part), owner, stale_etag)  # a second taker of the same stale claim loses
     first.release(part)  # no longer its claim: left alone

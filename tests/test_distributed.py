@@ -231,6 +231,7 @@ def test_samples_are_split_disjointly_and_ranks_take_equal_steps(library):
     keys = [s["__key__"] for s in make_samples(203)]  # 102 for rank 0, 101 for rank 1; superbatch 10
     for epoch in range(2):
         assert [len(out["split_samples"][epoch]) for out in library] == [10, 10]
+        assert [out["split_samples_len"] for out in library] == [10, 10]  # len(pipeline), under lockstep
         for rank, out in enumerate(library):
             mine = keys[rank::2]  # rank r: samples r, r + 2, ... (each batch keeps all 10, in sampled order)
             assert [sorted(b) for b in out["split_samples"][epoch]] == [mine[i:i + 10] for i in range(0, 100, 10)]

@@ -295,7 +295,12 @@ def test_a_state_from_a_pipeline_with_other_stages_is_refused_by_name():
     saved = curate.pipeline(make_samples(200), **_kwargs(filter_ratio=0.5, shuffle_buffer=64))
     next(iter(saved))
     other = curate.pipeline(make_samples(200), **_kwargs(filter_ratio=0.5, shuffle_buffer=0))
-    other.load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match="other options .*shuffle_buffer: saved 64, here 0; stages: saved "
+                                         r"\['source', 'shuffle', .*options it was saved with"):
+        other.load_state_dict(saved.state_dict())
+    state = saved.state_dict()
+    del state["curate"]  # a hand-made or older state: the chain itself still refuses it by name
+    other.load_state_dict(state)
     with pytest.raises(ValueError, match="the state does not fit this pipeline.*options it was saved with"):
         next(iter(other))
 

@@ -72,7 +72,7 @@ def _snippets() -> list[str]:
 
 
 def test_the_readme_wraps_a_dataloader_as_it_shows():
-    (code,) = [s for s in _snippets() if "curate.pipeline(" in s]
+    (code,) = [s for s in _snippets() if "curate.pipeline(" in s and "save_state" not in s]
     torch.manual_seed(0)
     samples = [{"__key__": s["__key__"], "image": s["input"], "label": s["target"]} for s in make_samples(700)]
     model, reference_model = nn.Linear(8, 3), nn.Linear(8, 3)
@@ -82,6 +82,21 @@ def test_the_readme_wraps_a_dataloader_as_it_shows():
     exec(compile(code, "README.md", "exec"), namespace)
     assert trained == [64, 64, 12]  # superbatches of 320, 320 and the last 60 (keeping the same fifth)
     assert namespace["batches"].stats()["seen"] == 700
+
+
+def test_the_readmes_loop_lines_give_tuples_a_length_and_per_rank_state(tmp_path, monkeypatch):
+    (code,) = [s for s in _snippets() if "curate.save_state(" in s]
+    monkeypatch.chdir(tmp_path)
+    samples = [{"__key__": s["__key__"], "image": s["input"], "label": s["target"]} for s in make_samples(700)]
+    trained = []
+    namespace = {"curate": __import__("curate"), "loader": DataLoader(samples, batch_size=32),
+                 "model": nn.Linear(8, 3), "reference_model": nn.Linear(8, 3),
+                 "scorer": __import__("curate").ClassificationScorer(input_key="image", target_key="label"),
+                 "train_step": lambda images, labels: trained.append((images.shape, labels.shape))}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["steps_per_epoch"] == len(trained) == 3  # superbatches of 320, 320, 60
+    assert trained[0] == (torch.Size([64, 8]), torch.Size([64]))
+    assert (tmp_path / "checkpoints" / "latest" / "pipeline-rank00000-of-00001.pt").is_file()
 
 
 def test_the_readme_builds_a_chain_with_a_stage_of_its_own():
