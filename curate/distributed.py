@@ -323,13 +323,30 @@ def shards_of(source) -> Shards | None:
 
 
 def already_split(source) -> bool:
-    """Whether a source is this rank's part already: `Shards`, or a DataLoader with a DistributedSampler."""
+    """Whether a source is this rank's part already: `Shards`, a DataLoader with a DistributedSampler, a
+    webdataset pipeline with `split_by_node` among its stages, or a Hugging Face `IterableDataset` split by
+    `datasets.distributed.split_dataset_by_node` (itself, or a DataLoader's dataset). Splitting such a source
+    again would leave each rank 1/W of its own part."""
     if shards_of(source) is not None:
         return True
     if isinstance(source, DataLoader):
         samplers = (source.sampler, getattr(source.batch_sampler, "sampler", None))
-        return any(isinstance(s, DistributedSampler) for s in samplers)
-    return False
+        if any(isinstance(s, DistributedSampler) for s in samplers):
+            return True
+        source = source.dataset
+    return _webdataset_split(source) or _hf_split(source)
+
+
+def _webdataset_split(source) -> bool:
+    stages = getattr(source, "pipeline", None)  # webdataset's DataPipeline / WebDataset keep their stages here
+    return isinstance(stages, list) and any(
+        getattr(stage, "__name__", None) == "split_by_node"
+        and str(getattr(stage, "__module__", "")).startswith("webdataset") for stage in stages)
+
+
+def _hf_split(source) -> bool:
+    # split_dataset_by_node(IterableDataset) records the node's (rank, world_size) in `_distributed`
+    return type(source).__module__.startswith("datasets.") and getattr(source, "_distributed", None) is not None
 
 
 class RankSplit(Stage[dict]):

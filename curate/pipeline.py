@@ -9,6 +9,7 @@ chain also splits the data by rank, keeps ranks in step and can select over the 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 
@@ -31,6 +32,8 @@ from .scorers import Scorer
 from .stage import Stage, chain, chain_stats, local_stats, stage_name
 
 __all__ = ["Pipeline", "pipeline", "superbatch_size_for"]
+
+log = logging.getLogger("curate.pipeline")
 
 
 def superbatch_size_for(batch_size: int, filter_ratio: float) -> int:
@@ -207,11 +210,13 @@ class Pipeline(Loader):
         saves compute only if it needs fewer steps than uniform training by more than this factor).
 
         With prefetch, selection counts include the superbatch being prepared in the background.
-        Under DDP these are this rank's (`global_stats()` totals them), plus `rank` and `world_size`.
+        Under DDP these are this rank's (`global_stats()` totals them), plus `rank`, `world_size` and
+        `rank_split` (who splits the data by rank: "source", or the pipeline's every-W-th-sample split).
         """
         out = chain_stats(self.chain)
         if self.comm.world_size > 1:
             out["rank"], out["world_size"] = self.comm.rank, self.comm.world_size
+            out["rank_split"] = _rank_split(self.chain)
         return out
 
     def close(self) -> None:
@@ -242,6 +247,11 @@ class Pipeline(Loader):
         out = chain_stats(self.chain, self.comm.gather_object(local_stats(self.chain)))
         out["world_size"] = self.comm.world_size
         return out
+
+
+def _rank_split(nodes) -> str:
+    """Who splits the data by rank: this pipeline (RankSplit: every W-th sample) or the source itself."""
+    return "pipeline: every world_size-th sample" if any(isinstance(n, RankSplit) for n in nodes) else "source"
 
 
 class _Output:
@@ -419,9 +429,11 @@ def pipeline(
             moved there once (pinned, non_blocking; `curate.ToDevice`), and with prefetch=1 on CUDA the background
             work runs on its own stream. Default: the learner's device (its scoring copy's); "cpu" (or a learner
             on the CPU, or none) keeps batches where the source made them.
-        rank_split: "auto": a `curate.distributed.Shards` source (or a DataLoader over one) splits by shard, a
-            DataLoader with a DistributedSampler is taken as split, anything else is split by sample index
-            (every world_size-th sample). "none": the source already yields only this rank's data.
+        rank_split: "auto": a `curate.distributed.Shards` source (or a DataLoader over one) splits by shard; a
+            DataLoader with a DistributedSampler, a webdataset pipeline with `split_by_node` and an HF
+            IterableDataset from `split_dataset_by_node` are taken as split; anything else is split by sample
+            index (every world_size-th sample; logged, and `stats()["rank_split"]` says which). "none": the
+            source already yields only this rank's data.
         timeout: seconds the pipeline's collectives wait for the other ranks before every rank fails with
             `curate.distributed.RankStalledError` (default: the default process group's timeout).
         fields: keep only these fields of each batch (e.g. what `model(**batch)` takes); `__key__` too only if
@@ -471,6 +483,9 @@ def pipeline(
     split_here = world_size > 1 and rank_split == "auto" and not already_split(source)
     if split_here:
         node = RankSplit(node, rank, world_size)
+        if comm.group is not None:  # a source split in a way curate does not recognise would now be split twice
+            log.info("pipeline: rank %d of %d reads every %d-th sample of the source (RankSplit); if the source "
+                     "already yields only this rank's data, pass rank_split='none'", rank, world_size, world_size)
     if keep_keys is not None:
         if isinstance(keep_keys, str | PathLike):
             from .curation import read_keys

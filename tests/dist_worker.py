@@ -130,6 +130,38 @@ def _error(fn) -> str | None:
     return None
 
 
+def _decoded(sample: dict) -> dict:
+    import numpy as np
+
+    return {"__key__": sample["__key__"], "input": torch.from_numpy(np.load(io.BytesIO(sample["npy"]))).float(),
+            "target": int(sample["cls"])}
+
+
+def scenario_split_sources(out: dict, digits: str) -> None:
+    """Sources split by node already (webdataset's split_by_node, HF's split_dataset_by_node): not split again."""
+    import webdataset as wds
+    from datasets import IterableDataset as HFIterable
+    from datasets.distributed import split_dataset_by_node
+
+    from pipelines.data import shard_urls
+
+    urls = shard_urls(digits, "digits", "train")
+    options = dict(rule="uniform", method="sample", filter_ratio=0.0, batch_size=10, shuffle_buffer=0)
+    by_node = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.tarfile_to_samples(),
+                               wds.map(_decoded))
+    p = curate.pipeline(by_node, **options)
+    out["wds_keys"] = [k for b in p for k in b["__key__"]]
+    out["wds_stats"] = p.stats()
+    rows = [{"__key__": f"row{i:04d}", "input": [float(i)] * 8, "target": i % 3} for i in range(120)]
+    hf = split_dataset_by_node(HFIterable.from_generator(lambda: iter(rows)), rank=dist.get_rank(), world_size=2)
+    p = curate.pipeline(hf.with_format("torch"), **options)
+    out["hf_keys"] = [k for b in p for k in b["__key__"]]
+    plain = curate.pipeline(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(),
+                                             wds.map(_decoded)), **options)
+    out["plain_keys"] = [k for b in plain for k in b["__key__"]]
+    out["plain_split"] = plain.stats()["rank_split"]
+
+
 def scenario_bad(out: dict, digits: str, one_shard: str) -> None:
     from pipelines import train
     from pipelines.recipe import Recipe
@@ -183,7 +215,8 @@ def main() -> None:
     scenario, target, *args = sys.argv[1:]
     dist.init_process_group("gloo", timeout=timedelta(seconds=120 if scenario == "stall" else 60))
     out: dict = {"tmp": target}
-    {"library": scenario_library, "bad": scenario_bad, "stall": scenario_stall}[scenario](out, *args)
+    {"library": scenario_library, "bad": scenario_bad, "stall": scenario_stall,
+     "split_sources": scenario_split_sources}[scenario](out, *args)
     torch.save(out, Path(target) / f"{scenario}-{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,25 @@ def library(digits, tmp_path_factory) -> list[dict]:
 
 
 # ---------------------------------------------------------------- in one process
+
+
+def test_sources_that_split_by_node_themselves_are_recognised():
+    import webdataset as wds
+    from datasets import IterableDataset as HFIterable
+    from datasets.distributed import split_dataset_by_node
+
+    from curate.distributed import already_split
+
+    urls = ["shards/a-{0..3}.tar"]
+    split = [wds.WebDataset(urls, nodesplitter=wds.split_by_node, shardshuffle=False),
+             wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.tarfile_to_samples()),
+             split_dataset_by_node(HFIterable.from_generator(lambda: iter([{"x": 1}])), rank=0, world_size=2)]
+    whole = [wds.WebDataset(urls, nodesplitter=None, shardshuffle=False),
+             wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples()),
+             HFIterable.from_generator(lambda: iter([{"x": 1}])), make_samples(10)]
+    assert [already_split(s) for s in split] == [True] * 3
+    assert [already_split(DataLoader(s, batch_size=None)) for s in split] == [True] * 3
+    assert [already_split(s) for s in whole] == [False] * 4
 
 
 def test_rank_and_world_come_from_arguments_then_the_environment(monkeypatch):
@@ -223,6 +243,24 @@ def test_merged_stats_add_counts_and_recompute_ratios():
 
 
 # ---------------------------------------------------------------- torchrun: data split and step counts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sources_split_by_node_already_are_not_split_again_under_torchrun(digits, tmp_path):
+    """webdataset's split_by_node and HF's split_dataset_by_node give each rank its part; curate keeps all of it
+    (it used to split it again: rank 0 of 2 got 150 of its 300). A plain stream is still split, and says so."""
+    from pipelines.data import shard_urls
+
+    ranks = _worker("split_sources", tmp_path, str(digits["even"]))
+    urls = shard_urls(digits["even"], "digits", "train")  # 6 shards of 100
+    keys = {url: sorted({name.split(".")[0] for name in tarfile.open(url).getnames()}) for url in urls}
+    for rank, out in enumerate(ranks):
+        assert sorted(out["wds_keys"]) == sorted(k for url in urls[rank::2] for k in keys[url])  # all 300 of them
+        assert out["wds_stats"]["rank_split"] == "source"
+        # HF splits a one-shard iterable by example: rank r keeps rows r, r + 2, ...
+        assert sorted(out["hf_keys"]) == [f"row{i:04d}" for i in range(120) if i % 2 == rank]
+        assert out["plain_split"] == "pipeline: every world_size-th sample" and len(out["plain_keys"]) == 300
 
 
 @pytest.mark.slow
