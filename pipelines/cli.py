@@ -86,7 +86,9 @@ def _data(args) -> None:
         f"{name} " + "/".join(f"{split['count']}" for split in ds["splits"].values())
         for name, ds in manifest.items() if isinstance(ds, dict) and "splits" in ds) + " (train/curated/test)")
     if args.format != "npy":  # what an own-data recipe points at
-        suffix = "tar" if args.format == "webdataset" else "parquet"
+        from .shard_writers import SUFFIX
+
+        suffix = SUFFIX[args.format]
         for name in ("pairs", "digits"):
             print(f"  {name}: data.train: {args.out}/{name}/train-*.{suffix}  data.curated: "
                   f"{args.out}/{name}/curated-*.{suffix}  data.eval: {args.out}/{name}/test-*.{suffix}")
