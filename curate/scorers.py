@@ -259,7 +259,7 @@ class ClassificationScorer:
                  autocast: torch.dtype | None = None, dtype: torch.dtype | None = None):
         _check_precision("ClassificationScorer", autocast, dtype)
         self.input_key, self.target_key = input_key, target_key
-        self.keys = (input_key, target_key)
+        self.keys: tuple[str, ...] = (input_key, target_key)
         self.autocast, self.dtype = autocast, dtype
 
     def __call__(self, model: nn.Module, batch: dict) -> ModelScores:
