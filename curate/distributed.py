@@ -252,7 +252,7 @@ class Shards(IterableDataset):
         urls: shard URLs or paths.
         load: list of URLs → iterable of samples, e.g. `functools.partial(pipelines.data.load_pairs,
             storage_options=...)`, or a webdataset pipeline that does not split them again
-            (`lambda urls: wds.WebDataset(urls, nodesplitter=None, workersplitter=None)...`).
+            (`lambda urls: wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), ...)`).
         rank, world_size: default `resolve_world()`.
 
     Fewer shards than ranks is an error on every rank at construction: an empty rank would stall the others.

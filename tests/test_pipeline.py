@@ -161,7 +161,8 @@ def test_consumes_webdataset_shards(tmp_path):
                 sink.write({"__key__": s["__key__"], "image.pth": s["image"], "text.pth": s["text"]})
     urls = str(tmp_path / "shard-{000000..000002}.tar")
     dataset = (wds.WebDataset(urls, shardshuffle=False).decode()
-               .map(lambda s: {"__key__": s["__key__"], "image": s["image.pth"], "text": s["text.pth"]}))
+               .map(lambda s: {"__key__": s["__key__"], "image": s["image.pth"],
+                                                    "text": s["text.pth"]}))
     model = tiny_clip("sigmoid")
     batches = list(curate.pipeline(dataset, learner=model, reference=tiny_clip("sigmoid", seed=1),
                                    scorer=curate.ContrastiveScorer(), batch_size=8, filter_ratio=0.8,
@@ -171,8 +172,9 @@ def test_consumes_webdataset_shards(tmp_path):
     torch.testing.assert_close(batches[0]["image"][0], next(s["image"] for s in data if s["__key__"] == keys[0]))
 
     def load(shard_urls):  # what curate.Shards calls, once per shard
-        return (wds.WebDataset(shard_urls, shardshuffle=False, nodesplitter=None, workersplitter=None).decode()
-                .map(lambda s: {"__key__": s["__key__"], "image": s["image.pth"], "text": s["text.pth"]}))
+        return wds.DataPipeline(wds.SimpleShardList(shard_urls), wds.tarfile_to_samples(), wds.decode(),  # both lines
+                                wds.map(lambda s: {"__key__": s["__key__"], "image": s["image.pth"],
+                                                    "text": s["text.pth"]}))
 
     shard_list = [str(tmp_path / f"shard-{shard:06d}.tar") for shard in range(3)]
     reference = tiny_clip("sigmoid", seed=1)

@@ -197,8 +197,9 @@ def test_re_iterable_sources_are_never_refused(tmp_path):
     urls = [str(tmp_path / f"shard-{i:06d}.tar") for i in range(3)]
 
     def load(shard_urls):
-        return (wds.WebDataset(shard_urls, shardshuffle=False, nodesplitter=None, workersplitter=None).decode()
-                .map(lambda s: {"__key__": s["__key__"], "input": s["input.pth"], "target": s["target.pth"]}))
+        return wds.DataPipeline(wds.SimpleShardList(shard_urls), wds.tarfile_to_samples(), wds.decode(),  # both lines
+                                wds.map(lambda s: {"__key__": s["__key__"], "input": s["input.pth"],
+                                                    "target": s["target.pth"]}))
 
     sources = {
         "dataloader": DataLoader(MapDataset(data), batch_size=10),
