@@ -64,6 +64,7 @@ class Pipeline(Loader):
     """
 
     STATE_KEY = "curate"
+    read_ahead = 0  # batches the consuming loop fetches before it trains the last one (Lightning's fit loop: 1)
     _it: _EpochIterator | None  # torchdata's Loader's (untyped: torchdata ships no type information)
     _next_iter_state_dict: dict | None
     _iter_for_state_dict: bool
@@ -200,7 +201,8 @@ class Pipeline(Loader):
         superbatch with drop_last=True), `dropped_by_keep_keys`, `dropped_unequal` (DDP: another rank ran out).
 
         Learner side: `prefetch`; `score_lag_steps`, the optimizer steps between the weights that scored
-        the batches now being selected and the weights they train (prefetch + the WeightSync's staleness);
+        the batches now being selected and the weights they train (prefetch + the WeightSync's staleness + the
+        loop's own `read_ahead`: 1 under Lightning, set by `curate.integrations.lightning`);
         `sync` (the WeightSync's counters); `actor_*` (ACL actor updates and training loss).
 
         FLOP ledger (`curate.flops`): `flops_per_sample` (forward FLOPs per sample of each model, measured
@@ -213,7 +215,7 @@ class Pipeline(Loader):
         Under DDP these are this rank's (`global_stats()` totals them), plus `rank`, `world_size` and
         `rank_split` (who splits the data by rank: "source", or the pipeline's every-W-th-sample split).
         """
-        out = chain_stats(self.chain)
+        out = self._with_read_ahead(chain_stats(self.chain))
         if self.comm.world_size > 1:
             out["rank"], out["world_size"] = self.comm.rank, self.comm.world_size
             out["rank_split"] = _rank_split(self.chain)
@@ -244,8 +246,14 @@ class Pipeline(Loader):
         for node in self.chain:
             if isinstance(node, Prefetch):  # its thread may be in a collective on the same group: let it finish
                 node.wait()
-        out = chain_stats(self.chain, self.comm.gather_object(local_stats(self.chain)))
+        out = self._with_read_ahead(chain_stats(self.chain, self.comm.gather_object(local_stats(self.chain))))
         out["world_size"] = self.comm.world_size
+        return out
+
+    def _with_read_ahead(self, out: dict) -> dict:
+        """A batch the loop fetched ahead was selected one more optimizer step before it trains."""
+        if "score_lag_steps" in out:
+            out["score_lag_steps"] += self.read_ahead
         return out
 
 

@@ -1,0 +1,68 @@
+"""curate.integrations.lightning against the real Lightning: `Trainer.fit` with 2 CPU processes (torchrun, DDP,
+gloo) on curated batches, stopped after a checkpoint and resumed: every rank resumes its own stream exactly."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import curate
+
+pl = pytest.importorskip("lightning.pytorch")
+from curate.integrations.lightning import CuratedDataModule  # noqa: E402
+
+from .conftest import linear_models, make_samples  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "lightning_worker.py"
+
+
+def _fit(run: str, out: Path, sized: str, ckpt: Path | None = None) -> list[dict]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), run,
+               str(out), sized, *([str(ckpt)] if ckpt else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [json.loads((out / f"{run}-{rank}.json").read_text()) for rank in range(2)]
+
+
+# "sized": the pipeline has a length, Lightning fetches no batch ahead; "unsized": it fetches one ahead, so a
+# checkpoint after step k is taken with batch k + 1 already out of the pipeline (resumed from 5: mid-epoch 1, from
+# 15: mid-epoch 2; 12 steps per epoch)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("sized", "resume_at", "lag"), [("sized", 15, 0), ("unsized", 5, 1)])
+def test_lightning_ddp_fit_resumed_from_a_checkpoint_trains_every_rank_on_its_own_stream(sized, resume_at, lag,
+                                                                                       tmp_path):
+    full = _fit("full", tmp_path, sized)
+    for rank in full:
+        assert len(rank["seen"]) == 16
+        assert rank["score_lag_steps"] == lag  # with read-ahead, each batch was selected a step before it trained
+        assert rank["rank_split"] == "pipeline: every world_size-th sample"
+    keys = [set(k for batch in rank["seen"][:12] for k in batch) for rank in full]
+    assert not keys[0] & keys[1]  # the ranks train on different data
+    checkpoints = {int(p.stem.split("step=")[1]): p for p in (tmp_path / "ckpt").glob("*.ckpt")}
+    assert sorted(checkpoints) == [5, 10, 15]
+    resumed = _fit("resumed", tmp_path, sized, checkpoints[resume_at])
+    for rank in range(2):
+        assert resumed[rank]["seen"] == full[rank]["seen"][resume_at:], f"rank {rank}"
+    if sized == "unsized":
+        return
+
+    # the checkpoint holds both ranks' states; rank 1's loaded into rank 0's pipeline is refused
+    saved = torch.load(checkpoints[resume_at], map_location="cpu", weights_only=True)["CuratedDataModule"]
+    assert saved["world_size"] == 2 and len(saved["ranks"]) == 2
+    learner, reference = linear_models(0)
+    with pytest.warns(UserWarning, match="without an initialised torch.distributed"):
+        pipe = curate.pipeline(make_samples(400), learner=learner, reference=reference,
+                               scorer=curate.ClassificationScorer(), batch_size=8, filter_ratio=0.5, method="sample",
+                               shuffle_buffer=64, seed=2, rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"the state is rank 1 of 2's, this pipeline is rank 0 of 2"):
+        pipe.load_state_dict(saved["ranks"][1]["state"])
+    single = CuratedDataModule(lambda m: pipe)
+    with pytest.raises(ValueError, match=r"holds the pipeline states of 2 ranks, this job runs 1"):
+        single.load_state_dict(saved)
