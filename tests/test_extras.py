@@ -164,3 +164,19 @@ def test_each_library_extra_without_its_package_names_the_pip_command():
     for module, (code, command) in cases.items():
         (error,) = _errors(module, [code])
         assert command in error, (module, error)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("module", "blocked", "extra", "package"), [
+    ("hf", "transformers", "hf", "transformers"),
+    ("accelerate", "accelerate", "hf", "accelerate"),
+    ("lightning", "lightning", "lightning", "lightning"),
+    ("open_clip", "open_clip_train", "open_clip", "open_clip_torch[training]"),
+])
+def test_an_integration_without_its_library_says_which_extra_installs_it(module, blocked, extra, package):
+    proc = run_without([blocked], f"import curate\nimport curate.integrations.{module}")
+    assert proc.returncode == 1
+    assert (f'curate.integrations.{module} needs {package}, which is not installed: pip install "curate[{extra}]"'
+            in proc.stderr), proc.stderr[-2000:]
+    assert run_without([blocked], "import curate").returncode == 0  # the core never imports an integration

@@ -1,0 +1,48 @@
+"""curate.integrations.accelerate against the real accelerate: the pipeline's state goes into
+`accelerator.save_state` (one file per rank, weights-only) and `load_state` resumes the same batches."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import curate
+
+accelerate = pytest.importorskip("accelerate")
+from curate.integrations.accelerate import register  # noqa: E402
+
+from .conftest import linear_models, make_samples  # noqa: E402
+
+
+def _run(tmp_path, steps: int, *, save_at: int | None = None, load: bool = False) -> list[list[str]]:
+    accelerator = accelerate.Accelerator(cpu=True)
+    learner, reference = linear_models(0)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.5)
+    learner, optimizer = accelerator.prepare(learner, optimizer)
+    pipe = curate.pipeline(make_samples(320), learner=learner, reference=reference,
+                           scorer=curate.ClassificationScorer(), batch_size=8, filter_ratio=0.5, method="sample",
+                           shuffle_buffer=64, seed=4, device=accelerator.device)
+    assert accelerator.prepare(pipe) is pipe
+    register(accelerator, pipe)
+    if load:
+        accelerator.load_state(str(tmp_path / "ckpt"))
+    seen, it, epoch = [], iter(pipe), 0
+    while len(seen) < steps:
+        try:
+            batch = next(it)
+        except StopIteration:
+            it, epoch = iter(pipe), epoch + 1
+            continue
+        seen.append(list(batch["__key__"]))
+        loss = F.cross_entropy(learner(batch["input"]), batch["target"])
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        if len(seen) == save_at:
+            accelerator.save_state(str(tmp_path / "ckpt"))
+    return seen
+
+
+def test_accelerator_save_state_and_load_state_resume_the_pipelines_stream(tmp_path):
+    full = _run(tmp_path, 30, save_at=13)  # 20 batches per epoch: the resumed run crosses into epoch 2
+    assert (tmp_path / "ckpt" / "pipeline-rank00000-of-00001.pt").exists()
+    assert _run(tmp_path, 17, load=True) == full[13:]
