@@ -11,22 +11,36 @@ epoch, also when it resumes. `data_info(pipe)` is that for any curate pipeline o
     train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, None, args)
 
 Its state is the pipeline's (`data["train"].dataloader.state_dict()`, or `curate.save_state(dir, pipe)` per rank).
+
+open_clip_train's own `main`, unmodified, with curated training data: the same command line through this module,
+plus a reference model and the selection's options (`--curate-*`, see `main`):
+
+    python -m curate.integrations.open_clip --curate-reference ref.safetensors --curate-filter-ratio 0.8 \
+        --train-data 'shards/{000000..000099}.tar' --train-num-samples 1000000 --dataset-type webdataset \
+        --model ViT-B-32 --batch-size 256 ...   (any open_clip_train option)
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from ..joint_select import METHODS
 from ..pipeline import Pipeline, pipeline
+from ..scorers import ContrastiveScorer
 from . import require
 
 require("open_clip_train", "open_clip", "open_clip_torch[training]", "curate.integrations.open_clip")
 import webdataset as wds  # noqa: E402  (installed with open_clip_torch[training])
 from open_clip_train.data import DataInfo  # noqa: E402
 
-__all__ = ["CuratedDataInfo", "OpenClipLoader", "data_info", "get_data", "webdataset_pairs"]
+__all__ = ["CuratedDataInfo", "OpenClipLoader", "data_info", "get_data", "main", "webdataset_pairs"]
+
+log = logging.getLogger("curate.integrations.open_clip")
 
 
 class OpenClipLoader:
@@ -106,3 +120,69 @@ def get_data(urls: str | Sequence[str], preprocess: Callable, tokenizer: Callabl
         per_rank = num_samples // pipe.world_size
         pipe.batches_per_epoch = max(1, math.floor(per_rank / pipe.config["superbatch_size"]))
     return data_info(pipe)
+
+
+def _curate_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m curate.integrations.open_clip", add_help=False,
+                                     description="open_clip_train's main on curated batches; every other option is "
+                                                 "open_clip_train's (python -m open_clip_train.main --help)")
+    parser.add_argument("--curate-reference", required=True,
+                        help="the reference model's weights: a .safetensors or torch state dict file (loaded "
+                             "weights-only) of --curate-reference-model")
+    parser.add_argument("--curate-reference-model", default=None,
+                        help="the reference's open_clip model name or local-dir:PATH (default: --model)")
+    parser.add_argument("--curate-method", default="joint", choices=list(METHODS))
+    parser.add_argument("--curate-filter-ratio", type=float, default=0.8)
+    parser.add_argument("--curate-n-chunks", type=int, default=16)
+    parser.add_argument("--curate-shuffle-buffer", type=int, default=1024)
+    parser.add_argument("--curate-help", action="help", help="show these options and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run open_clip_train's `main(argv)` with its training data curated: its `get_data` builds the validation data
+    as usual, and `data["train"]` is `get_data(args.train_data, ...)` above, scored by the model `main` trains (the
+    learner) and the `--curate-reference` model, selected by `--curate-method` at `--curate-filter-ratio`. Needs
+    webdataset shards (`--train-data`) and `--train-num-samples`. Nothing of open_clip_train is changed; its
+    `get_data` and `create_model_and_transforms` are wrapped while `main` runs, to capture the learner."""
+    ours, rest = _curate_options().parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    import open_clip
+    import open_clip_train.main as train_main
+
+    made: list = []
+    create, build_data = train_main.create_model_and_transforms, train_main.get_data
+
+    def create_and_capture(*args, **kwargs):
+        out = create(*args, **kwargs)
+        made.append(out[0])  # the first model main creates is the one it trains (a distillation teacher follows)
+        return out
+
+    def curated_data(args, preprocess_fns, epoch=0, tokenizer=None):
+        if not args.train_data or not args.train_num_samples:
+            raise SystemExit("curate.integrations.open_clip: give --train-data (webdataset shards) and "
+                             "--train-num-samples (samples per epoch, all ranks): curate curates the training data")
+        data = build_data(argparse.Namespace(**{**vars(args), "train_data": None}),  # the validation data, as usual
+                          preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        reference = open_clip.create_model(ours.curate_reference_model or args.model, precision=args.precision,
+                                           device=args.device, output_dict=True)
+        open_clip.load_checkpoint(reference, ours.curate_reference, weights_only=True)
+        data["train"] = get_data(
+            args.train_data, preprocess_fns[0], tokenizer, num_samples=args.train_num_samples,
+            batch_size=args.batch_size, learner=made[0], reference=reference.eval(),
+            scorer=ContrastiveScorer(loss="sigmoid" if args.siglip else "softmax"), method=ours.curate_method,
+            filter_ratio=ours.curate_filter_ratio, n_chunks=ours.curate_n_chunks,
+            shuffle_buffer=ours.curate_shuffle_buffer, seed=args.seed)
+        log.info("curate: training on %s of every %s samples (%s), %d batches per epoch",
+                 args.batch_size, data["train"].dataloader.pipe.config["superbatch_size"], ours.curate_method,
+                 data["train"].dataloader.num_batches)
+        return data
+
+    train_main.create_model_and_transforms, train_main.get_data = create_and_capture, curated_data
+    try:
+        train_main.main(rest)
+    finally:
+        train_main.create_model_and_transforms, train_main.get_data = create, build_data
+
+
+if __name__ == "__main__":
+    main()
