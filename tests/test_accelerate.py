@@ -46,3 +46,19 @@ def test_accelerator_save_state_and_load_state_resume_the_pipelines_stream(tmp_p
     full = _run(tmp_path, 30, save_at=13)  # 20 batches per epoch: the resumed run crosses into epoch 2
     assert (tmp_path / "ckpt" / "pipeline-rank00000-of-00001.pt").exists()
     assert _run(tmp_path, 17, load=True) == full[13:]
+
+
+def test_the_readmes_accelerate_lines_keep_the_stream_in_save_state(tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader
+
+    from .test_readme import readme_snippet
+
+    monkeypatch.chdir(tmp_path)
+    learner, reference = linear_models(0)
+    namespace = {"curate": curate, "accelerator": accelerate.Accelerator(cpu=True), "model": learner,
+                 "optimizer": torch.optim.SGD(learner.parameters(), lr=0.1), "reference_model": reference,
+                 "loader": DataLoader(make_samples(700), batch_size=32), "scorer": curate.ClassificationScorer()}
+    exec(compile(readme_snippet("register(accelerator"), "README.md", "exec"), namespace)
+    assert (tmp_path / "checkpoints" / "step-100" / "pipeline-rank00000-of-00001.pt").is_file()
+    batches = namespace["batches"]
+    assert len(next(iter(batches))["__key__"]) == 64

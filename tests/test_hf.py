@@ -176,3 +176,18 @@ def test_trainer_resume_without_curates_state_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"resuming at step 3, but .*checkpoint-3 holds no curate pipeline "
                                                 r"state of rank 0"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_readmes_trainer_lines_train_and_checkpoint_the_stream(tmp_path, monkeypatch):
+    from .test_readme import readme_snippet
+
+    monkeypatch.chdir(tmp_path)
+    model = tiny_gpt2(3)
+    seen = _recorded(model)
+    namespace = {"curate": curate, "transformers": transformers, "model": model, "reference_model": tiny_gpt2(9),
+                 "loader": torch.utils.data.DataLoader(sequences(64), batch_size=16)}
+    exec(compile(readme_snippet("hf.attach("), "README.md", "exec"), namespace)
+    assert len(seen) == 10 and all(ids.shape == (8, LENGTH) for ids in seen)
+    assert (tmp_path / "out" / "checkpoint-10" / "pipeline-rank00000-of-00001.pt").is_file()

@@ -66,3 +66,22 @@ def test_lightning_ddp_fit_resumed_from_a_checkpoint_trains_every_rank_on_its_ow
     single = CuratedDataModule(lambda m: pipe)
     with pytest.raises(ValueError, match=r"holds the pipeline states of 2 ranks, this job runs 1"):
         single.load_state_dict(saved)
+
+
+def test_the_readmes_lightning_lines_fit_and_checkpoint(tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader
+
+    from .lightning_worker import Classifier
+    from .test_readme import readme_snippet
+
+    monkeypatch.chdir(tmp_path)
+    module = Classifier()
+    namespace = {"curate": curate, "lightning": __import__("lightning"), "module": module,
+                 "ModelCheckpoint": pl.callbacks.ModelCheckpoint,
+                 "loader": DataLoader(make_samples(700), batch_size=32), "reference_model": linear_models(1)[1],
+                 "scorer": curate.ClassificationScorer()}
+    exec(compile(readme_snippet("CuratedDataModule("), "README.md", "exec"), namespace)
+    assert len(module.seen) == 10 and all(len(keys) == 64 for keys in module.seen[:2])
+    (last,) = [p for p in tmp_path.rglob("*.ckpt") if "step=10" in p.name]
+    saved = torch.load(last, map_location="cpu", weights_only=True)["CuratedDataModule"]
+    assert saved["world_size"] == 1 and saved["ranks"][0]["trained"] == 10 % 3  # 3 batches an epoch (700 / 320)

@@ -16,6 +16,8 @@ pytest.importorskip("curate.integrations.open_clip")
 
 from pipelines.data import make_digits  # noqa: E402
 
+from .test_readme import readme_command, readme_snippet  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -78,3 +80,31 @@ def test_the_launcher_says_what_it_needs():
     proc = subprocess.run([sys.executable, "-m", "curate.integrations.open_clip", "--curate-help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--curate-reference" in proc.stdout and "open_clip_train's" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_readmes_open_clip_lines_run(world, monkeypatch):
+    import argparse
+
+    from .test_open_clip_train import _args
+
+    monkeypatch.chdir(world)  # the README's relative paths: data/, model/, reference.safetensors, logs/
+    command = readme_command("python -m curate.integrations.open_clip")
+    proc = subprocess.run([sys.executable, *command[1:], "--name", "readme", "--report-to", ""], cwd=world,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "curate: training on 16 of every 32 samples (joint)" in (world / "logs/readme/out.log").read_text()
+
+    model, preprocess_train, _ = open_clip.create_model_and_transforms(f"local-dir:{world / 'model'}",
+                                                                       output_dict=True)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape) if m.training else None)
+    namespace = {"curate": __import__("curate"), "model": model, "preprocess_train": preprocess_train,
+                 "tokenizer": open_clip.get_tokenizer(f"local-dir:{world / 'model'}"),
+                 "reference_model": open_clip.create_model(f"local-dir:{world / 'model'}", output_dict=True).eval(),
+                 "loss": open_clip.ClipLoss(), "epoch": 0,
+                 "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-3), "args": _args(16)}
+    assert isinstance(namespace["args"], argparse.Namespace)
+    exec(compile(readme_snippet("curated_open_clip.get_data"), "README.md", "exec"), namespace)
+    assert seen == [torch.Size([16, 3, 32, 32])] * 8  # 640 pairs in superbatches of 80 (filter_ratio 0.8)

@@ -71,8 +71,20 @@ def _snippets() -> list[str]:
     return [block for block in _blocks("python") if "curate." in block]
 
 
+def readme_snippet(marker: str) -> str:
+    """The README's one python block containing `marker` (the integrations' tests run theirs)."""
+    (code,) = [block for block in _blocks("python") if marker in block]
+    return code
+
+
+def readme_command(prefix: str) -> list[str]:
+    """The README's one bash command starting with `prefix`."""
+    (command,) = [c for c in _commands(prefix.split()[0]) if shlex.join(c).startswith(prefix)]
+    return command
+
+
 def test_the_readme_wraps_a_dataloader_as_it_shows():
-    (code,) = [s for s in _snippets() if "curate.pipeline(" in s and "save_state" not in s]
+    (code,) = [s for s in _snippets() if "curate.pipeline(" in s and "save_state" not in s and "integrations" not in s]
     torch.manual_seed(0)
     samples = [{"__key__": s["__key__"], "image": s["input"], "label": s["target"]} for s in make_samples(700)]
     model, reference_model = nn.Linear(8, 3), nn.Linear(8, 3)
