@@ -62,3 +62,32 @@ def test_the_readmes_accelerate_lines_keep_the_stream_in_save_state(tmp_path, mo
     assert (tmp_path / "checkpoints" / "step-100" / "pipeline-rank00000-of-00001.pt").is_file()
     batches = namespace["batches"]
     assert len(next(iter(batches))["__key__"]) == 64
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ranks_under_torchrun_each_resume_their_own_stream_from_accelerates_state(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def run(name: str) -> list[dict]:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(root / "tests" / "accelerate_worker.py"), name, str(tmp_path)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return [json.loads((tmp_path / f"{name}-{rank}.json").read_text()) for rank in range(2)]
+
+    full = run("full")
+    assert all(rank["world_size"] == 2 and len(rank["seen"]) == 12 for rank in full)
+    assert not {k for b in full[0]["seen"] for k in b} & {k for b in full[1]["seen"][:10] for k in b}
+    assert {p.name for p in (tmp_path / "ckpt").glob("pipeline-*.pt")} == {
+        "pipeline-rank00000-of-00002.pt", "pipeline-rank00001-of-00002.pt"}
+    resumed = run("resumed")
+    for rank in range(2):
+        assert resumed[rank]["seen"] == full[rank]["seen"][5:], f"rank {rank}"

@@ -1,0 +1,61 @@
+"""One rank of a `torchrun --nproc_per_node=2` job training through accelerate (CPU, gloo) on curated batches,
+for tests/test_accelerate.py.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/accelerate_worker.py RUN OUT
+
+RUN "full" trains 12 steps and saves accelerate's state after step 5; "resumed" loads it and trains the rest. Each
+rank writes the keys of its batches to OUT/RUN-RANK.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import accelerate
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import curate  # noqa: E402
+from curate.integrations.accelerate import register  # noqa: E402
+from tests.conftest import linear_models, make_samples  # noqa: E402
+
+torch.set_num_threads(1)
+STEPS, SAVE_AT = 12, 5  # 10 batches an epoch per rank (320 samples / 2 ranks / superbatch 16): crosses an epoch
+
+
+def main(run: str, out: Path) -> None:
+    accelerator = accelerate.Accelerator(cpu=True)
+    learner, reference = linear_models(0)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.5)
+    learner, optimizer = accelerator.prepare(learner, optimizer)
+    pipe = curate.pipeline(make_samples(320), learner=learner, reference=reference,
+                           scorer=curate.ClassificationScorer(), batch_size=8, filter_ratio=0.5, method="sample",
+                           shuffle_buffer=64, seed=4, device=accelerator.device)
+    register(accelerator, pipe)
+    if run == "resumed":
+        accelerator.load_state(str(out / "ckpt"))
+    seen: list[list[str]] = []
+    it, steps = iter(pipe), STEPS - (SAVE_AT if run == "resumed" else 0)
+    while len(seen) < steps:
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(pipe)
+            continue
+        seen.append(list(batch["__key__"]))
+        accelerator.backward(F.cross_entropy(learner(batch["input"]), batch["target"]))
+        optimizer.step()
+        optimizer.zero_grad()
+        if run == "full" and len(seen) == SAVE_AT:
+            accelerator.save_state(str(out / "ckpt"))
+    (out / f"{run}-{accelerator.process_index}.json").write_text(json.dumps(
+        {"seen": seen, "world_size": accelerator.num_processes, "rank_split": pipe.stats()["rank_split"]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
