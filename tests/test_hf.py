@@ -191,3 +191,16 @@ def test_the_readmes_trainer_lines_train_and_checkpoint_the_stream(tmp_path, mon
     exec(compile(readme_snippet("hf.attach("), "README.md", "exec"), namespace)
     assert len(seen) == 10 and all(ids.shape == (8, LENGTH) for ids in seen)
     assert (tmp_path / "out" / "checkpoint-10" / "pipeline-rank00000-of-00001.pt").is_file()
+
+
+def test_acl_an_actor_gpt2_trained_on_the_selected_sequences_scores_them_with_causal_lm_scorer():
+    actor_model = tiny_gpt2(4)
+    before = [p.detach().clone() for p in actor_model.parameters()]
+    actor = curate.Actor(actor_model, torch.optim.AdamW(actor_model.parameters(), lr=1e-3))
+    pipe = curate.pipeline(sequences(48), batch_size=4, filter_ratio=2 / 3, learner=actor, reference=tiny_gpt2(2),
+                           scorer=hf.CausalLMScorer(), method="sample", shuffle_buffer=0, train_model=tiny_gpt2(3))
+    batches = list(pipe)
+    stats = pipe.stats()
+    assert len(batches) == 4 and stats["actor_updates"] == 4
+    assert 0 < stats["actor_loss_mean"] < float("inf")
+    assert any(not torch.equal(a, b) for a, b in zip(before, actor_model.parameters(), strict=True))
