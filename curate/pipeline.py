@@ -64,7 +64,7 @@ class Pipeline(Loader):
     """
 
     STATE_KEY = "curate"
-    read_ahead = 0  # batches the consuming loop fetches before it trains the last one (Lightning's fit loop: 1)
+    read_ahead = 0  # batches the consuming loop fetches before it trains the last one (Lightning's, unsized: 1)
     _it: _EpochIterator | None  # torchdata's Loader's (untyped: torchdata ships no type information)
     _next_iter_state_dict: dict | None
     _iter_for_state_dict: bool
@@ -202,7 +202,8 @@ class Pipeline(Loader):
 
         Learner side: `prefetch`; `score_lag_steps`, the optimizer steps between the weights that scored
         the batches now being selected and the weights they train (prefetch + the WeightSync's staleness + the
-        loop's own `read_ahead`: 1 under Lightning, set by `curate.integrations.lightning`);
+        loop's own `read_ahead`: 1 under Lightning with an unsized pipeline, set by
+        `curate.integrations.lightning`);
         `sync` (the WeightSync's counters); `actor_*` (ACL actor updates and training loss).
 
         FLOP ledger (`curate.flops`): `flops_per_sample` (forward FLOPs per sample of each model, measured

@@ -22,8 +22,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
-import torch.distributed as dist
-
+from ..distributed import resolve_world
 from ..pipeline import Pipeline
 from . import require
 
@@ -124,19 +123,14 @@ class CuratedDataModule(pl.LightningDataModule):
             return {}
         trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[union-attr]
         mine = self._loader.state_after(trained)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        states: list = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, mine)
-        else:
-            states = [mine]
-        return {"world_size": world, "ranks": states}
+        assert self.pipe is not None
+        states = self.pipe.comm.gather_object(mine)  # the pipeline's own group and timeout; [mine] in one process
+        return {"world_size": len(states), "ranks": states}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
             return
-        rank, world = ((dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized()
-                       else (0, 1))
+        rank, world = resolve_world()
         saved = state_dict["world_size"]
         if saved != world:
             raise ValueError(f"CuratedDataModule: the checkpoint holds the pipeline states of {saved} ranks, this job "

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from .. import lengths
+from ..distributed import Lockstep
 from ..joint_select import METHODS
 from ..pipeline import Pipeline, pipeline
 from ..scorers import ContrastiveScorer
@@ -116,9 +117,10 @@ def get_data(urls: str | Sequence[str], preprocess: Callable, tokenizer: Callabl
     """
     pipe = pipeline(webdataset_pairs(urls, preprocess, tokenizer, image_key=image_key, text_key=text_key),
                     batch_size=batch_size, **options)
-    if pipe.batches_per_epoch is None:
-        per_rank = num_samples // pipe.world_size
-        pipe.batches_per_epoch = max(1, math.floor(per_rank / pipe.config["superbatch_size"]))
+    if pipe.batches_per_epoch is None:  # split by node: each rank reads num_samples / world_size of them
+        pipe.batches_per_epoch = lengths.batches_per_epoch(
+            num_samples // pipe.world_size, pipe.config["superbatch_size"], drop_last=pipe.config["drop_last"],
+            lockstep=any(isinstance(node, Lockstep) for node in pipe.chain))
     return data_info(pipe)
 
 
