@@ -28,19 +28,21 @@ torch.set_num_threads(1)
 STEPS, SAVE_AT = 12, 5  # 10 batches an epoch per rank (320 samples / 2 ranks / superbatch 16): crosses an epoch
 
 
-def main(run: str, out: Path) -> None:
-    accelerator = accelerate.Accelerator(cpu=True)
+def train(accelerator, out: Path, steps: int, *, save_at: int | None = None, load: bool = False) -> list[list[str]]:
+    """`steps` steps on curated batches (loading accelerate's state from OUT/ckpt first with `load`, saving it there
+    after step `save_at`); returns the keys of each batch this rank trained on."""
     learner, reference = linear_models(0)
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.5)
     learner, optimizer = accelerator.prepare(learner, optimizer)
     pipe = curate.pipeline(make_samples(320), learner=learner, reference=reference,
                            scorer=curate.ClassificationScorer(), batch_size=8, filter_ratio=0.5, method="sample",
                            shuffle_buffer=64, seed=4, device=accelerator.device)
+    assert accelerator.prepare(pipe) is pipe
     register(accelerator, pipe)
-    if run == "resumed":
+    if load:
         accelerator.load_state(str(out / "ckpt"))
     seen: list[list[str]] = []
-    it, steps = iter(pipe), STEPS - (SAVE_AT if run == "resumed" else 0)
+    it = iter(pipe)
     while len(seen) < steps:
         try:
             batch = next(it)
@@ -51,10 +53,19 @@ def main(run: str, out: Path) -> None:
         accelerator.backward(F.cross_entropy(learner(batch["input"]), batch["target"]))
         optimizer.step()
         optimizer.zero_grad()
-        if run == "full" and len(seen) == SAVE_AT:
+        if len(seen) == save_at:
             accelerator.save_state(str(out / "ckpt"))
+    return seen
+
+
+def main(run: str, out: Path) -> None:
+    accelerator = accelerate.Accelerator(cpu=True)
+    if run == "full":
+        seen = train(accelerator, out, STEPS, save_at=SAVE_AT)
+    else:
+        seen = train(accelerator, out, STEPS - SAVE_AT, load=True)
     (out / f"{run}-{accelerator.process_index}.json").write_text(json.dumps(
-        {"seen": seen, "world_size": accelerator.num_processes, "rank_split": pipe.stats()["rank_split"]}))
+        {"seen": seen, "world_size": accelerator.num_processes}))
 
 
 if __name__ == "__main__":

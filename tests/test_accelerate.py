@@ -3,43 +3,17 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import curate
 
 accelerate = pytest.importorskip("accelerate")
-from curate.integrations.accelerate import register  # noqa: E402
 
+from .accelerate_worker import train  # noqa: E402
 from .conftest import linear_models, make_samples  # noqa: E402
 
 
 def _run(tmp_path, steps: int, *, save_at: int | None = None, load: bool = False) -> list[list[str]]:
-    accelerator = accelerate.Accelerator(cpu=True)
-    learner, reference = linear_models(0)
-    optimizer = torch.optim.SGD(learner.parameters(), lr=0.5)
-    learner, optimizer = accelerator.prepare(learner, optimizer)
-    pipe = curate.pipeline(make_samples(320), learner=learner, reference=reference,
-                           scorer=curate.ClassificationScorer(), batch_size=8, filter_ratio=0.5, method="sample",
-                           shuffle_buffer=64, seed=4, device=accelerator.device)
-    assert accelerator.prepare(pipe) is pipe
-    register(accelerator, pipe)
-    if load:
-        accelerator.load_state(str(tmp_path / "ckpt"))
-    seen, it, epoch = [], iter(pipe), 0
-    while len(seen) < steps:
-        try:
-            batch = next(it)
-        except StopIteration:
-            it, epoch = iter(pipe), epoch + 1
-            continue
-        seen.append(list(batch["__key__"]))
-        loss = F.cross_entropy(learner(batch["input"]), batch["target"])
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        if len(seen) == save_at:
-            accelerator.save_state(str(tmp_path / "ckpt"))
-    return seen
+    return train(accelerate.Accelerator(cpu=True), tmp_path, steps, save_at=save_at, load=load)
 
 
 def test_accelerator_save_state_and_load_state_resume_the_pipelines_stream(tmp_path):
