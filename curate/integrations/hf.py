@@ -29,7 +29,7 @@ from ..learner import unwrap_ddp
 from ..losses import cross_entropy_losses
 from ..pipeline import Pipeline
 from ..scorers import ClassificationScorer, Kind, ModelScores, TargetError, _check_precision, _where, model_device
-from ..state import load_state, save_state, state_path
+from ..state import load_state, save_state
 from . import require
 
 require("transformers", "hf", "transformers", "curate.integrations.hf")  # a named error, not a bare one below
@@ -173,12 +173,13 @@ class CurateCallback(TrainerCallback):
         if state.global_step == 0:
             return
         folder = self._folder(args, state.global_step)
-        if not os.path.exists(state_path(folder, self.pipe.rank, self.pipe.world_size)):
+        try:
+            load_state(folder, self.pipe)
+        except FileNotFoundError as error:  # load_state names the states the folder does hold
             raise FileNotFoundError(
                 f"curate.integrations.hf: resuming at step {state.global_step}, but {folder} holds no curate pipeline "
                 f"state of rank {self.pipe.rank} (the checkpoint was saved without curate's callback, or elsewhere); "
-                "pass checkpoint_dir= (the folder given as resume_from_checkpoint) to attach")
-        load_state(folder, self.pipe)
+                f"pass checkpoint_dir= (the folder given as resume_from_checkpoint) to attach. {error}") from None
         log.info("curate: resumed the pipeline's stream from %s", folder)
 
     def _folder(self, args, step: int) -> str:
@@ -206,8 +207,7 @@ def attach(trainer, pipe: Pipeline, *, fields: Sequence[str] | None = None,
         fields = forward_fields(trainer.model, trainer.label_names or ())
     loader = TrainerLoader(pipe, fields)
     trainer.get_train_dataloader = lambda: loader
-    if not trainer.args.ignore_data_skip:  # the Trainer's skip would replay the epoch through a rebuilt DataLoader
-        trainer.args.ignore_data_skip = True
+    trainer.args.ignore_data_skip = True  # the Trainer's skip would replay the epoch through a rebuilt DataLoader
     callback = CurateCallback(pipe, checkpoint_dir)
     trainer.add_callback(callback)
     return callback
