@@ -1,6 +1,7 @@
 """The `curate` command: argv in, jobs from `pipelines/` out.
 
     curate data digits OUT [--format npy|webdataset|parquet]   make the embedded datasets (in your data's shapes)
+    curate data web OUT [--n-train N]   make the long-tailed compositional web world (pipelines/web.py)
     curate train-reference RECIPE       train the reference on the curated split
     curate precompute RECIPE            reference scores → Parquet cache
     curate curate-set RECIPE            reference embeddings → dedup → balance → curated key list
@@ -37,10 +38,16 @@ def prepare(recipe: Recipe, log=print) -> None:
     except tasks.MissingDataError:
         if recipe.data.root.startswith("s3://") or tasks.own_data(recipe):
             raise
-        from .data import make_digits
+        if recipe.data.dataset == "web":
+            from .web import make_web
 
-        log(f"prepare: making the digits datasets in {recipe.data.root}")
-        make_digits(recipe.data.root, seed=recipe.train.seed)
+            log(f"prepare: making the web world in {recipe.data.root}")
+            make_web(recipe.data.root, seed=recipe.train.seed)
+        else:
+            from .data import make_digits
+
+            log(f"prepare: making the digits datasets in {recipe.data.root}")
+            make_digits(recipe.data.root, seed=recipe.train.seed)
     if recipe.reference.checkpoint is None and not (recipe.reference_path / "model.safetensors").is_file():
         from .train_reference import train_reference
 
@@ -78,10 +85,21 @@ def _recipe(args) -> Recipe:
 
 
 def _data(args) -> None:
+    if args.name == "web":
+        if args.format != "npy" or args.image_size != 16:
+            raise SystemExit("curate data web: the web world is written as npy shards of 16×16 images; drop "
+                             "--format / --image-size")
+        from .web import make_web
+
+        made = make_web(args.out, seed=args.seed, n_train=args.n_train or 200_000, shard_size=args.shard_size or 20_000)
+        splits = made["web"]["splits"]
+        print(f"wrote {args.out}: web {'/'.join(str(s['count']) for s in splits.values())} (train/curated/test), "
+              f"{made['web']['concepts']} concepts; train {splits['train']['noise_counts']}")
+        return
     from .data import make_digits
 
-    manifest = make_digits(args.out, seed=args.seed, n_train=args.n_train, format=args.format,
-                           image_size=args.image_size, shard_size=args.shard_size)
+    manifest = make_digits(args.out, seed=args.seed, n_train=args.n_train or 20_000, format=args.format,
+                           image_size=args.image_size, shard_size=args.shard_size or 5_000)
     print(f"wrote {args.out} ({args.format}): " + ", ".join(
         f"{name} " + "/".join(f"{split['count']}" for split in ds["splits"].values())
         for name, ds in manifest.items() if isinstance(ds, dict) and "splits" in ds) + " (train/curated/test)")
@@ -146,16 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("data", help="make an embedded default dataset", **keys)
-    p.add_argument("name", choices=["digits"])
+    p.add_argument("name", choices=["digits", "web"], help="digits: the pairs and noisy-digits datasets; web: the "
+                   "long-tailed compositional web world (pipelines/web.py)")
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=20_000, help="train samples of each dataset (default 20000)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="train samples of each dataset (default 20000; web: 200000 of its stream)")
     p.add_argument("--format", choices=["npy", "webdataset", "parquet"], default="npy",
                    help="npy: tar shards of .npy images, what the demo recipes read (default); webdataset: JPEG "
                         "tar shards as img2dataset writes them; parquet: tables of JPEG bytes and columns (the "
                         "last two are the shapes of your own data, for recipes/byo_*.yaml)")
     p.add_argument("--image-size", type=int, default=16, help="side of the square images (default 16)")
-    p.add_argument("--shard-size", type=int, default=5_000, help="samples per shard (default 5000)")
+    p.add_argument("--shard-size", type=int, default=None, help="samples per shard (default 5000; web: 20000)")
     p.set_defaults(fn=_data)
 
     for name, fn, text in (("train-reference", _train_reference, "train the reference model"),

@@ -282,9 +282,10 @@ def shard_urls(root: str | os.PathLike, dataset: str, split: str, *, storage_opt
     """The shard URLs of `dataset` ("pairs" | "digits") / `split` listed in `root/manifest.json` (local or s3://)."""
     root = str(root).rstrip("/")
     manifest = json.loads(read_bytes(f"{root}/manifest.json", storage_options))
-    if dataset not in ("pairs", "digits") or split not in manifest[dataset]["splits"]:
-        raise ValueError(f"shard_urls: no {dataset=} {split=} in {root}/manifest.json; datasets are 'pairs' and "
-                         f"'digits', splits {list(manifest['pairs']['splits'])}")
+    datasets = [name for name, value in manifest.items() if isinstance(value, dict) and "splits" in value]
+    if dataset not in datasets or split not in manifest[dataset]["splits"]:
+        raise ValueError(f"shard_urls: no {dataset=} {split=} in {root}/manifest.json; its datasets are {datasets}, "
+                         f"splits {list(SPLITS)}; `curate data digits|web ROOT` makes them")
     return [f"{root}/{shard['path']}" for shard in manifest[dataset]["splits"][split]["shards"]]
 
 
@@ -417,6 +418,10 @@ def _image(data: bytes, channels: int) -> torch.Tensor:
     start = 8 + width + int.from_bytes(data[8:8 + width], "little")
     dtype, shape = _npy_header(bytes(data[8 + width:start]))
     pixels = np.frombuffer(data, dtype, offset=start).reshape(shape).astype(np.float32) / np.float32(255)
+    if pixels.ndim == 3:  # (C, H, W): a colour image, as the web world writes
+        if len(pixels) != channels:
+            raise ValueError(f"expected a .npy image of {channels} channels, got shape {shape}")
+        return torch.from_numpy(pixels)
     return torch.from_numpy(np.repeat(pixels[None], channels, 0))  # numpy: 6× less overhead than torch ops here
 
 

@@ -59,7 +59,7 @@ class DataConfig(_Strict):
 
     format: Literal["digits", "webdataset", "parquet"] = "digits"
     root: str = "data/digits"
-    dataset: Literal["pairs", "digits"] = "pairs"
+    dataset: Literal["pairs", "digits", "web"] = "pairs"
     task: Literal["contrastive", "classification"] | None = None
     train: str | list[str] | None = None
     curated: str | list[str] | None = None

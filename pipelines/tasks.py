@@ -29,6 +29,7 @@ from .extras import needs_extra
 from .recipe import ModelConfig, Recipe
 from .task_digits import DigitsTask
 from .task_pairs import PairsTask, PatchDropoutScorer
+from .task_web import WebTask
 
 __all__ = ["GENERIC_KINDS", "MissingDataError", "PatchDropoutScorer", "TASKS", "Task", "build_model", "check_data",
            "dataset_identity", "get_task", "image_size", "in_memory_batches", "load_model", "load_reference",
@@ -71,7 +72,7 @@ class Task(Protocol):
         ...
 
 
-TASKS: dict[str, Task] = {"pairs": PairsTask(), "digits": DigitsTask()}
+TASKS: dict[str, Task] = {"pairs": PairsTask(), "digits": DigitsTask(), "web": WebTask()}
 # model kinds any task builds: their interface is the user's to fit to the task
 GENERIC_KINDS = ("open_clip", "torchvision", "factory")
 
@@ -133,7 +134,8 @@ def manifest(recipe: Recipe) -> dict:
         return json.loads(read_bytes(f"{root}/manifest.json", recipe.data.storage_options))
     except FileNotFoundError:
         raise MissingDataError(
-            f"data.root: no dataset at {root!r} (no manifest.json); make it with `curate data digits {root}` "
+            f"data.root: no dataset at {root!r} (no manifest.json); make it with "
+            f"`curate data {'web' if recipe.data.dataset == 'web' else 'digits'} {root}` "
             "or set prepare: true in the recipe"
         ) from None
 

@@ -28,6 +28,15 @@ def digits(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def web_world(tmp_path_factory):
+    from pipelines.web import make_web
+
+    out = tmp_path_factory.mktemp("web")
+    make_web(out, n_train=1200, n_curated=720, n_test=720, shard_size=400)
+    return out
+
+
 def _small(digits: Path, out: Path, steps: int = 4) -> list[str]:
     values = [f"data.root={digits}", f"train.out={out}", f"train.steps={steps}", "train.eval_every=2",
               "train.batch_size=8", "reference.steps=5", "reference.batch_size=32", "selection.shuffle_buffer=32",
@@ -36,7 +45,8 @@ def _small(digits: Path, out: Path, steps: int = 4) -> list[str]:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
-def test_every_recipe_runs_a_few_steps(recipe, digits, tmp_path, capsys):
+def test_every_recipe_runs_a_few_steps(recipe, digits, web_world, tmp_path, capsys):
+    digits = web_world if "dataset: web" in recipe.read_text() else digits
     extra = ["--set", f"cache.path={tmp_path / 'cache'}"] if "cache:" in recipe.read_text() else []
     assert main(["run", str(recipe), *_small(digits, tmp_path), *extra]) == 0
     printed = capsys.readouterr().out

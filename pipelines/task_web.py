@@ -1,0 +1,51 @@
+"""The "web" task: the web world's long-tailed compositional pairs (`pipelines.web`) and a tiny CLIP/SigLIP.
+
+Trained, scored and actor-trained as the pairs task is (open_clip's losses, curate's contrastive scorer); what
+differs is the data and the evaluation: zero-shot over all 720 concept prompts on the balanced test split
+(`accuracy`), and how often the predicted concept's digit is right (`digit_accuracy`), over the tail concepts
+(`tail_accuracy`: the rarer half of the train stream's concepts) and image→text R@1 (`r1`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import models, web
+from .recipe import ModelConfig
+from .task_pairs import PairsTask
+
+__all__ = ["WebTask"]
+
+
+class WebTask(PairsTask):
+    """Web-world pairs: `load_web` shards, `tiny_clip` models at the world's context length."""
+
+    name = "web"
+
+    def __init__(self):
+        super().__init__()
+        self.models: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+            "tiny_clip": lambda cfg, image_size: models.tiny_clip(
+                cfg.loss, image_size=image_size, **{"context_length": web.CONTEXT_LENGTH, **cfg.options})}
+
+    def load(self, urls: str | Sequence[str], *, storage_options: dict | None = None) -> Iterable[dict]:
+        return web.load_web(urls, storage_options=storage_options)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[dict], cfg: ModelConfig, device: torch.device) -> dict:
+        with models.eval_mode(model):
+            prompts = model.encode_text(web.concept_prompts(model.context_length).to(device), normalize=True)
+            images = torch.cat([model.encode_image(b["image"].to(device), normalize=True) for b in batches])
+            texts = torch.cat([model.encode_text(b["text"].to(device), normalize=True) for b in batches])
+            labels = torch.cat([b["label"] for b in batches]).to(device)
+            tail = web.concept_ranks(0).to(device)[labels] >= web.N_CONCEPTS // 2
+            predicted = torch.cat([(images[i:i + 1024] @ prompts.T).argmax(1) for i in range(0, len(images), 1024)])
+            r1 = torch.cat([labels[(images[i:i + 1024] @ texts.T).argmax(1)] for i in range(0, len(images), 1024)])
+            digit = lambda c: web.concept_attributes(c)["digit"]  # noqa: E731
+            correct = (predicted == labels).float()
+            return {"accuracy": float(correct.mean()), "digit_accuracy": float((digit(predicted) == digit(labels))
+                                                                                .float().mean()),
+                    "tail_accuracy": float(correct[tail].mean()), "r1": float((r1 == labels).float().mean())}

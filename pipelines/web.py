@@ -1,0 +1,279 @@
+"""The embedded "web" world: a long-tailed stream of compositional image-text pairs, made in code from
+scikit-learn's bundled digits (no download), with the properties the data-selection papers rely on.
+
+A *concept* is (digit, colour, position, background): 10 × 6 × 4 × 3 = 720 concepts. An image is a coloured
+handwritten digit in one quadrant of a 16×16 RGB frame over a background; its caption names all four attributes
+in one of several phrasings. Two concepts that differ in one attribute are hard negatives of each other.
+
+- **train** is a *stream*: no pair repeats (every image is a fresh random view of a source digit, so a run that
+  reads fewer samples than the stream holds scores each at most once). Concepts follow a Zipf law (exponent 1,
+  over a seeded random ranking of the concepts), the shape of concept frequencies in web-scale pretraining data.
+  Of the stream, `NOISE` is: 20% misaligned (the caption of another concept), 10% junk alt-text, 15% near-
+  duplicates of a recent clean pair of a head concept (the most frequent 5%: the same caption and the same view
+  with faint pixel noise: redundant, not wrong). The rest is clean, and its rarer half of concepts (the *tail*)
+  is the learnable value a uniform sampler under-trains.
+- **curated** is small, clean and balanced (every concept equally often), for the reference model.
+- **test** is clean and balanced, from source digits neither other split uses; evaluation is zero-shot over all
+  720 concept prompts (`concept_prompts`).
+
+These parameters were fixed from those properties (and from what web data looks like), before any method ran
+on the world; they are not tuned to a method's result.
+
+The stream is made in blocks of `BLOCK` samples, each from its own generator (seed, split, block), so the first
+n samples are the same whatever n, and one block's samples are drawn together (vectorised). Samples are written
+as the pairs task's shards (`.npy` image (3, 16, 16) uint8, `.txt` caption, `.json` metadata: concept, its
+attributes, frequency rank, `tail`, `is_noisy`, `is_duplicate`, `noise` kind, `duplicate_of`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from curate.files import write_json
+from curate.seeding import make_generator
+
+from .data import DIGIT_NAMES, JUNK_TEXTS, _field, _image, _npy, _pipeline, _source_pools, _tokens
+from .extras import needs_extra
+from .shard_writers import write_tar
+
+__all__ = ["BACKGROUNDS", "BLOCK", "COLOURS", "CONTEXT_LENGTH", "HEAD_SHARE", "N_CONCEPTS", "NOISE", "POSITIONS",
+           "TEMPLATES", "ZIPF_EXPONENT", "concept_attributes", "concept_caption", "concept_ranks", "concept_prompts",
+           "concept_probabilities", "load_web", "make_web", "web_rows"]
+
+COLOURS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 0.9, 0.15), "blue": (0.25, 0.4, 1.0),
+           "yellow": (1.0, 0.95, 0.1), "magenta": (1.0, 0.15, 0.95), "cyan": (0.1, 0.95, 1.0)}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+BACKGROUNDS = ("black", "grey", "striped")
+N_CONCEPTS = len(DIGIT_NAMES) * len(COLOURS) * len(POSITIONS) * len(BACKGROUNDS)
+ZIPF_EXPONENT = 1.0
+NOISE = {"misaligned": 0.20, "junk": 0.10, "duplicate": 0.15}  # shares of the train stream; the rest is clean
+HEAD_SHARE = 0.05  # near-duplicates copy concepts among the most frequent 5%
+BLOCK = 4096
+CONTEXT_LENGTH = 20  # the longest caption is 15 BPE tokens with start and end
+IMAGE_SIZE = 16
+TEMPLATES = (
+    "a {colour} {name} in the {position} on a {background} background",
+    "{colour} digit {digit}, {position}, {background} background",
+    "the number {name} in {colour} at the {position} over {background}",
+    "{background} background with a {colour} {digit} in the {position}",
+    "handwritten {colour} {name}, {position} corner, {background}",
+    "a {colour} {digit} drawn {position} on {background}",
+)
+SPLITS = ("train", "curated", "test")
+
+
+def concept_attributes(concept: torch.Tensor) -> dict[str, torch.Tensor]:
+    """digit, colour, position, background indices of concept ids (c = ((digit·6 + colour)·4 + position)·3 + bg)."""
+    background = concept % len(BACKGROUNDS)
+    rest = concept // len(BACKGROUNDS)
+    position = rest % len(POSITIONS)
+    rest = rest // len(POSITIONS)
+    return {"digit": rest // len(COLOURS), "colour": rest % len(COLOURS), "position": position,
+            "background": background}
+
+
+def concept_caption(concept: int, template: int = 0) -> str:
+    a = {k: int(v) for k, v in concept_attributes(torch.tensor(concept)).items()}
+    return TEMPLATES[template].format(name=DIGIT_NAMES[a["digit"]], digit=a["digit"],
+                                      colour=list(COLOURS)[a["colour"]], position=POSITIONS[a["position"]],
+                                      background=BACKGROUNDS[a["background"]])
+
+
+def concept_prompts(context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """Zero-shot prompts (N_CONCEPTS, context_length): row c is concept c in the first template."""
+    return torch.stack([_tokens(concept_caption(c), context_length) for c in range(N_CONCEPTS)])
+
+
+def concept_probabilities(seed: int = 0) -> torch.Tensor:
+    """The train stream's concept distribution: Zipf over a random ranking of the concepts (seeded)."""
+    rank = torch.empty(N_CONCEPTS, dtype=torch.long)
+    rank[torch.randperm(N_CONCEPTS, generator=make_generator(seed, "web", "ranks"))] = torch.arange(N_CONCEPTS)
+    weights = (rank + 1.0).double() ** -ZIPF_EXPONENT
+    return (weights / weights.sum()).float()
+
+
+def concept_ranks(seed: int = 0) -> torch.Tensor:
+    """Each concept's frequency rank in the train stream (0: the most frequent)."""
+    return torch.argsort(torch.argsort(concept_probabilities(seed), descending=True, stable=True), stable=True)
+
+
+def render(digits: torch.Tensor, concept: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random views of 8×8 source digits as their concepts show them: (N, 3, 16, 16) uint8.
+
+    The digit fills most of its quadrant (zoom 0.8–1.0), rotated ±10° and shifted ±1 pixel, in its colour (each
+    channel ±0.08), over its background (black, grey 0.45, or 2-pixel stripes of 0 and 0.45; brightness ±0.05),
+    with gaussian pixel noise of a per-image std in [0, 0.04].
+    """
+    n, a = len(concept), concept_attributes(concept)
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * (10 * torch.pi / 180)
+    scale = 2 / (0.8 + 0.2 * torch.rand(n, generator=generator))  # output → input: the quadrant spans 1 of 2
+    centre = torch.stack([torch.where(a["position"] % 2 == 1, 0.5, -0.5),
+                          torch.where(a["position"] >= 2, 0.5, -0.5)], 1)
+    centre = centre + (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 / IMAGE_SIZE)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    linear = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # (n, 2, 2)
+    theta = torch.cat([linear, -(linear @ centre[:, :, None])], 2)  # input = L (output - centre)
+    grid = F.affine_grid(theta, [n, 1, IMAGE_SIZE, IMAGE_SIZE], align_corners=False)
+    mask = F.grid_sample(digits[:, None].float(), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)  # (n, 1, H, W)
+    colour = torch.tensor(list(COLOURS.values()))[a["colour"]]
+    colour = (colour + (torch.rand(n, 3, generator=generator) * 2 - 1) * 0.08).clamp(0, 1)
+    stripes = ((torch.arange(IMAGE_SIZE) // 2) % 2).float() * 0.45
+    backgrounds = torch.stack([torch.zeros(IMAGE_SIZE, IMAGE_SIZE), torch.full((IMAGE_SIZE, IMAGE_SIZE), 0.45),
+                               stripes[:, None].expand(IMAGE_SIZE, IMAGE_SIZE)])
+    background = backgrounds[a["background"]][:, None] + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * 0.05
+    out = mask * colour[:, :, None, None] + (1 - mask) * background
+    out = out + torch.rand(n, 1, 1, 1, generator=generator) * 0.04 * torch.randn(out.shape, generator=generator)
+    return (out.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _by_digit(labels: torch.Tensor, pool: torch.Tensor) -> list[torch.Tensor]:
+    return [pool[labels[pool] == d] for d in range(len(DIGIT_NAMES))]
+
+
+def _sources(digit: torch.Tensor, by_digit: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """A source image of each digit, uniformly from the pool's images of that digit."""
+    sizes = torch.tensor([len(p) for p in by_digit])
+    pick = (torch.rand(len(digit), generator=generator) * sizes[digit]).long()
+    starts = torch.cumsum(sizes, 0) - sizes
+    return torch.cat(by_digit)[starts[digit] + pick]
+
+
+def web_rows(split: str, start: int, stop: int, *, seed: int = 0) -> list[dict]:
+    """Samples [start, stop) of a split as shard rows (`__key__`, `npy`, `txt`, `json`)."""
+    images, labels, pools = _source_pools(seed)
+    by_digit = _by_digit(labels, pools[split])
+    rows: list[dict] = []
+    for block in range(start // BLOCK, (stop - 1) // BLOCK + 1 if stop > start else start // BLOCK):
+        made = _block(split, block, seed, images, by_digit)
+        rows += made[max(start - block * BLOCK, 0):stop - block * BLOCK]
+    return rows
+
+
+def _block(split: str, block: int, seed: int, images: torch.Tensor, by_digit: list[torch.Tensor]) -> list[dict]:
+    g = make_generator(seed, "web", split, block)
+    n, first = BLOCK, block * BLOCK
+    if split == "train":
+        probabilities = concept_probabilities(seed)
+        counts = {kind: round(share * n) for kind, share in NOISE.items()}  # exact per block: rates are exact
+        n_base = n - counts["duplicate"]
+        concept = torch.multinomial(probabilities, n_base, replacement=True, generator=g)
+    else:  # balanced: sample i shows concept i mod 720 (the reference's training shuffles)
+        counts, n_base = {"misaligned": 0, "junk": 0, "duplicate": 0}, n
+        concept = torch.arange(first, first + n) % N_CONCEPTS
+    digit = concept_attributes(concept)["digit"]
+    source = _sources(digit, by_digit, g)
+    pixels = render(images[source], concept, g)
+    template = torch.randint(len(TEMPLATES), (n_base,), generator=g)
+    perm = torch.randperm(n_base, generator=g)
+    n_mis, n_junk = counts["misaligned"], counts["junk"]
+    misaligned, junk, clean = perm[:n_mis], perm[n_mis:n_mis + n_junk], perm[n_mis + n_junk:]
+    said = concept.clone()  # the concept the caption names: another one (as often as the stream has it) if misaligned
+    other = torch.multinomial(concept_probabilities(seed), n_mis, replacement=True, generator=g) if n_mis else said[:0]
+    same = other == concept[misaligned]
+    other[same] = (other[same] + torch.randint(1, N_CONCEPTS, (int(same.sum()),), generator=g)) % N_CONCEPTS
+    said[misaligned] = other
+    captions = [concept_caption(c, t) for c, t in zip(said.tolist(), template.tolist(), strict=True)]
+    kind = ["clean"] * n_base
+    for i in misaligned.tolist():
+        kind[i] = "misaligned"
+    junk_text, junk_n = torch.randint(len(JUNK_TEXTS), (n_junk,), generator=g), torch.randint(10000, (n_junk,),
+                                                                                             generator=g)
+    for i, j, number in zip(junk.tolist(), junk_text.tolist(), junk_n.tolist(), strict=True):
+        captions[i], kind[i] = JUNK_TEXTS[j].format(n=number), "junk"
+    ranks = concept_ranks(seed)
+    # Near-duplicates: clean pairs of head concepts again, the same caption, faint pixel noise (std 3/255).
+    n_dup = counts["duplicate"]
+    head = clean[ranks[concept[clean]] < round(HEAD_SHARE * N_CONCEPTS)]
+    copied = head[torch.randint(len(head), (n_dup,), generator=g)] if n_dup else head[:0]
+    noise = 3.0 * torch.randn(n_dup, *pixels.shape[1:], generator=g)
+    pixels = torch.cat([pixels, (pixels[copied].float() + noise).clamp(0, 255).round().to(torch.uint8)])
+    base = torch.cat([torch.arange(n_base), copied])
+    # spreads the duplicates through the block; a balanced split keeps its order (any 720 in a row: every concept)
+    order = torch.randperm(n, generator=g) if split == "train" else torch.arange(n)
+    position = torch.empty(n, dtype=torch.long)
+    position[order] = torch.arange(n)
+    attributes = {k: v.tolist() for k, v in concept_attributes(concept).items()}
+    concept_list, rank_list, source_list = concept.tolist(), ranks[concept].tolist(), source.tolist()
+    rows = []
+    for out, i in enumerate(order.tolist()):
+        b = int(base[i])
+        duplicate = i >= n_base
+        meta = {"concept": concept_list[b], "rank": rank_list[b], "tail": rank_list[b] >= N_CONCEPTS // 2,
+                **{k: v[b] for k, v in attributes.items()}, "label": attributes["digit"][b],
+                "source": source_list[b],
+                "noise": "duplicate" if duplicate else kind[b], "is_duplicate": duplicate,
+                "is_noisy": kind[b] != "clean",  # unlearnable: misaligned or junk (a duplicate copies a clean pair)
+                "duplicate_of": _key(split, first + int(position[b])) if duplicate else None}
+        rows.append({"__key__": _key(split, first + out), "npy": _npy(pixels[i]), "txt": captions[b].encode(),
+                     "json": json.dumps(meta, sort_keys=True).encode()})
+    return rows
+
+
+def _key(split: str, i: int) -> str:
+    return f"web-{split}-{i:08d}"
+
+
+def make_web(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 200_000, n_curated: int = 7_200,
+             n_test: int = 2_160, shard_size: int = 20_000) -> dict:
+    """Write the web world's shards under `out_dir/web/` and `out_dir/manifest.json`; return the manifest.
+
+    Args:
+        n_train: how many samples of the stream to write (a run that trains S steps on superbatches of B reads
+            S·B: give at least that many and no pair is scored twice).
+        n_curated, n_test: balanced splits (multiples of 720 keep every concept exactly equally often).
+    """
+    with needs_extra("make_web"):
+        import sklearn.datasets  # noqa: F401
+        import webdataset  # noqa: F401
+    sizes = {"train": n_train, "curated": n_curated, "test": n_test}
+    for name, n in {**{f"n_{k}": v for k, v in sizes.items()}, "shard_size": shard_size}.items():
+        if n < 1:
+            raise ValueError(f"make_web: {name} must be a positive int, got {name}={n}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # no manifest while shards change
+    _, _, pools = _source_pools(seed)
+    manifest: dict = {
+        "version": 1, "seed": seed, "image_size": IMAGE_SIZE, "format": "npy",
+        "image_format": "npy uint8 (3, H, W)", "source": "sklearn.datasets.load_digits",
+        "source_pools": {k: len(v) for k, v in pools.items()},
+        "web": {"concepts": N_CONCEPTS, "zipf_exponent": ZIPF_EXPONENT, "noise": NOISE, "head_share": HEAD_SHARE,
+                "context_length": CONTEXT_LENGTH, "fields": ["npy", "txt", "json"], "splits": {}},
+    }
+    for split, n in sizes.items():
+        rows = web_rows(split, 0, n, seed=seed)
+        shards = write_tar(rows, out / "web", split, shard_size)
+        metas = [json.loads(row["json"]) for row in rows]
+        kinds: dict[str, int] = {}
+        for meta in metas:
+            kinds[meta["noise"]] = kinds.get(meta["noise"], 0) + 1
+        manifest["web"]["splits"][split] = {
+            "count": n, "noise_counts": dict(sorted(kinds.items())),
+            "concepts": len({meta["concept"] for meta in metas}),
+            "tail_share": sum(meta["tail"] for meta in metas) / n, "shards": shards}
+    write_json(out / "manifest.json", manifest, indent=1)
+    return manifest
+
+
+def _decode(sample: dict, *, context_length: int) -> dict:
+    meta = json.loads(_field(sample, "json", "load_web"))
+    caption = _field(sample, "txt", "load_web").decode()
+    return {"__key__": sample["__key__"], "image": _image(_field(sample, "npy", "load_web"), 3),
+            "text": _tokens(caption, context_length).clone(), "caption": caption, "label": meta["concept"],
+            "digit": meta["digit"], "is_tail": meta["tail"], "is_noisy": meta["is_noisy"],
+            "is_duplicate": meta["is_duplicate"], "noise": meta["noise"]}
+
+
+def load_web(urls: str | Sequence[str], *, context_length: int = CONTEXT_LENGTH, storage_options: dict | None = None):
+    """Web-world pairs as a re-iterable webdataset pipeline, in shard order. Each sample: `__key__`, `image`
+    float32 (3, 16, 16) in [0, 1], `text` token ids, `caption`, `label` (the concept), `digit`, and the
+    diagnostics `is_tail`, `is_noisy`, `is_duplicate`, `noise` (selection never reads them)."""
+    return _pipeline(urls, functools.partial(_decode, context_length=context_length), storage_options)

@@ -1,0 +1,168 @@
+"""The web world (pipelines/web.py): a deterministic, never-repeating, long-tailed compositional stream with the
+declared concept, noise and duplicate rates (measured on 50k samples), balanced clean splits from disjoint source
+digits, and the web task end to end through `curate data web` and `curate run`."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import web
+from pipelines.data import DIGIT_NAMES
+
+N = 50_000
+
+
+@pytest.fixture(scope="module")
+def stream() -> list[dict]:
+    return web.web_rows("train", 0, N, seed=0)
+
+
+@pytest.fixture(scope="module")
+def metas(stream) -> list[dict]:
+    return [json.loads(row["json"]) for row in stream]
+
+
+def test_the_stream_is_deterministic_per_seed_and_its_prefix_does_not_depend_on_its_length(stream):
+    assert web.web_rows("train", 0, 300, seed=0) == stream[:300]
+    assert web.web_rows("train", 8000, 8300, seed=0) == stream[8000:8300]  # a block boundary inside: 8192
+    other = web.web_rows("train", 0, 300, seed=1)
+    assert sum(a["npy"] == b["npy"] for a, b in zip(other, stream, strict=False)) == 0
+
+
+def test_no_pair_repeats_and_no_image_either(stream):
+    assert len({(row["npy"], row["txt"]) for row in stream}) == N
+    assert len({row["npy"] for row in stream}) == N  # near-duplicates differ by their faint noise
+    assert len({row["__key__"] for row in stream}) == N
+
+
+def test_the_declared_noise_and_duplicate_rates(metas):
+    kinds = collections.Counter(meta["noise"] for meta in metas)
+    for kind, rate in web.NOISE.items():
+        assert kinds[kind] / N == pytest.approx(rate, abs=0.002)
+    assert kinds["clean"] / N == pytest.approx(1 - sum(web.NOISE.values()), abs=0.002)
+    assert all(meta["is_noisy"] == (meta["noise"] in ("misaligned", "junk")) for meta in metas)
+    assert all(meta["is_duplicate"] == (meta["noise"] == "duplicate") for meta in metas)
+
+
+def test_concepts_are_many_compositional_and_zipf_distributed(metas):
+    assert web.N_CONCEPTS == 720 >= 500
+    ids = torch.arange(web.N_CONCEPTS)
+    a = web.concept_attributes(ids)
+    assert torch.equal(((a["digit"] * 6 + a["colour"]) * 4 + a["position"]) * 3 + a["background"], ids)
+    originals = [meta for meta in metas if not meta["is_duplicate"]]
+    seen = collections.Counter(meta["concept"] for meta in originals)
+    assert len(seen) >= 500
+    probabilities = web.concept_probabilities(0)
+    ranks = web.concept_ranks(0)
+    assert torch.equal(torch.argsort(ranks), torch.argsort(probabilities, descending=True, stable=True))
+    # Zipf with exponent 1: p(rank r) ∝ 1/(r+1); the measured frequency of a rank follows it
+    by_rank = torch.zeros(web.N_CONCEPTS)
+    for concept, count in seen.items():
+        by_rank[int(ranks[concept])] += count / len(originals)
+    harmonic = (1 / torch.arange(1, web.N_CONCEPTS + 1).double()).sum()
+    for r in (0, 1, 9):
+        assert float(by_rank[r]) == pytest.approx(1 / ((r + 1) * float(harmonic)), rel=0.08)
+    tail = sum(meta["tail"] for meta in originals) / len(originals)
+    assert tail == pytest.approx(float(probabilities[ranks >= 360].sum()), abs=0.006)  # the rarer half: ~10%
+    assert all(meta["tail"] == (meta["rank"] >= 360) for meta in metas)
+
+
+def test_captions_name_the_concept_unless_misaligned_or_junk(stream, metas):
+    def named(concept: int) -> set[str]:
+        return {web.concept_caption(concept, t) for t in range(len(web.TEMPLATES))}
+
+    for row, meta in zip(stream[:5000], metas[:5000], strict=True):
+        caption = row["txt"].decode()
+        if meta["noise"] in ("clean", "duplicate"):
+            assert caption in named(meta["concept"])
+        elif meta["noise"] == "misaligned":  # another concept's caption
+            assert caption not in named(meta["concept"])
+            assert any(caption.startswith(w) or f" {w}" in caption for w in (*DIGIT_NAMES, *"0123456789"))
+        else:
+            assert all(caption not in named(c) for c in (meta["concept"],))
+            assert not any(colour in caption for colour in web.COLOURS)
+
+
+def test_near_duplicates_copy_a_clean_head_pair_of_their_block(stream, metas):
+    index = {row["__key__"]: i for i, row in enumerate(stream)}
+    head = round(web.HEAD_SHARE * web.N_CONCEPTS)
+    duplicates = [i for i, meta in enumerate(metas) if meta["is_duplicate"]]
+    assert duplicates
+    for i in duplicates[:2000]:
+        j = index[metas[i]["duplicate_of"]]
+        assert i // web.BLOCK == j // web.BLOCK and metas[j]["noise"] == "clean"
+        assert metas[i]["concept"] == metas[j]["concept"] and metas[i]["rank"] < head
+        assert stream[i]["txt"] == stream[j]["txt"]
+        a, b = (np.load(io.BytesIO(stream[k]["npy"])).astype(int) for k in (i, j))
+        assert 0 < np.abs(a - b).mean() < 6  # the same view, faint noise
+
+
+def test_curated_and_test_are_clean_balanced_and_from_disjoint_source_digits(metas):
+    splits = {split: [json.loads(r["json"]) for r in web.web_rows(split, 0, 2 * web.N_CONCEPTS, seed=0)]
+              for split in ("curated", "test")}
+    for rows in splits.values():
+        assert set(collections.Counter(m["concept"] for m in rows).values()) == {2}
+        assert all(m["noise"] == "clean" for m in rows)
+    sources = {split: {m["source"] for m in rows} for split, rows in splits.items()}
+    sources["train"] = {m["source"] for m in metas}
+    assert not sources["train"] & sources["test"] and not sources["train"] & sources["curated"]
+    assert not sources["curated"] & sources["test"]
+
+
+def test_images_show_the_concept(stream, metas):
+    """The colour and quadrant are where the concept says: the brightest quadrant holds the digit, and its
+    pixels have the concept's colour as their strongest channels."""
+    for row, meta in list(zip(stream, metas, strict=True))[:500]:
+        image = np.load(io.BytesIO(row["npy"])).astype(float) / 255  # (3, 16, 16)
+        colour = np.array(list(web.COLOURS.values())[meta["colour"]])
+        # how much each pixel looks like the concept's colour rather than a grey of the same brightness
+        likeness = np.tensordot(colour - colour.mean(), image - image.mean(0), axes=(0, 0))
+        quadrants = [likeness[r:r + 8, c:c + 8].sum() for r in (0, 8) for c in (0, 8)]
+        assert int(np.argmax(quadrants)) == meta["position"]
+
+
+def test_curate_data_web_writes_shards_the_web_task_loads(tmp_path, capsys):
+    from pipelines import cli, tasks
+    from pipelines.recipe import parse_recipe
+
+    assert cli.main(["data", "web", str(tmp_path), "--n-train", "5000", "--shard-size", "2000"]) in (0, None)
+    assert "720 concepts" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["count"] for s in manifest["web"]["splits"]["train"]["shards"]] == [2000, 2000, 1000]
+    assert manifest["web"]["splits"]["test"]["concepts"] == 720
+    recipe = parse_recipe("name: w\ndata: {dataset: web}\nmodel: {kind: tiny_clip}\n", "test",
+                          [f"data.root={tmp_path}"])
+    samples = list(tasks.load_split(recipe, "train"))
+    assert len(samples) == 5000 and samples[0]["image"].shape == (3, 16, 16)
+    rows = web.web_rows("train", 0, 2, seed=0)
+    assert samples[1]["__key__"] == rows[1]["__key__"]
+    assert samples[1]["label"] == json.loads(rows[1]["json"])["concept"]
+    assert torch.equal((samples[1]["image"] * 255).round().to(torch.uint8),
+                       torch.from_numpy(np.load(io.BytesIO(rows[1]["npy"]))))
+    model = tasks.build_model(recipe.model, recipe, seed=0)
+    test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
+    metrics = tasks.task_of(recipe).evaluate(model, test, recipe.model, torch.device("cpu"))
+    assert set(metrics) == {"accuracy", "digit_accuracy", "tail_accuracy", "r1"}
+    assert metrics["accuracy"] < 0.05  # an untrained model is near chance (1/720)
+
+
+@pytest.mark.slow
+def test_the_web_recipe_runs_end_to_end(tmp_path):
+    """`curate run recipes/web_jest.yaml` on a 5000-sample world (prepare: true makes the reference and cache)."""
+    from pipelines import cli
+
+    out = tmp_path / "runs"
+    assert cli.main(["data", "web", f"{tmp_path}/web", "--n-train", "5000"]) in (0, None)
+    assert cli.main(["run", "recipes/web_jest.yaml", "--set", f"data.root={tmp_path}/web", "--set",
+                     f"train.out={out}", "--set", f"cache.path={out}/cache", "--set", f"reference.path={out}/ref",
+                     "--set", "reference.steps=20", "--set", "train.steps=10", "--set", "train.eval_every=5"]) \
+        in (0, None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"learnability", "uniform", "easy_reference"}
+    assert summary["uniform"]["noisy_kept"] == pytest.approx(0.3, abs=0.08)  # 10 steps of 64: the stream's rate
