@@ -17,7 +17,12 @@ from . import data, models
 from .extras import needs_extra
 from .recipe import ModelConfig
 
-__all__ = ["PairsTask", "PatchDropoutScorer"]
+__all__ = ["PairsTask", "PatchDropoutScorer", "nearest"]
+
+
+def nearest(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The index of each query's most similar key (dot product), `chunk` queries at a time (bounded memory)."""
+    return torch.cat([(queries[i:i + chunk] @ keys.T).argmax(1) for i in range(0, len(queries), chunk)])
 
 
 class PairsTask:
@@ -69,7 +74,7 @@ class PairsTask:
             images = torch.cat([model.encode_image(b["image"].to(device), normalize=True) for b in batches])
             texts = torch.cat([model.encode_text(b["text"].to(device), normalize=True) for b in batches])
             labels = torch.cat([b["label"] for b in batches]).to(device)
-            r1 = torch.cat([labels[(images[i:i + 1024] @ texts.T).argmax(1)] for i in range(0, len(images), 1024)])
+            r1 = labels[nearest(images, texts)]
             return {"accuracy": models.zero_shot_accuracy(model, batches), "r1": float((r1 == labels).float().mean())}
 
 

@@ -66,7 +66,6 @@ TEMPLATES = (
     "handwritten {colour} {name}, {position} corner, {background}",
     "a {colour} {digit} drawn {position} on {background}",
 )
-SPLITS = ("train", "curated", "test")
 
 
 def concept_attributes(concept: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -79,6 +78,7 @@ def concept_attributes(concept: torch.Tensor) -> dict[str, torch.Tensor]:
             "background": background}
 
 
+@functools.lru_cache(maxsize=N_CONCEPTS * len(TEMPLATES))  # every sample's caption is one of these
 def concept_caption(concept: int, template: int = 0) -> str:
     a = {k: int(v) for k, v in concept_attributes(torch.tensor(concept)).items()}
     return TEMPLATES[template].format(name=DIGIT_NAMES[a["digit"]], digit=a["digit"],
@@ -160,8 +160,8 @@ def web_rows(split: str, start: int, stop: int, *, seed: int = 0) -> list[dict]:
 def _block(split: str, block: int, seed: int, images: torch.Tensor, by_digit: list[torch.Tensor]) -> list[dict]:
     g = make_generator(seed, "web", split, block)
     n, first = BLOCK, block * BLOCK
+    probabilities, ranks = concept_probabilities(seed), concept_ranks(seed)
     if split == "train":
-        probabilities = concept_probabilities(seed)
         counts = {kind: round(share * n) for kind, share in NOISE.items()}  # exact per block: rates are exact
         n_base = n - counts["duplicate"]
         concept = torch.multinomial(probabilities, n_base, replacement=True, generator=g)
@@ -176,7 +176,7 @@ def _block(split: str, block: int, seed: int, images: torch.Tensor, by_digit: li
     n_mis, n_junk = counts["misaligned"], counts["junk"]
     misaligned, junk, clean = perm[:n_mis], perm[n_mis:n_mis + n_junk], perm[n_mis + n_junk:]
     said = concept.clone()  # the concept the caption names: another one (as often as the stream has it) if misaligned
-    other = torch.multinomial(concept_probabilities(seed), n_mis, replacement=True, generator=g) if n_mis else said[:0]
+    other = torch.multinomial(probabilities, n_mis, replacement=True, generator=g) if n_mis else said[:0]
     same = other == concept[misaligned]
     other[same] = (other[same] + torch.randint(1, N_CONCEPTS, (int(same.sum()),), generator=g)) % N_CONCEPTS
     said[misaligned] = other
@@ -188,7 +188,6 @@ def _block(split: str, block: int, seed: int, images: torch.Tensor, by_digit: li
                                                                                              generator=g)
     for i, j, number in zip(junk.tolist(), junk_text.tolist(), junk_n.tolist(), strict=True):
         captions[i], kind[i] = JUNK_TEXTS[j].format(n=number), "junk"
-    ranks = concept_ranks(seed)
     # Near-duplicates: clean pairs of head concepts again, the same caption, faint pixel noise (std 3/255).
     n_dup = counts["duplicate"]
     head = clean[ranks[concept[clean]] < round(HEAD_SHARE * N_CONCEPTS)]
