@@ -93,7 +93,11 @@ class JointSelect(Stage[BatchDict]):
     """
 
     counters = {"superbatches": Counter(), "seen": Counter(), "kept": Counter(), "_score_sum": Counter(initial=0.0),
-                "_kept_score_sum": Counter(initial=0.0), "_last_quantiles": Counter(LAST, [])}
+                "_kept_score_sum": Counter(initial=0.0), "_last_quantiles": Counter(LAST, []),
+                # the sampling distributions' normalised entropy (`sampling_entropy`): the first chunk's and the
+                # later chunks' summed over superbatches, and the last superbatch's chunk by chunk
+                "_first_entropy_sum": Counter(initial=0.0), "_later_entropy_sum": Counter(initial=0.0),
+                "_later_chunks": Counter(), "_last_chunk_entropy": Counter(LAST, [])}
 
     def __init__(self, source: BaseNode, batch_size: int, method: str = "joint", n_chunks: int = 16,
                  temperature: float = 1.0, seed: int = 0, superbatch_size: int | None = None,
@@ -132,8 +136,10 @@ class JointSelect(Stage[BatchDict]):
                              f"batch_size={self.batch_size} superbatch size={n}")
         return max(1, round(n * self.batch_size / self._full))
 
-    def select(self, scored: ScoredSuperbatch, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """`k` indices into `scored` and the per-example logits used (for stats)."""
+    def select(self, scored: ScoredSuperbatch, k: int, generator: torch.Generator,
+               entropies: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """`k` indices into `scored` and the per-example logits used (for stats); each sampling draw's entropy is
+        appended to `entropies` (none for top-k)."""
         if self.method == "joint" and scored.contrastive:
             some = scored.learner or scored.reference
             assert some is not None, "a contrastive superbatch has the learner's or the reference's scores"
@@ -148,7 +154,8 @@ class JointSelect(Stage[BatchDict]):
                 losses = (None if s is None else s.loss for s in (scored.learner, scored.reference))
                 gain = SoftmaxGain(learner, reference, scored.rule, *losses)
             first = gain.first()
-            idx = joint(gain, k, n_chunks=min(self.n_chunks, k), temperature=self.temperature, generator=generator)
+            idx = joint(gain, k, n_chunks=min(self.n_chunks, k), temperature=self.temperature, generator=generator,
+                        entropies=entropies)
             return idx, first
         score = scored.score
         if self.method == "topk":
@@ -156,7 +163,7 @@ class JointSelect(Stage[BatchDict]):
                 raise ValueError(f"JointSelect: method='topk' with rule={scored.rule.name!r}, which reads no model, "
                                  "would keep the first samples; use method='sample' for uniform selection")
             return topk(score, k), score
-        return sample(score, k, temperature=self.temperature, generator=generator), score
+        return sample(score, k, temperature=self.temperature, generator=generator, entropies=entropies), score
 
     def next(self) -> BatchDict:
         scored = next(self.source)
@@ -164,7 +171,8 @@ class JointSelect(Stage[BatchDict]):
         generator = make_generator(self.seed, "select", self._epoch, self._step)
         self._step += 1
         whole = self.scope.gather(scored)
-        idx, score = self.select(whole, k, generator)
+        entropies: list[Tensor] = []
+        idx, score = self.select(whole, k, generator, entropies)
         score = score.detach().float().cpu()
         share = self.scope.share(scored, idx.cpu(), score)
         c = self.counts
@@ -174,6 +182,12 @@ class JointSelect(Stage[BatchDict]):
         c["_score_sum"] += float(share.own.sum())
         c["_kept_score_sum"] += float(share.kept.sum())
         c["_last_quantiles"] = np.quantile(score.numpy(), _QUANTILES).tolist()  # torch.quantile: ~10x the overhead
+        if entropies:
+            per_chunk = torch.stack(entropies).cpu().tolist()  # one transfer
+            c["_first_entropy_sum"] += per_chunk[0]
+            c["_later_entropy_sum"] += sum(per_chunk[1:])
+            c["_later_chunks"] += len(per_chunk) - 1
+            c["_last_chunk_entropy"] = per_chunk
         return share.batch
 
     def get_state(self) -> dict:
@@ -188,4 +202,9 @@ class JointSelect(Stage[BatchDict]):
             out["kept_score_mean"] = totals["_kept_score_sum"] / kept
             out["score_quantiles"] = dict(zip((f"q{int(q * 100)}" for q in _QUANTILES), totals["_last_quantiles"],
                                               strict=True))
+        if totals["_last_chunk_entropy"]:  # a sampled selection (not top-k): how peaked its draws are
+            later = totals["_later_chunks"]
+            out["chunk_entropy"] = {"first": totals["_first_entropy_sum"] / totals["superbatches"],
+                                    "later": totals["_later_entropy_sum"] / later if later else None,
+                                    "last_superbatch": totals["_last_chunk_entropy"]}
         return out

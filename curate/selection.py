@@ -26,7 +26,8 @@ from torch import Tensor
 
 from .rules import Rule
 
-__all__ = ["DenseGain", "Gain", "SigmoidGain", "SoftmaxGain", "chunk_sizes", "joint", "sample", "topk"]
+__all__ = ["DenseGain", "Gain", "SigmoidGain", "SoftmaxGain", "chunk_sizes", "joint", "sample", "sampling_entropy",
+           "topk"]
 
 
 def topk(scores: Tensor, k: int) -> Tensor:
@@ -36,14 +37,18 @@ def topk(scores: Tensor, k: int) -> Tensor:
 
 
 def sample(
-    scores: Tensor, k: int, *, temperature: float = 1.0, generator: torch.Generator | None = None
+    scores: Tensor, k: int, *, temperature: float = 1.0, generator: torch.Generator | None = None,
+    entropies: list[Tensor] | None = None,
 ) -> Tensor:
     """k indices without replacement, P ∝ softmax(scores / temperature) (Gumbel-top-k).
 
     `temperature=0` is greedy top-k. Noise comes from `generator` (CPU) so draws are device-independent.
+    `entropies`, if given, gets the draw's `sampling_entropy` appended (a diagnostic; the draw is the same).
     """
     _check_k(k, scores.shape[0])
     _check_temperature(temperature)
+    if entropies is not None:
+        entropies.append(sampling_entropy(scores.float(), temperature))
     noise = _gumbel((scores.shape[0],), generator, scores.device) if temperature else None
     return _gumbel_topk(scores.float(), k, temperature, noise)
 
@@ -75,11 +80,13 @@ def joint(
     n_chunks: int = 16,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    entropies: list[Tensor] | None = None,
 ) -> Tensor:
     """JEST joint example selection: k indices drawn chunk by chunk from conditional gains.
 
     Each chunk is a Gumbel-top-k draw from softmax(gain / temperature) over the candidates not yet
-    selected. With `n_chunks=1` this is `sample(gain.first(), k)` with the same noise.
+    selected. With `n_chunks=1` this is `sample(gain.first(), k)` with the same noise. `entropies`, if
+    given, gets each chunk's `sampling_entropy` appended, in chunk order (a diagnostic; the draw is the same).
     """
     logits = gain.first()
     n = logits.shape[0]
@@ -92,6 +99,8 @@ def joint(
     chunks: list[Tensor] = []
     for i, size in enumerate(sizes):
         masked = logits.float().masked_fill(taken, float("-inf"))
+        if entropies is not None:
+            entropies.append(sampling_entropy(masked, temperature))
         chunk = _gumbel_topk(masked, size, temperature, None if noise is None else noise[i])
         taken[chunk] = True
         chunks.append(chunk)
@@ -265,6 +274,19 @@ def _logsumexp_rows(x: Tensor, y: Tensor) -> Tensor:
 
 
 _TILE = 1 << 19  # floats per CPU row tile (2 MiB): the 4 tiles a SigmoidGain update uses stay in cache
+
+
+def sampling_entropy(logits: Tensor, temperature: float) -> Tensor:
+    """Entropy of softmax(logits / temperature) over the finite logits, divided by its maximum, log(n): 1 is a
+    uniform draw over the n candidates, 0 a deterministic one (temperature 0, or one candidate). A 0-dim tensor
+    on the logits' device, so that recording it does not synchronise a GPU."""
+    finite = torch.isfinite(logits)
+    n = finite.sum()
+    if temperature == 0:
+        return torch.zeros((), device=logits.device)
+    log_p = torch.log_softmax(logits / temperature, 0)
+    entropy = -(log_p.exp() * log_p).where(finite, 0.0).sum()
+    return torch.where(n > 1, entropy / n.clamp_min(2).log(), 0.0)
 
 
 def _check_k(k: int, n: int) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import curate
+from curate.batch import batch_size_of
 from curate.distributed import Comm, Shards, local_sizes, peer_failure, resolve_world, stalled_error
 from curate.files import atomic_write, stale_temps, write_json
 from curate.pipeline import superbatch_size_for
@@ -219,7 +220,7 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
     )
     if comm.rank == 0 and test is None:
         test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
-    step, history, noisy, seen, seconds = 0, [], 0, 0, 0.0
+    step, history, tally, seconds = 0, [], _new_tally(), 0.0
     checkpoint_path = out / "checkpoint.pt"
     state = load_checkpoint(checkpoint_path) if resume and comm.rank == 0 and checkpoint_path.is_file() else None
     state = comm.broadcast_object(state)  # rank 0 reads: other nodes need not share its file system
@@ -231,7 +232,7 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["pipelines"][comm.rank] if "pipelines" in state else state["pipeline"])
-        step, history, noisy, seen, seconds = (state[k] for k in ("step", "history", "noisy", "seen", "seconds"))
+        step, history, tally, seconds = (state[k] for k in ("step", "history", "tally", "seconds"))
     bar = show_progress(tc.steps, name, "step", initial=step, enabled=progress and comm.rank == 0,
                         per_step=tc.batch_size)
     # a checkpoint taken after an epoch's last batch resumes at that epoch's end: its first iter() is empty
@@ -253,23 +254,20 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         loss.backward()
         optimizer.step()
         step += 1
-        if "is_noisy" in batch:  # a diagnostic of the embedded data (and of `curate data` exports)
-            noisy += int(batch["is_noisy"].sum())
-            seen += len(batch["is_noisy"])
+        _count(tally, batch)
         bar.update(1)
         if step % tc.eval_every == 0 or step == tc.steps:
-            record = _record(name, step, loss.item(), noisy, seen, batches, task, model, test, cfg, device, comm,
-                             start)
+            record = _record(name, step, loss.item(), tally, batches, task, model, test, cfg, device, comm, start)
             record = comm.broadcast_object(record)  # every rank keeps rank 0's history
             history.append(record)
-            noisy = seen = 0
+            tally = _new_tally()
             bar.set_postfix(acc=f"{record['accuracy']:.3f}")
             states = comm.gather_object(batches.state_dict()) if checkpoint else None  # every rank's, to resume each
             if comm.rank == 0:
                 if checkpoint:
                     _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                   "pipeline": states[0], "pipelines": states, "world_size": comm.world_size,
-                                  "step": step, "history": history, "noisy": noisy, "seen": seen,
+                                  "step": step, "history": history, "tally": tally,
                                   "seconds": record["seconds"], "recipe": recipe.model_dump(mode="json")},
                                  checkpoint_path)
                 _write_jsonl(out / "metrics.jsonl", history)
@@ -330,19 +328,50 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _record(name: str, step: int, loss: float, noisy: int, seen: int, batches, task: tasks.Task, model, test, cfg,
+def _new_tally() -> dict:
+    """What the trained batches of one evaluation interval held: samples, batches, the count of each boolean
+    `is_*` diagnostic the data carries (`is_noisy`, and the web world's `is_duplicate`, `is_tail`), and the summed
+    share of distinct labels per batch (concept coverage). Plain types: it is saved in the checkpoint."""
+    return {"seen": 0, "batches": 0, "flags": {}, "coverage": 0.0, "labelled": 0}
+
+
+def _count(tally: dict, batch: dict) -> None:
+    n = batch_size_of(batch)
+    tally["seen"] += n
+    tally["batches"] += 1
+    for key, value in batch.items():
+        if key.startswith("is_") and isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+            tally["flags"][key] = tally["flags"].get(key, 0) + int(value.sum())
+    label = batch.get("label")
+    if isinstance(label, torch.Tensor) and label.dim() == 1 and not label.is_floating_point():
+        tally["coverage"] += len(torch.unique(label)) / n
+        tally["labelled"] += 1
+
+
+def _shares(parts: list[dict]) -> dict:
+    """The intervals' diagnostics over the ranks: `noisy_kept` (None when the data carries no is_noisy, e.g. your
+    own data), `X_kept` for every other `is_X` flag, and `label_coverage` (distinct labels / batch size)."""
+    seen = sum(p["seen"] for p in parts)
+    flags = {key for p in parts for key in p["flags"]}
+    out: dict = {"noisy_kept": None}
+    for key in sorted(flags):
+        out[f"{key[3:]}_kept"] = sum(p["flags"].get(key, 0) for p in parts) / seen if seen else None
+    labelled = sum(p["labelled"] for p in parts)
+    if labelled:
+        out["label_coverage"] = sum(p["coverage"] for p in parts) / labelled
+    return out
+
+
+def _record(name: str, step: int, loss: float, tally: dict, batches, task: tasks.Task, model, test, cfg,
             device, comm: Comm, start: float) -> dict | None:
-    """One evaluation's metrics (rank 0; None elsewhere): train loss averaged and noise counted over the ranks,
-    the pipeline's stats totalled over them (a collective: every rank calls this)."""
-    parts = comm.gather_object((loss, noisy, seen))
+    """One evaluation's metrics (rank 0; None elsewhere): train loss averaged and the diagnostics counted over the
+    ranks, the pipeline's stats totalled over them (a collective: every rank calls this)."""
+    parts = comm.gather_object((loss, tally))
     stats = batches.global_stats() if comm.world_size > 1 else batches.stats()
     if comm.rank != 0:
         return None
-    seen_all = sum(p[2] for p in parts)
     return {"run": name, "step": step, "train_loss": sum(p[0] for p in parts) / len(parts),
-            **task.evaluate(model, test, cfg, device),
-            # None when the data carries no is_noisy diagnostic (your own data)
-            "noisy_kept": sum(p[1] for p in parts) / seen_all if seen_all else None,
+            **task.evaluate(model, test, cfg, device), **_shares([p[1] for p in parts]),
             "seconds": time.perf_counter() - start, "pipeline": stats}
 
 
@@ -415,7 +444,8 @@ def summarise(histories: dict[str, list[dict]]) -> dict:
         reached = next((r["step"] for r in history if target is not None and r["accuracy"] >= target), None)
         summary[name] = {"final_accuracy": history[-1]["accuracy"], "best_accuracy": best["accuracy"],
                          "best_step": best["step"], "steps_to_uniform_best": reached,
-                         "noisy_kept": _mean([r["noisy_kept"] for r in history]),
+                         **{key: _mean([r.get(key) for r in history]) for key in history[-1]
+                            if key.endswith("_kept") or key == "label_coverage"},  # noisy_kept, duplicate_kept, ...
                          "seconds": history[-1]["seconds"],
                          "score_seconds": history[-1]["pipeline"].get("score_seconds", 0.0)}
         if "r1" in history[-1]:

@@ -21,6 +21,25 @@ def test_stats_report_counts_and_quantiles():
     assert q["q10"] <= q["q50"] <= q["q90"]
 
 
+def test_stats_report_the_sampling_entropy_of_sampled_selections_only():
+    data = make_samples(200)
+    learner, reference = linear_models()
+    kwargs = dict(learner=learner, reference=reference, scorer=curate.ClassificationScorer(), batch_size=10,
+                  filter_ratio=0.5)
+    for method, temperature in (("sample", 1.0), ("sample", 0.0), ("topk", 1.0)):
+        p = curate.pipeline(data, method=method, temperature=temperature, **kwargs)
+        list(p)
+        entropy = p.stats().get("chunk_entropy")
+        if method == "topk":
+            assert entropy is None
+            continue
+        assert entropy["later"] is None and len(entropy["last_superbatch"]) == 1  # one draw per superbatch
+        if temperature:
+            assert 0.5 < entropy["first"] < 1.0  # 20 candidates, unequal scores: peaked, far from one-hot
+        else:
+            assert entropy["first"] == 0.0
+
+
 def test_short_last_superbatch_keeps_the_same_fraction_or_is_dropped():
     data = make_samples(1000)
     learner, reference = linear_models()

@@ -7,7 +7,7 @@ from curate import selection
 from curate.losses import sigmoid_pair_losses, softmax_example_losses
 from curate.rules import Rule, get_rule
 from curate.scorers import ModelScores
-from curate.selection import DenseGain, SigmoidGain, SoftmaxGain, chunk_sizes, joint, sample, topk
+from curate.selection import DenseGain, SigmoidGain, SoftmaxGain, chunk_sizes, joint, sample, sampling_entropy, topk
 
 
 def _scores(kind, n=64, d=16, seed=0, scale=8.0, bias=-4.0):
@@ -127,6 +127,35 @@ def test_one_chunk_is_independent_sampling_from_the_diagonal():
     torch.testing.assert_close(diagonal, torch.diagonal(dense))
     picked = joint(gain, 20, n_chunks=1, generator=_gen(3))
     assert picked.tolist() == sample(diagonal, 20, generator=_gen(3)).tolist()
+
+
+def test_sampling_entropy_is_the_normalised_shannon_entropy_of_the_draw():
+    logits = torch.tensor([2.0, 0.5, -1.0, float("-inf"), 0.0])
+    for t in (0.5, 1.0, 3.0):
+        p = torch.softmax(logits[[0, 1, 2, 4]].double() / t, 0)
+        expected = -(p * p.log()).sum() / torch.log(torch.tensor(4.0, dtype=torch.float64))  # 4 finite candidates
+        assert float(sampling_entropy(logits, t)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(sampling_entropy(torch.full((7,), 3.0), 1.0)) == pytest.approx(1.0)  # uniform
+    assert float(sampling_entropy(logits, 0.0)) == 0.0  # greedy
+    assert float(sampling_entropy(torch.tensor([1.0, float("-inf")]), 1.0)) == 0.0  # one candidate left
+
+
+def test_recording_entropies_leaves_the_draw_unchanged_and_gives_one_per_chunk():
+    learner, reference = _scores("sigmoid", seed=7), _scores("sigmoid", seed=8)
+    rule = get_rule("learnability")
+    entropies: list = []
+    picked = joint(SigmoidGain(learner, reference, rule), 20, n_chunks=4, generator=_gen(3), entropies=entropies)
+    assert picked.tolist() == joint(SigmoidGain(learner, reference, rule), 20, n_chunks=4, generator=_gen(3)).tolist()
+    gain = SigmoidGain(learner, reference, rule)
+    expected = [sampling_entropy(gain.first(), 1.0)]
+    for chunk in picked.split(5)[:-1]:  # chunk i+1 draws from the gains after chunks 1..i, over the rest
+        logits = gain.add(chunk)
+        taken = torch.isin(torch.arange(64), picked[: 5 * len(expected)])
+        expected.append(sampling_entropy(logits.masked_fill(taken, float("-inf")), 1.0))
+    torch.testing.assert_close(torch.stack(entropies), torch.stack(expected))
+    one: list = []
+    assert sample(gain.first(), 20, generator=_gen(3), entropies=one).tolist() == \
+        sample(gain.first(), 20, generator=_gen(3)).tolist() and len(one) == 1
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])

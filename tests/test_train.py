@@ -48,6 +48,20 @@ def test_in_memory_samples_without_checkpoints_train_as_the_shards_do(recipe):
                                                      checkpoint=False))
 
 
+def test_every_boolean_diagnostic_and_the_label_coverage_of_the_trained_batches_are_reported(recipe):
+    samples = [{k: v for k, v in s.items() if k not in ("caption", "noise")}
+               for s in tasks.load_split(recipe, "train")][:96]  # 12 steps of 8: one epoch, every sample once
+    for i, s in enumerate(samples):  # flags whose totals are known, one label (coverage 1/8 in every batch)
+        s.update(is_tail=i % 3 == 0, is_duplicate=i < 12, label=3)
+    uniform = {"rule": "uniform", "method": "sample", "filter_ratio": 0.0}
+    history = run_one(recipe, "flags", uniform, progress=False, source=samples, checkpoint=False)
+    assert [r["step"] for r in history] == [4, 8, 12]
+    for key, total in (("tail_kept", 32), ("duplicate_kept", 12),
+                       ("noisy_kept", sum(s["is_noisy"] for s in samples))):
+        assert sum(r[key] * 32 for r in history) == pytest.approx(total), key  # each interval trained 32
+    assert all(r["label_coverage"] == 1 / 8 for r in history)
+
+
 def test_resume_needs_checkpoints(recipe):
     with pytest.raises(ValueError, match="resume=True needs checkpoint=True"):
         run_one(recipe, "x", plan_runs(recipe)["learnability"], resume=True, checkpoint=False)
