@@ -1,26 +1,37 @@
 """Training efficiency: steps and total compute to reach a target accuracy, curated vs uniform, same run.
 
-Two tasks on the embedded digits data (`pipelines.data.make_digits`), each trained from the same initial
-weights and the same data stream by every method; only the selection differs:
+Three tasks, each trained from the same initial weights and the same data stream by every method; only the
+selection differs:
 
-* pairs (the JEST family): a tiny SigLIP (`tiny_clip`) on image-caption pairs, 40% web noise; metric:
-  zero-shot accuracy on the clean test split.
+* pairs (the JEST family): a tiny SigLIP (`tiny_clip`) on the digits world's image-caption pairs
+  (`pipelines.data.make_digits`), 40% web noise; metric: zero-shot accuracy on the clean test split.
 * digits (the RHO-LOSS family): a small CNN on digits with 30% of the training labels flipped; metric:
   test accuracy.
+* web (the JEST family at its own regime): the web world (`pipelines.web.make_web`), a never-repeating
+  long-tailed stream of 720 compositional concepts with misaligned and junk captions and near-duplicates;
+  metric: zero-shot accuracy over the 720 concepts on a balanced test split. Uniform trains 4× the curated
+  runs' steps, so savings are measured both ways: the curated run's steps to the long uniform run's best, and
+  uniform's steps to the curated run's final accuracy. Its grid holds the controls that isolate each claim
+  (joint with 1/4/16 chunks at temperature 1 and 0; independent selection from the diagonal, i.e. joint with 1
+  chunk, and in superbatch context; the filter ratio) and ACL as published (a small actor and a small reference
+  of its architecture, both scored online, per-example softmax sampling at filter 0.5, three actor sizes).
 
 Methods (`METHODS`): uniform, hard_learner, easy_reference, learnability with independent selection
-(topk, sample), JEST joint selection (16 chunks; pairs only: for per-example losses joint is sample),
-ACL (a small actor trained online scores in the learner's place), and a filter-ratio sweep of the main
-method. The reference is trained on the clean curated split, once per task, and its scores are
-precomputed once into a Parquet `ScoreCache` reused by every method and seed.
+(topk, sample), JEST joint selection (16 chunks; pairs and web only: for per-example losses joint is sample),
+a proxy actor trained online scoring in the learner's place against the cached reference (`acl` of pairs and
+digits), and a filter-ratio sweep of the main method. The task's reference is trained on the clean curated
+split once per task, and its scores are precomputed once into a Parquet `ScoreCache` reused by every method and
+seed (ACL's small references are scored online instead).
 
 Each run is the `curate run` job's own training loop (`pipelines.train.run_one`: model init, AdamW, loss,
 pipeline call, evaluation) over the samples decoded once into memory, without checkpoints. Figures per run:
 steps and total FLOPs (training + scoring + actor training, from the pipeline's FLOP ledger) to reach
-uniform's best accuracy (same seed) and fixed targets, final accuracy. The offline reference cost
-(training + precompute forward) is reported apart and is not in the totals: it is paid once per dataset.
+uniform's best accuracy (same seed) and fixed targets (web: fractions of the reference's accuracy), final
+accuracy, and the per-batch diagnostics (noisy, duplicate and tail share, concept coverage, the sampling
+entropy of the first and later chunks). The offline reference cost (training + precompute forward) is
+reported apart, and added to the runs that read the reference amortised over 1 and 10 runs.
 
-    .venv/bin/python benchmarks/efficiency.py --quick            # smoke test, ~2 min
+    .venv/bin/python benchmarks/efficiency.py --quick --jobs 2   # smoke test, ~3 min
     .venv/bin/python benchmarks/efficiency.py --jobs 2           # the full grid (see README)
 """
 
@@ -64,6 +75,20 @@ TASKS = {
         "actor": {"model": {"kind": "small_cnn", "options": {"width": 8}}, "lr": 2e-3},
         "targets": [0.9, 0.95], "main": "rho",
     },
+    # the web world (`pipelines.web`): a never-repeating long-tailed stream of 720 concepts; uniform trains 4× the
+    # curated runs' steps (and reads 4·600·64 = 154k of the 200k stream), so "uniform's best" is a long run's
+    "web": {
+        "world": "web",
+        "recipe": {"data": {"dataset": "web"}, "model": {"kind": "tiny_clip", "loss": "sigmoid"},
+                   "reference": {"steps": 1500, "batch_size": 128, "lr": 2e-3},
+                   "selection": {"filter_ratio": 0.8, "n_chunks": 16, "temperature": 1.0},
+                   "train": {"steps": 600, "batch_size": 64, "lr": 1e-3, "eval_every": 25}},
+        "actor": {"model": {"kind": "tiny_clip", "loss": "sigmoid", "options": {
+            "width": 32, "layers": 1, "text_width": 32, "text_layers": 1, "embed_dim": 32}}, "lr": 2e-3},
+        # no fixed accuracies: the targets are fractions of the reference's own zero-shot accuracy (a model trained
+        # on the curated set alone), set before any method ran
+        "targets": [], "reference_targets": [0.5, 0.75, 1.0], "uniform_steps_factor": 4, "main": "jest",
+    },
 }
 
 UNIFORM = {"rule": "uniform", "method": "sample", "filter_ratio": 0.0}
@@ -79,6 +104,28 @@ METHODS = {  # name -> pipeline options over the recipe's selection (filter_rati
         "jest_f0.5": {"rule": "learnability", "method": "joint", "filter_ratio": 0.5},
         "jest_f0.9": {"rule": "learnability", "method": "joint", "filter_ratio": 0.9},
     },
+    # the web grid isolates each claim: joint selection with 1 chunk is independent sampling from the diagonal
+    # (each pair scored alone), `learnability_*` score each pair against the whole superbatch (independent, in
+    # context); chunks 1/4/16 at temperature 1 and at 0 (greedy); the offline filter and the learner-only rule
+    "web": {
+        "uniform": UNIFORM,
+        "hard_learner": {"rule": "hard_learner", "method": "joint"},
+        "easy_reference": {"rule": "easy_reference", "method": "joint"},
+        "learnability_topk": {"rule": "learnability", "method": "topk"},
+        "learnability_sample": {"rule": "learnability", "method": "sample"},
+        "jest_c1": {"rule": "learnability", "method": "joint", "n_chunks": 1},
+        "jest_c4": {"rule": "learnability", "method": "joint", "n_chunks": 4},
+        "jest": {"rule": "learnability", "method": "joint"},
+        "jest_c1_T0": {"rule": "learnability", "method": "joint", "n_chunks": 1, "temperature": 0.0},
+        "jest_T0": {"rule": "learnability", "method": "joint", "temperature": 0.0},
+        "jest_f0.5": {"rule": "learnability", "method": "joint", "filter_ratio": 0.5},
+        "jest_f0.9": {"rule": "learnability", "method": "joint", "filter_ratio": 0.9},
+        # ACL as published (Evans et al. 2023): per-example learnability of a small actor trained online against a
+        # small reference of its architecture, both scored online, sampled by softmax at filter 0.5; actor sizes
+        **{f"acl_w{w}": {"rule": "learnability", "method": "sample", "filter_ratio": 0.5,
+                         "acl": {"width": w, "layers": 1, "text_width": w, "text_layers": 1, "embed_dim": w}}
+           for w in (16, 32, 64)},
+    },
     "digits": {
         "uniform": UNIFORM,
         "hard_learner": {"rule": "hard_learner", "method": "topk"},
@@ -90,40 +137,55 @@ METHODS = {  # name -> pipeline options over the recipe's selection (filter_rati
         "rho_f0.8": {"rule": "learnability", "method": "topk", "filter_ratio": 0.8},
     },
 }
-QUICK = {"seeds": 1, "steps": 100, "ref_steps": 100, "n_train": 4000,
-         "methods": {"pairs": ["uniform", "jest", "acl"], "digits": ["uniform", "rho", "hard_learner"]}}
+QUICK = {"seeds": 1, "steps": 100, "ref_steps": 100, "n_train": {"digits": 4000, "web": 40_000},
+         "methods": {"pairs": ["uniform", "jest", "acl"], "digits": ["uniform", "rho", "hard_learner"],
+                     "web": ["uniform", "jest", "easy_reference"]}}
+WORLDS = {"digits": 20_000, "web": 200_000}  # train samples of each world the grid makes
 
 
-def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str], *, actor: bool = False):
-    """The task's recipe for `seed` (with the task's ACL actor in `selection.actor` if `actor`). One reference and
-    cache per task, shared by every method and seed, under `work` in a folder named by a hash of what makes them
-    (data, reference config), so a change retrains."""
+def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str], *, actor: bool = False,
+               acl: dict | None = None, steps_factor: int = 1):
+    """The task's recipe for `seed`, `steps_factor` times its training steps. `actor`: the task's proxy in
+    `selection.actor` (scoring in the learner's place, against the cached reference). `acl`: ACL as published,
+    the actor's architecture with these options both as the online actor and as the reference, which is scored
+    online (no cache: its forward is in the ledger). One reference (and cache) per configuration, shared by every
+    method and seed, under `work` in a folder named by a hash of what makes it, so a change retrains."""
     from pipelines.recipe import parse_recipe
 
     recipe = TASKS[task]["recipe"]
     if actor:
         recipe = {**recipe, "selection": {**recipe["selection"], "actor": TASKS[task]["actor"]}}
+    if acl is not None:
+        small = {**TASKS[task]["actor"]["model"], "options": acl}
+        recipe = {**recipe, "reference": {**recipe["reference"], "model": small},
+                  "selection": {**recipe["selection"], "actor": {**TASKS[task]["actor"], "model": small}}}
     text = yaml.safe_dump({"name": f"efficiency-{task}", **recipe})
     own = [o.split(".", 1)[1] for o in overrides if o.startswith(f"{task}.")]  # "pairs.train.lr=3e-3"
     recipe = parse_recipe(text, f"efficiency:{task}", [f"data.root={data}", *own])
     made_of = json.dumps([str(data), recipe.reference.model_dump(), recipe.model.model_dump()], sort_keys=True)
     tag = f"{task}-{hashlib.sha256(made_of.encode()).hexdigest()[:10]}"
     ov = [f"train.seed={seed}", f"train.out={work}/runs/{task}-s{seed}", "train.device=cpu",
-          f"reference.path={work}/reference/{tag}", f"cache.path={work}/cache/{tag}"]
-    return parse_recipe(text, f"efficiency:{task}", [f"data.root={data}", *ov, *own])
+          f"reference.path={work}/reference/{tag}", f"cache.path={'null' if acl else f'{work}/cache/{tag}'}"]
+    recipe = parse_recipe(text, f"efficiency:{task}", [f"data.root={data}", *ov, *own])
+    if steps_factor != 1:
+        ov.append(f"train.steps={recipe.train.steps * steps_factor}")
+        recipe = parse_recipe(text, f"efficiency:{task}", [f"data.root={data}", *own, *ov])
+    return recipe
 
 
-def prepare(task: str, seed: int, work: Path, data: Path, overrides: list[str]) -> dict:
-    """Train the task's reference and precompute its cache, unless there; its test accuracy and offline FLOPs."""
+def prepare(task: str, seed: int, work: Path, data: Path, overrides: list[str], acl: dict | None = None) -> dict:
+    """Train the reference (the task's, or an ACL configuration's) and precompute its cache (when it has one),
+    unless there; its test accuracy and offline FLOPs."""
     torch.set_num_threads(1)
     import curate
     from pipelines import precompute, tasks, train_reference
 
-    recipe = recipe_for(task, seed, work, data, overrides)
+    recipe = recipe_for(task, seed, work, data, overrides, acl=acl)
     quiet = lambda *a: None  # noqa: E731
     if not (recipe.reference_path / "model.safetensors").is_file():
         train_reference.train_reference(recipe, log=quiet)
-    if not list(Path(recipe.cache.path).glob("part-*.parquet")):
+    cached = recipe.cache.path is not None
+    if cached and not list(Path(recipe.cache.path).glob("part-*.parquet")):
         precompute.precompute(recipe, log=quiet)
     model, info = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)
     (batch,) = tasks.in_memory_batches(tasks.load_split(recipe, "test"), batch_size=256)[:1]
@@ -131,7 +193,8 @@ def prepare(task: str, seed: int, work: Path, data: Path, overrides: list[str]) 
     n_pool = tasks.manifest(recipe)[recipe.data.dataset]["splits"]["train"]["count"]
     rc = recipe.reference
     return {"test": info["test"], "forward_flops_per_sample": per_sample,
-            "training_flops": 3 * per_sample * rc.steps * rc.batch_size, "precompute_flops": per_sample * n_pool}
+            "training_flops": 3 * per_sample * rc.steps * rc.batch_size,
+            "precompute_flops": per_sample * n_pool if cached else 0.0}
 
 
 def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list[str], samples, test) -> dict:
@@ -140,29 +203,28 @@ def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list
     from pipelines.train import run_one
 
     options = dict(METHODS[task][name])
-    actor = options.pop("actor", False)
-    recipe = recipe_for(task, seed, work, data, overrides, actor=actor)
+    actor, acl = options.pop("actor", False), options.pop("acl", None)
+    factor = TASKS[task].get("uniform_steps_factor", 1) if name == "uniform" else 1
+    recipe = recipe_for(task, seed, work, data, overrides, actor=actor, acl=acl, steps_factor=factor)
     sel = recipe.selection
     options = {"filter_ratio": sel.filter_ratio, "n_chunks": sel.n_chunks, "temperature": sel.temperature, **options}
     records = run_one(recipe, name, options, progress=False, test=test, source=samples, checkpoint=False)
-    history, noisy, trained = [], 0, 0
+    history = []
     for record in records:
         stats = record["pipeline"]
-        # run_one reports the noisy share of each evaluation interval; this benchmark reports it over the run so
-        # far. The pipeline's `kept` counts every sample handed to training (batches at an epoch's end can be
-        # short), so the interval's noisy count is its share times its kept samples.
-        interval, trained = stats["kept"] - trained, stats["kept"]
-        noisy += round(record["noisy_kept"] * interval)
-        metrics = {k: v for k, v in record.items() if k not in ("run", "step", "train_loss", "noisy_kept", "seconds",
-                                                                 "pipeline")}  # the task's evaluation
+        # the task's evaluation and run_one's diagnostics of the interval's trained batches (noisy_kept, ...)
+        metrics = {k: v for k, v in record.items() if k not in ("run", "step", "train_loss", "seconds", "pipeline")}
         history.append({"step": record["step"], **metrics,
                         "flops": stats["training_flops"] + stats["scoring_flops"] + stats["actor_training_flops"],
-                        "training_flops": stats["training_flops"], "noisy_kept": noisy / trained,
-                        "seconds": record["seconds"]})
+                        "training_flops": stats["training_flops"], "seconds": record["seconds"],
+                        # the last superbatch's per-chunk sampling entropy, a snapshot at each evaluation
+                        "chunk_entropy": stats.get("chunk_entropy", {}).get("last_superbatch")})
     stats = records[-1]["pipeline"]  # the last evaluation is at the last step
-    return {"task": task, "method": name, "seed": seed, "options": {**options, "actor": actor},
-            "history": history, "score_seconds": stats["score_seconds"],
-            "flops_per_sample": stats["flops_per_sample"], "flops_overhead": stats["flops_overhead"]}
+    return {"task": task, "method": name, "seed": seed, "options": {**options, "actor": actor, "acl": acl},
+            "reference": reference_key(task, name),
+            "budget": recipe.train.steps // factor, "history": history, "score_seconds": stats["score_seconds"],
+            "flops_per_sample": stats["flops_per_sample"], "flops_overhead": stats["flops_overhead"],
+            "chunk_entropy": stats.get("chunk_entropy")}  # over the whole run: first chunk, later chunks
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -173,67 +235,103 @@ def reached(history: list[dict], target: float) -> dict | None:
     return next((r for r in history if r["accuracy"] >= target), None)
 
 
-def per_run(result: dict, uniform: dict, targets: list[float]) -> dict:
-    """Figures of one run, against the uniform run of the same seed."""
+DIAGNOSTICS = ("noisy_kept", "duplicate_kept", "tail_kept", "label_coverage")  # means over a run's intervals
+AMORTISED_OVER = (1, 10)  # runs that share one reference's training and precompute
+
+
+def per_run(result: dict, uniform: dict, targets: list[float], reference: dict) -> dict:
+    """Figures of one run, against the uniform run of the same seed. The reference's offline cost (its training and
+    precompute, `prepare`) is charged, amortised, to the runs that read the reference."""
+    import curate
+
     h, uh = result["history"], uniform["history"]
     u_best = max(r["accuracy"] for r in uh)
-    u_at = reached(uh, u_best)
-    out = {"final_accuracy": h[-1]["accuracy"], "best_accuracy": max(r["accuracy"] for r in h),
-           "total_flops": h[-1]["flops"], "flops_overhead": result["flops_overhead"],
-           "noisy_kept": statistics.fmean(r["noisy_kept"] for r in h), "seconds": h[-1]["seconds"],
-           "uniform_best": u_best}
+    final = h[-1]["accuracy"]
+    at_budget = next(r for r in h if r["step"] >= result["budget"])  # the curated runs' steps (uniform's may be more)
+    u_to_final = reached(uh, final)  # the other way round: uniform's steps to this run's final accuracy
+    out = {"final_accuracy": final, "best_accuracy": max(r["accuracy"] for r in h),
+           "accuracy_at_budget": at_budget["accuracy"], "total_flops": h[-1]["flops"],
+           "flops_overhead": result["flops_overhead"], "seconds": h[-1]["seconds"], "uniform_best": u_best,
+           "uniform_steps_to_final": u_to_final and u_to_final["step"],
+           "step_speedup_to_final": u_to_final and u_to_final["step"] / h[-1]["step"]}
+    for key in ("tail_accuracy", "digit_accuracy"):
+        if key in h[-1]:
+            out[f"final_{key}"] = h[-1][key]
+    for key in DIAGNOSTICS:
+        values = [r[key] for r in h if r.get(key) is not None]
+        out[key] = statistics.fmean(values) if values else None
+    entropy = result.get("chunk_entropy") or {}
+    out["entropy_first_chunk"], out["entropy_later_chunks"] = entropy.get("first"), entropy.get("later")
+    offline = reference["training_flops"] + reference["precompute_flops"]
+    offline *= curate.get_rule(result["options"]["rule"]).uses_reference
     for label, target in [("uniform_best", u_best)] + [(f"{t:g}", t) for t in targets]:
         hit, u_hit = reached(h, target), reached(uh, target)
         out[f"steps_to_{label}"] = hit and hit["step"]
         out[f"flops_to_{label}"] = hit and hit["flops"]
         out[f"step_speedup_{label}"] = hit and u_hit and u_hit["step"] / hit["step"]
         out[f"flops_ratio_{label}"] = hit and u_hit and hit["flops"] / u_hit["flops"]
-    assert u_at is not None
+        for n in AMORTISED_OVER:  # with the offline reference cost spread over n runs (uniform pays none)
+            out[f"flops_ratio_{label}_amortised_{n}"] = hit and u_hit and (hit["flops"] + offline / n) / u_hit["flops"]
     return out
 
 
 def mean_std(values: list) -> dict:
+    """Mean, std and the 95% confidence half-width of the mean (Student's t) of the values that are not None."""
+    from scipy.stats import t as student
+
     got = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(got) if got else None,
-            "std": statistics.stdev(got) if len(got) > 1 else 0.0 if got else None,
-            "n": len(got), "of": len(values)}
+    std = statistics.stdev(got) if len(got) > 1 else 0.0 if got else None
+    ci = float(student.ppf(0.975, len(got) - 1)) * std / len(got) ** 0.5 if len(got) > 1 and std is not None else None
+    return {"mean": statistics.fmean(got) if got else None, "std": std, "ci95": ci, "n": len(got), "of": len(values)}
 
 
-def summarise(results: list[dict], targets: dict[str, list[float]]) -> dict:
+def summarise(results: list[dict], targets: dict[str, list[float]], references: dict[str, dict]) -> dict:
     summary: dict = {}
     for task in dict.fromkeys(r["task"] for r in results):
         runs = [r for r in results if r["task"] == task]
         uniform = {r["seed"]: r for r in runs if r["method"] == "uniform"}
         rows = {}
         for name in dict.fromkeys(r["method"] for r in runs):
-            figures = [per_run(r, uniform[r["seed"]], targets[task]) for r in runs if r["method"] == name]
-            rows[name] = {key: mean_std([f[key] for f in figures]) if not isinstance(figures[0][key], str) else None
-                          for key in figures[0]}
+            figures = [per_run(r, uniform[r["seed"]], targets[task], references[r.get("reference", task)])
+                       for r in runs if r["method"] == name]
+            rows[name] = {key: mean_std([f[key] for f in figures]) for key in figures[0]}
         summary[task] = rows
     return summary
 
 
 def fmt(cell: dict | None, digits: int = 3, scale: float = 1.0) -> str:
+    """mean ± the 95% CI half-width (± 0 for one seed); (k/n) when only k of n seeds have a value."""
     if cell is None or cell["mean"] is None:
         return "—"
-    text = f"{cell['mean'] / scale:.{digits}f}±{cell['std'] / scale:.{digits}f}"
+    text = f"{cell['mean'] / scale:.{digits}f}±{(cell.get('ci95') or 0.0) / scale:.{digits}f}"
     return text + (f" ({cell['n']}/{cell['of']})" if cell["n"] < cell["of"] else "")
 
 
 def table(summary: dict, targets: dict[str, list[float]]) -> str:
     lines = []
     for task, rows in summary.items():
-        cols = [("final acc", "final_accuracy", 3, 1), ("steps→U best", "steps_to_uniform_best", 0, 1),
-                ("speedup", "step_speedup_uniform_best", 2, 1), ("TFLOPs→U best", "flops_to_uniform_best", 2, 1e12),
-                ("FLOP ratio", "flops_ratio_uniform_best", 2, 1)]
+        cols = [("final acc", "final_accuracy", 3, 1), ("acc at budget", "accuracy_at_budget", 3, 1),
+                ("steps→U best", "steps_to_uniform_best", 0, 1), ("speedup", "step_speedup_uniform_best", 2, 1),
+                ("U steps→final", "uniform_steps_to_final", 0, 1),
+                ("speedup (other way)", "step_speedup_to_final", 2, 1),
+                ("FLOP ratio→U best", "flops_ratio_uniform_best", 2, 1)]
+        cols += [(f"amortised ×{n}", f"flops_ratio_uniform_best_amortised_{n}", 2, 1) for n in AMORTISED_OVER]
         for t in targets[task]:
             cols += [(f"steps→{t:g}", f"steps_to_{t:g}", 0, 1), (f"FLOP ratio→{t:g}", f"flops_ratio_{t:g}", 2, 1)]
-        cols += [("total TFLOPs", "total_flops", 2, 1e12), ("noisy kept", "noisy_kept", 2, 1)]
-        lines.append(f"\n{task} (mean ± std over seeds; (k/n): only k of n seeds reached the target)")
-        lines.append("| method | " + " | ".join(c[0] for c in cols) + " |")
-        lines.append("|---" * (len(cols) + 1) + "|")
-        for name, row in rows.items():
-            lines.append(f"| {name} | " + " | ".join(fmt(row[key], d, s) for _, key, d, s in cols) + " |")
+        cols += [("total TFLOPs", "total_flops", 2, 1e12)]
+        diagnostics = [("noisy kept", "noisy_kept", 2), ("dup kept", "duplicate_kept", 3),
+                       ("tail kept", "tail_kept", 3),
+                       ("coverage", "label_coverage", 3), ("H chunk 1", "entropy_first_chunk", 3),
+                       ("H later", "entropy_later_chunks", 3), ("tail acc", "final_tail_accuracy", 3),
+                       ("digit acc", "final_digit_accuracy", 3)]
+        diagnostics = [(n, k, d, 1) for n, k, d in diagnostics
+                       if any(row[k]["mean"] is not None for row in rows.values())]
+        for title, columns in (("", cols), (" diagnostics", diagnostics)):
+            lines.append(f"\n{task}{title} (mean ± 95% CI over seeds; (k/n): only k of n seeds have a value)")
+            lines.append("| method | " + " | ".join(c[0] for c in columns) + " |")
+            lines.append("|---" * (len(columns) + 1) + "|")
+            for name, row in rows.items():
+                lines.append(f"| {name} | " + " | ".join(fmt(row[key], d, sc) for _, key, d, sc in columns) + " |")
     return "\n".join(lines)
 
 
@@ -276,15 +374,23 @@ def plot(results: list[dict], summary: dict, path_stem: Path) -> list[str]:
 _SHARED: dict = {}  # per task: samples and test batches, loaded before the worker processes fork
 
 
+def reference_key(task: str, name: str) -> str:
+    """Which reference a run reads: the task's, or its own ACL configuration's."""
+    return f"{task}:{name}" if name and "acl" in METHODS[task][name] else task
+
+
 def _prepare_job(args):
-    return args[:2], prepare(*args)
+    task, name, *rest = args
+    return reference_key(task, name), prepare(task, *rest, acl=METHODS[task][name].get("acl") if name else None)
 
 
 def _cost(task: str, name: str) -> float:
-    """Rough relative cost of a run (for scheduling): superbatch size, pairs ~3× digits per step."""
+    """Rough relative cost of a run (for scheduling): superbatch size and steps, pairs ~3× digits per step."""
     options = METHODS[task][name]
     ratio = options.get("filter_ratio", TASKS[task]["recipe"]["selection"]["filter_ratio"])
-    return (3 if task == "pairs" else 1) * (1 if options["rule"] == "uniform" else 1 / (1 - ratio))
+    if options["rule"] == "uniform":
+        return (1 if task == "digits" else 3) * TASKS[task].get("uniform_steps_factor", 1)
+    return (1 if task == "digits" else 3) / (1 - ratio)
 
 
 def _run_job(args):
@@ -305,19 +411,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke version: 1 seed, 100 steps, 3 methods a task")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--tasks", default="pairs,digits")
+    parser.add_argument("--tasks", default="pairs,digits,web")
     parser.add_argument("--methods", default=None, help="comma list (default: all of each task's)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (one torch thread each)")
     parser.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE",
                         help="recipe override for one task, e.g. pairs.train.lr=3e-3 or digits.train.steps=800")
-    parser.add_argument("--data", default="/tmp/curate-bench/data", help="made with make_digits if missing")
+    parser.add_argument("--data", default="/tmp/curate-bench/data",
+                        help="the worlds' roots: DATA (digits, for pairs and digits) and DATA-web; made if missing")
     parser.add_argument("--work", default="/tmp/curate-bench/work", help="references and score caches")
     parser.add_argument("--out", default="benchmarks/results/efficiency.json")
     parser.add_argument("--replot", action="store_true", help="redraw the PNGs and table of an existing --out JSON")
     args = parser.parse_args()
     if args.replot:
         report = json.loads(Path(args.out).read_text())
-        print(table(report["summary"], {t: TASKS[t]["targets"] for t in report["summary"]}))
+        print(table(report["summary"], report.get("targets") or {t: TASKS[t]["targets"] for t in report["summary"]}))
         print("wrote", ", ".join(plot(report["runs"], report["summary"], Path(args.out).with_suffix(""))))
         return
     torch.set_num_threads(1)
@@ -330,22 +437,30 @@ def main() -> None:
         for task in task_names:
             overrides = [f"{task}.train.steps={QUICK['steps']}", f"{task}.reference.steps={QUICK['ref_steps']}",
                          *overrides]
-    if not (data / "manifest.json").is_file():
-        from pipelines.data import make_digits
+    roots = {"digits": data, "web": data.with_name(data.name + "-web")}
+    for world in dict.fromkeys(TASKS[t].get("world", "digits") for t in task_names):
+        if not (roots[world] / "manifest.json").is_file():
+            from pipelines.data import make_digits
+            from pipelines.web import make_web
 
-        make_digits(data, n_train=QUICK["n_train"] if args.quick else 20_000)
+            make = {"digits": make_digits, "web": make_web}[world]
+            make(roots[world], n_train=QUICK["n_train"][world] if args.quick else WORLDS[world])
+    roots = {t: roots[TASKS[t].get("world", "digits")] for t in task_names}  # each task's world
     methods = {t: ([m for m in args.methods.split(",") if m in METHODS[t]] if args.methods else
                    QUICK["methods"][t] if args.quick else list(METHODS[t])) for t in task_names}
     for task in task_names:
         methods[task] = ["uniform"] + [m for m in methods[task] if m != "uniform"]  # the baseline always runs
-    jobs = [(t, 0, work, data, overrides) for t in task_names]
+    jobs = [(t, name, 0, work, roots[t], overrides) for t in task_names
+            for name in [None, *(m for m in methods[t] if "acl" in METHODS[t][m])]]
     ctx = mp.get_context("fork")
     with ctx.Pool(args.jobs) as pool:
-        references = {t: info for (t, _), info in pool.imap(_prepare_job, jobs)}
+        references = dict(pool.imap(_prepare_job, jobs))
     print(f"references ready ({time.perf_counter() - start:.0f}s)", flush=True)
+    targets = {t: TASKS[t]["targets"] + [round(f * references[t]["test"]["accuracy"], 4)
+                                         for f in TASKS[t].get("reference_targets", [])] for t in task_names}
     for task in task_names:
-        _SHARED[task] = load_task(task, work, data, overrides)
-    runs = [(t, m, s, work, data, overrides) for t in task_names for s in range(seeds) for m in methods[t]]
+        _SHARED[task] = load_task(task, work, roots[task], overrides)
+    runs = [(t, m, s, work, roots[t], overrides) for t in task_names for s in range(seeds) for m in methods[t]]
     runs.sort(key=lambda job: -_cost(job[0], job[1]))  # longest first: the pool ends together
     results = []
     out = Path(args.out)
@@ -361,14 +476,13 @@ def main() -> None:
             print(f"{result['task']:>6} {result['method']:<20} seed {result['seed']}: final {last['accuracy']:.3f} "
                   f"in {last['seconds']:.0f}s ({time.perf_counter() - start:.0f}s elapsed)", flush=True)
     results.sort(key=lambda r: (task_names.index(r["task"]), methods[r["task"]].index(r["method"]), r["seed"]))
-    targets = {t: TASKS[t]["targets"] for t in task_names}
-    summary = summarise(results, targets)
+    summary = summarise(results, targets, references)
     print(table(summary, targets))
     pngs = plot(results, summary, out.with_suffix(""))
     report = {"benchmark": "efficiency", "argv": sys.argv[1:], "quick": args.quick, "seeds": seeds,
               "overrides": overrides, "tasks": {t: {**TASKS[t], "methods": {m: METHODS[t][m] for m in methods[t]}}
                                                 for t in task_names},
-              "references": references, "summary": summary, "runs": results, "plots": pngs,
+              "references": references, "targets": targets, "summary": summary, "runs": results, "plots": pngs,
               "seconds": time.perf_counter() - start, "torch_threads": 1, "cpu_count": os.cpu_count(),
               "offline_cost_in_totals": False}
     write_json(report, out)

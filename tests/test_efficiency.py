@@ -1,0 +1,59 @@
+"""benchmarks/efficiency.py's figures: step savings both ways, FLOP ratios with the reference amortised, CIs."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def efficiency():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its sibling results_io
+    try:
+        spec = importlib.util.spec_from_file_location("efficiency", ROOT / "benchmarks" / "efficiency.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _run(method, rule, accuracies, gflops, budget, every=25):
+    history = [{"step": every * (i + 1), "accuracy": a, "flops": f * 1e9, "seconds": 1.0} for i, (a, f) in
+               enumerate(zip(accuracies, gflops, strict=True))]
+    return {"task": "web", "method": method, "seed": 0, "options": {"rule": rule}, "budget": budget,
+            "history": history, "flops_overhead": 0.0, "reference": "web"}
+
+
+def test_per_run_measures_both_ways_and_charges_the_reference_only_to_runs_that_read_it(efficiency):
+    # uniform trains twice the curated budget: 100 steps against 50
+    uniform = _run("uniform", "uniform", [0.10, 0.20, 0.30, 0.40], [1, 2, 3, 4], budget=50)
+    jest = _run("jest", "learnability", [0.30, 0.40], [2, 4], budget=50)
+    hard = _run("hard", "hard_learner", [0.30, 0.40], [2, 4], budget=50)
+    reference = {"training_flops": 1.5e9, "precompute_flops": 0.5e9}
+    row = efficiency.per_run(jest, uniform, [0.3], reference)
+    assert row["uniform_best"] == 0.40 and row["steps_to_uniform_best"] == 50
+    assert row["step_speedup_uniform_best"] == 100 / 50 and row["flops_ratio_uniform_best"] == 4 / 4
+    # the other way: uniform needs 100 steps for jest's final 0.40, jest took 50
+    assert row["uniform_steps_to_final"] == 100 and row["step_speedup_to_final"] == 2.0
+    assert row["accuracy_at_budget"] == 0.40 and row["steps_to_0.3"] == 25 and row["step_speedup_0.3"] == 75 / 25
+    assert row["flops_ratio_uniform_best_amortised_1"] == pytest.approx((4 + 2) / 4)  # + all of the offline 2 GFLOPs
+    assert row["flops_ratio_uniform_best_amortised_10"] == pytest.approx((4 + 0.2) / 4)
+    assert efficiency.per_run(hard, uniform, [], reference)["flops_ratio_uniform_best_amortised_1"] == 1.0
+    own = efficiency.per_run(uniform, uniform, [], reference)  # uniform at the curated budget: its step 50
+    assert own["accuracy_at_budget"] == 0.20 and own["final_accuracy"] == 0.40
+    assert own["flops_ratio_uniform_best_amortised_1"] == 1.0
+    never = efficiency.per_run(_run("x", "learnability", [0.2, 0.25], [2, 4], 50), uniform, [], reference)
+    assert never["steps_to_uniform_best"] is None and never["step_speedup_uniform_best"] is None
+    assert never["uniform_steps_to_final"] == 75  # uniform's first evaluation at or above 0.25
+
+
+def test_mean_std_gives_students_t_interval_over_the_seeds_that_have_a_value(efficiency):
+    cell = efficiency.mean_std([1.0, 2.0, 3.0, None])
+    assert cell["mean"] == 2.0 and cell["std"] == 1.0 and (cell["n"], cell["of"]) == (3, 4)
+    assert cell["ci95"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6)  # t(0.975, 2 dof)
+    assert efficiency.mean_std([0.5])["ci95"] is None and efficiency.mean_std([None])["mean"] is None
+    assert efficiency.fmt(cell, 2) == "2.00±2.48 (3/4)"
