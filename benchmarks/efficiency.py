@@ -122,6 +122,8 @@ METHODS = {  # name -> pipeline options over the recipe's selection (filter_rati
         "jest_f0.9": {"rule": "learnability", "method": "joint", "filter_ratio": 0.9},
         # ACL as published (Evans et al. 2023): per-example learnability of a small actor trained online against a
         # small reference of its architecture, both scored online, sampled by softmax at filter 0.5; actor sizes
+        # Flexi-JEST as published: the learner scores at half resolution and trains half of each batch at it
+        "flexi_jest": {"rule": "learnability", "method": "joint", "flexi": {"downsample": 2, "train_share": 0.5}},
         **{f"acl_w{w}": {"rule": "learnability", "method": "sample", "filter_ratio": 0.5,
                          "acl": {"width": w, "layers": 1, "text_width": w, "text_layers": 1, "embed_dim": w}}
            for w in (16, 32, 64)},
@@ -144,17 +146,20 @@ WORLDS = {"digits": 20_000, "web": 200_000}  # train samples of each world the g
 
 
 def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str], *, actor: bool = False,
-               acl: dict | None = None, steps_factor: int = 1):
+               acl: dict | None = None, flexi: dict | None = None, steps_factor: int = 1):
     """The task's recipe for `seed`, `steps_factor` times its training steps. `actor`: the task's proxy in
     `selection.actor` (scoring in the learner's place, against the cached reference). `acl`: ACL as published,
     the actor's architecture with these options both as the online actor and as the reference, which is scored
-    online (no cache: its forward is in the ledger). One reference (and cache) per configuration, shared by every
-    method and seed, under `work` in a folder named by a hash of what makes it, so a change retrains."""
+    online (no cache: its forward is in the ledger). `flexi`: `selection.flexi` (Flexi-JEST). One reference (and
+    cache) per configuration, shared by every method and seed, under `work` in a folder named by a hash of what
+    makes it, so a change retrains."""
     from pipelines.recipe import parse_recipe
 
     recipe = TASKS[task]["recipe"]
     if actor:
         recipe = {**recipe, "selection": {**recipe["selection"], "actor": TASKS[task]["actor"]}}
+    if flexi is not None:
+        recipe = {**recipe, "selection": {**recipe["selection"], "flexi": flexi}}
     if acl is not None:
         small = {**TASKS[task]["actor"]["model"], "options": acl}
         recipe = {**recipe, "reference": {**recipe["reference"], "model": small},
@@ -203,9 +208,9 @@ def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list
     from pipelines.train import run_one
 
     options = dict(METHODS[task][name])
-    actor, acl = options.pop("actor", False), options.pop("acl", None)
+    actor, acl, flexi = options.pop("actor", False), options.pop("acl", None), options.pop("flexi", None)
     factor = TASKS[task].get("uniform_steps_factor", 1) if name == "uniform" else 1
-    recipe = recipe_for(task, seed, work, data, overrides, actor=actor, acl=acl, steps_factor=factor)
+    recipe = recipe_for(task, seed, work, data, overrides, actor=actor, acl=acl, flexi=flexi, steps_factor=factor)
     sel = recipe.selection
     options = {"filter_ratio": sel.filter_ratio, "n_chunks": sel.n_chunks, "temperature": sel.temperature, **options}
     records = run_one(recipe, name, options, progress=False, test=test, source=samples, checkpoint=False)
@@ -220,7 +225,8 @@ def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list
                         # the last superbatch's per-chunk sampling entropy, a snapshot at each evaluation
                         "chunk_entropy": stats.get("chunk_entropy", {}).get("last_superbatch")})
     stats = records[-1]["pipeline"]  # the last evaluation is at the last step
-    return {"task": task, "method": name, "seed": seed, "options": {**options, "actor": actor, "acl": acl},
+    return {"task": task, "method": name, "seed": seed,
+            "options": {**options, "actor": actor, "acl": acl, "flexi": flexi},
             "reference": reference_key(task, name),
             "budget": recipe.train.steps // factor, "history": history, "score_seconds": stats["score_seconds"],
             "flops_per_sample": stats["flops_per_sample"], "flops_overhead": stats["flops_overhead"],

@@ -379,7 +379,8 @@ class ContrastiveScorer:
         device = model_device(model)
         clip = cast(_ContrastiveModel, model)  # duck-typed: any nn.Module with open_clip's API
         # normalised in fp32: a bf16 forward's features would otherwise be rounded to bf16 a second time
-        image = F.normalize(clip.encode_image(batch[self.image_key].to(device, non_blocking=True)).float(), dim=-1)
+        image = F.normalize(self.encode_images(model, batch[self.image_key].to(device, non_blocking=True)).float(),
+                            dim=-1)
         text = F.normalize(clip.encode_text(batch[self.text_key].to(device, non_blocking=True)).float(), dim=-1)
         scale = float(clip.logit_scale.float().exp())
         if self.loss == "sigmoid":
@@ -393,6 +394,11 @@ class ContrastiveScorer:
         else:
             bias = 0.0
         return ModelScores(self.loss, image, text, scale, bias)
+
+    def encode_images(self, model: nn.Module, images: Tensor) -> Tensor:
+        """The image features (not normalised): `model.encode_image`. A subclass may encode otherwise (e.g. some
+        rows at another resolution) and the rest of scoring stays the same."""
+        return cast(_ContrastiveModel, model).encode_image(images)
 
     def __repr__(self) -> str:
         return (f"ContrastiveScorer(image_key={self.image_key!r}, text_key={self.text_key!r}, loss={self.loss!r}"

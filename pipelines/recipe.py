@@ -164,6 +164,15 @@ class ActorConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
 
 
+class FlexiConfig(_Strict):
+    """Flexi-JEST (Evans et al., 2024, §3.4; `pipelines.flexi`): the superbatch is scored with its images
+    downsampled by `downsample`, and the learner trains on `train_share` of every batch at that resolution (the
+    rest at full), so that its low-resolution scores stay accurate. Needs an open_clip ViT image tower."""
+
+    downsample: int = Field(2, ge=2)
+    train_share: float = Field(0.5, ge=0, le=1)
+
+
 class SelectionConfig(_Strict):
     """What `curate.pipeline` is given; see its docstring for each knob."""
 
@@ -174,7 +183,7 @@ class SelectionConfig(_Strict):
     temperature: float = Field(1.0, ge=0)
     shuffle_buffer: int = Field(1024, ge=0)
     actor: ActorConfig | None = None
-    score_patch_dropout: float = Field(0.0, ge=0, lt=1)  # Flexi-JEST: drop this share of image patches when scoring
+    flexi: FlexiConfig | None = None
 
     @field_validator("rule")
     @classmethod
@@ -365,12 +374,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return parse_recipe(path.read_text(), str(path), overrides)
 
 
+# keys of earlier versions: what took their place
+REPLACED = {"selection.score_patch_dropout": "Flexi-JEST scores at low resolution and trains at mixed resolution "
+                                             "instead of dropping patches; use selection.flexi: {downsample: 2, "
+                                             "train_share: 0.5}"}
+
+
 def _describe(err: dict, source: str, root) -> str:
     loc = [str(part) for part in err["loc"] if not str(part).startswith("function-after")]
     path = ".".join(loc)
     line = _line_of(root, loc)
     where = f"{source}:{line}: " if line else ""
     if err["type"] == "extra_forbidden":
+        if path in REPLACED:
+            return f"{where}{path}: no longer a key: {REPLACED[path]}"
         return f"{where}{path}: unknown key (check the spelling; see pipelines/recipe.py for the valid keys)"
     expected = {"int_parsing": "expected an integer", "int_type": "expected an integer",
                 "float_parsing": "expected a number", "float_type": "expected a number",

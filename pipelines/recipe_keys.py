@@ -75,7 +75,9 @@ KEYS: dict[str, str] = {
     "selection.shuffle_buffer": "samples shuffled ahead of the superbatch (default 1024; 0: none)",
     "selection.actor.model": "ACL: a small proxy model, as model.*, trained online and scoring for the learner",
     "selection.actor.lr": "ACL: the actor's learning rate (default 0.001)",
-    "selection.score_patch_dropout": "Flexi-JEST: share of image patches dropped in the scoring pass",
+    "selection.flexi.downsample": "Flexi-JEST: score the superbatch at 1/k image resolution (default 2)",
+    "selection.flexi.train_share": "Flexi-JEST: share of each batch the learner trains at that resolution "
+                                   "(default 0.5)",
     # curation
     "curation.embedding": "`curate curate-set` compares reference embeddings of: image (default) | text | both",
     "curation.n_clusters": "k-means clusters (default: round(sqrt(N)))",

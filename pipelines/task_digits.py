@@ -15,11 +15,18 @@ from torch import nn
 import curate
 
 from . import data, models
-from .recipe import ModelConfig
+from .recipe import FlexiConfig, ModelConfig
 
 __all__ = ["DigitsTask"]
 
 NUM_CLASSES = 10
+
+
+def _no_flexi(flexi: FlexiConfig | None) -> None:
+    if flexi is not None:
+        raise ValueError("selection.flexi: a classification task (digits, or your own labelled images) trains a "
+                         "classifier at one image size; Flexi-JEST needs an image-text task with an open_clip ViT "
+                         "(pairs, web, or your own pairs); unset selection.flexi")
 
 
 class DigitsTask:
@@ -35,11 +42,13 @@ class DigitsTask:
     def load(self, urls: str | Sequence[str], *, storage_options: dict | None = None) -> Iterable[dict]:
         return data.load_digits(urls, storage_options=storage_options)
 
-    def scorer(self, cfg: ModelConfig, *, patch_dropout: float = 0.0, seed: int = 0):
-        # patch dropout is a ViT's; a classifier's scoring pass is its forward (recipes leave it 0 here)
+    def scorer(self, cfg: ModelConfig, *, flexi: FlexiConfig | None = None):
+        _no_flexi(flexi)
         return curate.ClassificationScorer(input_key="image", target_key="target")
 
-    def train_loss(self, model: nn.Module, batch: dict, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+    def train_loss(self, model: nn.Module, batch: dict, cfg: ModelConfig, device: torch.device, *,
+                   flexi: FlexiConfig | None = None) -> torch.Tensor:
+        _no_flexi(flexi)
         return F.cross_entropy(model(batch["image"].to(device)), batch["target"].to(device))
 
     def actor_loss(self, cfg: ModelConfig) -> Callable[[nn.Module, dict], torch.Tensor]:

@@ -15,9 +15,9 @@ import curate
 
 from . import data, models
 from .extras import needs_extra
-from .recipe import ModelConfig
+from .recipe import FlexiConfig, ModelConfig
 
-__all__ = ["PairsTask", "PatchDropoutScorer", "nearest"]
+__all__ = ["PairsTask", "nearest"]
 
 
 def nearest(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -37,17 +37,27 @@ class PairsTask:
     def load(self, urls: str | Sequence[str], *, storage_options: dict | None = None) -> Iterable[dict]:
         return data.load_pairs(urls, storage_options=storage_options)
 
-    def scorer(self, cfg: ModelConfig, *, patch_dropout: float = 0.0, seed: int = 0):
-        if patch_dropout:
-            return PatchDropoutScorer(patch_dropout, seed=seed, loss=cfg.loss)
+    def scorer(self, cfg: ModelConfig, *, flexi: FlexiConfig | None = None):
+        if flexi is not None:
+            from .flexi import MixedResolutionScorer
+
+            return MixedResolutionScorer(flexi.downsample, flexi.train_share, loss=cfg.loss)
         return curate.ContrastiveScorer(image_key="image", text_key="text", loss=cfg.loss)
 
-    def train_loss(self, model: nn.Module, batch: dict, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
-        """SigLIP or CLIP, as open_clip computes them."""
+    def train_loss(self, model: nn.Module, batch: dict, cfg: ModelConfig, device: torch.device, *,
+                   flexi: FlexiConfig | None = None) -> torch.Tensor:
+        """SigLIP or CLIP, as open_clip computes them; with `flexi`, over image embeddings of which
+        `flexi.train_share` are encoded at 1/`flexi.downsample` resolution (`pipelines.flexi.encode_mixed`)."""
         with needs_extra("the pairs task's training loss"):
             from open_clip.loss import ClipLoss, SigLipLoss
 
-        image = model.encode_image(batch["image"].to(device), normalize=True)
+        images = batch["image"].to(device)
+        if flexi is None:
+            image = model.encode_image(images, normalize=True)
+        else:
+            from .flexi import encode_mixed
+
+            image = encode_mixed(model, images, flexi.downsample, flexi.train_share)
         text = model.encode_text(batch["text"].to(device), normalize=True)
         if cfg.loss == "sigmoid":
             return SigLipLoss()(image, text, model.logit_scale.exp(), model.logit_bias)
@@ -76,32 +86,3 @@ class PairsTask:
             labels = torch.cat([b["label"] for b in batches]).to(device)
             r1 = labels[nearest(images, texts)]
             return {"accuracy": models.zero_shot_accuracy(model, batches), "r1": float((r1 == labels).float().mean())}
-
-
-class PatchDropoutScorer(curate.ContrastiveScorer):
-    """Flexi-JEST's cheaper scoring pass: the image tower sees a random `prob` share of its patches dropped.
-
-    open_clip's PatchDropout only acts in train mode, and scoring runs in eval mode, so it is switched on
-    for the scoring forward alone. The patches dropped are seeded by (seed, the batch's first key), so a
-    resumed run drops the same ones. The FLOP ledger measures the cheaper forward.
-    """
-
-    def __init__(self, prob: float, seed: int = 0, **kwargs):
-        super().__init__(image_key="image", text_key="text", **kwargs)
-        self.prob, self.seed = prob, seed
-
-    def __call__(self, model: nn.Module, batch: dict):
-        from open_clip.transformer import PatchDropout
-
-        visual = model.visual
-        original = visual.patch_dropout
-        visual.patch_dropout = PatchDropout(self.prob).train()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(curate.derive_seed(self.seed, "patch_dropout", batch["__key__"][0]))
-                return super().__call__(model, batch)
-        finally:
-            visual.patch_dropout = original
-
-    def __repr__(self) -> str:
-        return f"PatchDropoutScorer(prob={self.prob}, loss={self.loss!r})"

@@ -26,12 +26,12 @@ from curate.files import atomic_write, write_json
 from . import data as digits_data
 from . import models
 from .extras import needs_extra
-from .recipe import ModelConfig, Recipe
+from .recipe import FlexiConfig, ModelConfig, Recipe
 from .task_digits import DigitsTask
-from .task_pairs import PairsTask, PatchDropoutScorer
+from .task_pairs import PairsTask
 from .task_web import WebTask
 
-__all__ = ["GENERIC_KINDS", "MissingDataError", "PatchDropoutScorer", "TASKS", "Task", "build_model", "check_data",
+__all__ = ["GENERIC_KINDS", "MissingDataError", "TASKS", "Task", "build_model", "check_data",
            "dataset_identity", "get_task", "image_size", "in_memory_batches", "load_model", "load_reference",
            "load_split", "manifest", "own_data", "reference_hash", "resolve_device", "save_model", "scorer_for",
            "shard_counts", "shard_urls", "task_of"]
@@ -55,12 +55,14 @@ class Task(Protocol):
         """The samples of these shards, decoded, in shard order (re-iterable)."""
         ...
 
-    def scorer(self, cfg: ModelConfig, *, patch_dropout: float = 0.0, seed: int = 0):
-        """The curate scorer for a model of `cfg` (`patch_dropout`: Flexi-JEST's cheaper pass, if it has one)."""
+    def scorer(self, cfg: ModelConfig, *, flexi: FlexiConfig | None = None):
+        """The curate scorer for a model of `cfg`; with `flexi`, the scorer of Flexi-JEST's mixed-resolution
+        training forward (what the FLOP ledger measures for training), for tasks that support it."""
         ...
 
-    def train_loss(self, model: nn.Module, batch: dict, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
-        """The batch loss the model trains on."""
+    def train_loss(self, model: nn.Module, batch: dict, cfg: ModelConfig, device: torch.device, *,
+                   flexi: FlexiConfig | None = None) -> torch.Tensor:
+        """The batch loss the model trains on (with `flexi`: at Flexi-JEST's mixed resolution)."""
         ...
 
     def actor_loss(self, cfg: ModelConfig) -> Callable[[nn.Module, dict], torch.Tensor]:
@@ -240,9 +242,9 @@ _REFERENCE_FIX = ("it was trained for another model: retrain it with `curate tra
                   "reference.model to the architecture it was trained with")
 
 
-def scorer_for(recipe: Recipe, cfg: ModelConfig | None = None, *, patch_dropout: float = 0.0):
-    """The task's scorer for `cfg` (default: the learner's model), seeded by train.seed where it draws."""
-    return task_of(recipe).scorer(cfg or recipe.model, patch_dropout=patch_dropout, seed=recipe.train.seed)
+def scorer_for(recipe: Recipe, cfg: ModelConfig | None = None, *, flexi: FlexiConfig | None = None):
+    """The task's scorer for `cfg` (default: the learner's model); with `flexi`, of its mixed-resolution training."""
+    return task_of(recipe).scorer(cfg or recipe.model, flexi=flexi)
 
 
 def in_memory_batches(samples, batch_size: int = 512) -> list[dict]:

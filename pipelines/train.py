@@ -154,12 +154,12 @@ class _TrainLoss(nn.Module):
     """The training loss as a module's forward: DistributedDataParallel only synchronises gradients of a
     backward that follows its own forward (the loss calls encode_image / encode_text, not forward)."""
 
-    def __init__(self, task: tasks.Task, model: nn.Module, cfg, device: torch.device):
+    def __init__(self, task: tasks.Task, model: nn.Module, cfg, device: torch.device, flexi):
         super().__init__()
-        self.task, self.model, self.cfg, self.device = task, model, cfg, device
+        self.task, self.model, self.cfg, self.device, self.flexi = task, model, cfg, device, flexi
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.task.train_loss(self.model, batch, self.cfg, self.device)
+        return self.task.train_loss(self.model, batch, self.cfg, self.device, flexi=self.flexi)
 
 
 def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, progress: bool = True,
@@ -187,28 +187,41 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         out.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(out, ("checkpoint.pt", "metrics.jsonl"))
     model = tasks.build_model(cfg, recipe, seed=tc.seed).to(device)
+    rule = curate.get_rule(options["rule"])
+    # Flexi-JEST: where the learner scores, it scores at low resolution and trains at mixed resolution
+    flexi = recipe.selection.flexi if rule.uses_learner else None
+    if flexi is not None:
+        from .flexi import downsample, make_flexible
+
+        make_flexible(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    forward = lambda batch: task.train_loss(model, batch, cfg, device)  # noqa: E731
+    forward = lambda batch: task.train_loss(model, batch, cfg, device, flexi=flexi)  # noqa: E731
     if comm.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = None if device.type == "cpu" else [device]
-        forward = DistributedDataParallel(_TrainLoss(task, model, cfg, device), device_ids=ids)
-    rule = curate.get_rule(options["rule"])
-    dropout = recipe.selection.score_patch_dropout if rule.uses_models else 0.0
+        forward = DistributedDataParallel(_TrainLoss(task, model, cfg, device, flexi), device_ids=ids)
     learner = model
     if rule.uses_learner and recipe.selection.actor:  # ACL: a small proxy scores in the learner's place
         actor_cfg = recipe.selection.actor
         proxy = tasks.build_model(actor_cfg.model, recipe, seed=tc.seed + 2_000).to(device)
+        if flexi is not None:
+            raise ValueError("selection.flexi with selection.actor: Flexi-JEST trains the learner at the resolution "
+                             "it scores at, an ACL actor scores in its place; use one of them")
         learner = curate.Actor(proxy, torch.optim.AdamW(proxy.parameters(), lr=actor_cfg.lr),
                                loss_fn=task.actor_loss(actor_cfg.model))
+    reference = _reference(recipe, device, comm) if rule.uses_reference else None
+    if flexi is not None and isinstance(reference, nn.Module):  # scored online, at the learner's resolution
+        make_flexible(reference)
     batches = curate.pipeline(
         _train_source(recipe, task, comm) if source is None else source,
         learner=learner if rule.uses_learner else None,
-        reference=_reference(recipe, device, comm) if rule.uses_reference else None,
-        scorer=tasks.scorer_for(recipe, patch_dropout=dropout),
+        reference=reference,
+        scorer=tasks.scorer_for(recipe),
+        # Flexi-JEST: the superbatch scored downsampled; the ledger measures the mixed-resolution training forward
+        score_transform=None if flexi is None else functools.partial(downsample, factor=flexi.downsample),
         train_model=model,
-        train_scorer=tasks.scorer_for(recipe) if dropout else None,  # Flexi-JEST trains on the full forward
+        train_scorer=None if flexi is None else tasks.scorer_for(recipe, flexi=flexi),
         keep_keys=_curated_keys(recipe),
         shuffle_buffer=recipe.selection.shuffle_buffer,
         seed=tc.seed,

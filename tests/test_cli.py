@@ -230,11 +230,16 @@ def test_resume_from_a_damaged_checkpoint_says_what_to_do(digits, tmp_path, caps
     assert "is not a checkpoint curate can load safely" in capsys.readouterr().err
 
 
-def test_flexi_jest_scores_a_cheaper_forward_and_counts_training_at_the_full_one(digits, tmp_path):
+def test_flexi_jest_scores_at_low_resolution_and_trains_at_mixed_resolution(digits, tmp_path, capsys):
     recipe = ROOT / "recipes" / "flexi_jest.yaml"
     assert main(["run", str(recipe), *_small(digits, tmp_path), "--set", f"cache.path={tmp_path / 'cache'}"]) == 0
-    last = [json.loads(line) for line in (tmp_path / "learnability" / "metrics.jsonl").read_text().splitlines()][-1]
+    metrics = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    last, uniform = metrics("learnability")[-1], metrics("uniform")[-1]
     per_sample = last["pipeline"]["flops_per_sample"]
-    # half the image patches dropped when scoring: the learner's scoring forward is cheaper than its training one
-    assert per_sample["learner"] < 0.9 * per_sample["train"]
+    # 16×16 images in 4×4 patches scored at 8×8: 4 patches instead of 16; training half the rows at each size
+    full = uniform["pipeline"]["flops_per_sample"]["train"]  # uniform trains at full resolution
+    assert per_sample["learner"] < per_sample["train"] < 0.95 * full
     assert last["pipeline"]["training_flops"] == 3 * per_sample["train"] * last["pipeline"]["kept"]
+    # the key it replaced is refused, naming what took its place
+    assert main(["run", str(recipe), *_small(digits, tmp_path), "--set", "selection.score_patch_dropout=0.5"]) == 2
+    assert "selection.score_patch_dropout: no longer a key" in capsys.readouterr().err
