@@ -427,6 +427,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/curate-bench/work", help="references and score caches")
     parser.add_argument("--out", default="benchmarks/results/efficiency.json")
     parser.add_argument("--replot", action="store_true", help="redraw the PNGs and table of an existing --out JSON")
+    parser.add_argument("--extend", action="store_true",
+                        help="add runs to an existing --out JSON (same overrides): the runs it holds are not rerun")
     args = parser.parse_args()
     if args.replot:
         report = json.loads(Path(args.out).read_text())
@@ -454,6 +456,15 @@ def main() -> None:
     roots = {t: roots[TASKS[t].get("world", "digits")] for t in task_names}  # each task's world
     methods = {t: ([m for m in args.methods.split(",") if m in METHODS[t]] if args.methods else
                    QUICK["methods"][t] if args.quick else list(METHODS[t])) for t in task_names}
+    prior: list[dict] = []
+    if args.extend and Path(args.out).is_file():
+        report = json.loads(Path(args.out).read_text())
+        if report["overrides"] != overrides or report["quick"] != args.quick:
+            raise SystemExit(f"--extend: {args.out} was made with overrides {report['overrides']} (quick: "
+                             f"{report['quick']}), not {overrides} (quick: {args.quick}); write to another --out")
+        prior = [r for r in report["runs"] if r["task"] in task_names]
+        for task in task_names:  # the methods it holds first, in their order
+            methods[task] = [*dict.fromkeys([r["method"] for r in prior if r["task"] == task] + methods[task])]
     for task in task_names:
         methods[task] = ["uniform"] + [m for m in methods[task] if m != "uniform"]  # the baseline always runs
     jobs = [(t, name, 0, work, roots[t], overrides) for t in task_names
@@ -466,9 +477,11 @@ def main() -> None:
                                          for f in TASKS[t].get("reference_targets", [])] for t in task_names}
     for task in task_names:
         _SHARED[task] = load_task(task, work, roots[task], overrides)
-    runs = [(t, m, s, work, roots[t], overrides) for t in task_names for s in range(seeds) for m in methods[t]]
+    done = {(r["task"], r["method"], r["seed"]) for r in prior}
+    runs = [(t, m, s, work, roots[t], overrides) for t in task_names for s in range(seeds) for m in methods[t]
+            if (t, m, s) not in done]
     runs.sort(key=lambda job: -_cost(job[0], job[1]))  # longest first: the pool ends together
-    results = []
+    results = list(prior)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.jsonl")  # runs so far, should the grid be interrupted
@@ -490,7 +503,7 @@ def main() -> None:
                                                 for t in task_names},
               "references": references, "targets": targets, "summary": summary, "runs": results, "plots": pngs,
               "seconds": time.perf_counter() - start, "torch_threads": 1, "cpu_count": os.cpu_count(),
-              "offline_cost_in_totals": False}
+              "offline_cost_in_totals": "only in the amortised columns"}
     write_json(report, out)
     partial.unlink()
     print(f"wrote {out} and {', '.join(pngs)} in {report['seconds']:.0f}s")
