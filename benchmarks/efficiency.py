@@ -31,7 +31,7 @@ accuracy, and the per-batch diagnostics (noisy, duplicate and tail share, concep
 entropy of the first and later chunks). The offline reference cost (training + precompute forward) is
 reported apart, and added to the runs that read the reference amortised over 1 and 10 runs.
 
-    .venv/bin/python benchmarks/efficiency.py --quick --jobs 2   # smoke test, ~3 min
+    .venv/bin/python benchmarks/efficiency.py --quick --jobs 2   # smoke test of all three tasks, ~2 min
     .venv/bin/python benchmarks/efficiency.py --jobs 2           # the full grid (see README)
 """
 
@@ -350,7 +350,7 @@ def plot(results: list[dict], summary: dict, path_stem: Path) -> list[str]:
     written = []
     for task in summary:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for name in summary[task]:
+        for i, name in enumerate(summary[task]):
             runs = [r for r in results if r["task"] == task and r["method"] == name]
             steps = [x["step"] for x in runs[0]["history"]]
             acc = torch.tensor([[x["accuracy"] for x in r["history"]] for r in runs])
@@ -358,7 +358,8 @@ def plot(results: list[dict], summary: dict, path_stem: Path) -> list[str]:
             mean, std = acc.mean(0), acc.std(0) if len(runs) > 1 else torch.zeros(len(steps))
             main = name in ("uniform", TASKS[task]["main"])
             for ax, x in zip(axes, (steps, flops.tolist()), strict=True):
-                line, = ax.plot(x, mean, label=name, lw=2.4 if main else 1.2)
+                # the colour cycle has 10 colours: past them, dashed lines
+                line, = ax.plot(x, mean, label=name, lw=2.4 if main else 1.2, ls="-" if i < 10 else "--")
                 if main:  # ± std bands for the two that matter most; all of them would hide the lines
                     ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())
         axes[0].set(xlabel="training step", ylabel="test accuracy", title=f"{task}: accuracy vs steps")
