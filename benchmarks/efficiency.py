@@ -53,16 +53,19 @@ from results_io import write_json  # benchmarks/ is on sys.path when a script ru
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# The image-text tasks' (pairs, web) recipe without its dataset, and their ACL actor: a tiny SigLIP.
+CLIP_RECIPE = {"model": {"kind": "tiny_clip", "loss": "sigmoid"},
+               # 1500 steps, not the recipes' 400: pairs' JEST final accuracy went 0.88 → 0.91 (README, findings)
+               "reference": {"steps": 1500, "batch_size": 128, "lr": 2e-3},
+               "selection": {"filter_ratio": 0.8, "n_chunks": 16, "temperature": 1.0},
+               "train": {"steps": 600, "batch_size": 64, "lr": 1e-3, "eval_every": 25}}
+CLIP_ACTOR = {"model": {"kind": "tiny_clip", "loss": "sigmoid", "options": {
+    "width": 32, "layers": 1, "text_width": 32, "text_layers": 1, "embed_dim": 32}}, "lr": 2e-3}
+
 # Per task: the recipe (model, training, reference, actor) and what the benchmark reports.
 TASKS = {
     "pairs": {
-        "recipe": {"data": {"dataset": "pairs"}, "model": {"kind": "tiny_clip", "loss": "sigmoid"},
-                   # 1500 steps, not the recipes' 400: JEST's final accuracy went 0.88 → 0.91 (README, findings)
-                   "reference": {"steps": 1500, "batch_size": 128, "lr": 2e-3},
-                   "selection": {"filter_ratio": 0.8, "n_chunks": 16, "temperature": 1.0},
-                   "train": {"steps": 600, "batch_size": 64, "lr": 1e-3, "eval_every": 25}},
-        "actor": {"model": {"kind": "tiny_clip", "loss": "sigmoid", "options": {
-            "width": 32, "layers": 1, "text_width": 32, "text_layers": 1, "embed_dim": 32}}, "lr": 2e-3},
+        "recipe": {"data": {"dataset": "pairs"}, **CLIP_RECIPE}, "actor": CLIP_ACTOR,
         "targets": [0.5, 0.7], "main": "jest",
     },
     "digits": {
@@ -79,12 +82,7 @@ TASKS = {
     # curated runs' steps (and reads 4·600·64 = 154k of the 200k stream), so "uniform's best" is a long run's
     "web": {
         "world": "web",
-        "recipe": {"data": {"dataset": "web"}, "model": {"kind": "tiny_clip", "loss": "sigmoid"},
-                   "reference": {"steps": 1500, "batch_size": 128, "lr": 2e-3},
-                   "selection": {"filter_ratio": 0.8, "n_chunks": 16, "temperature": 1.0},
-                   "train": {"steps": 600, "batch_size": 64, "lr": 1e-3, "eval_every": 25}},
-        "actor": {"model": {"kind": "tiny_clip", "loss": "sigmoid", "options": {
-            "width": 32, "layers": 1, "text_width": 32, "text_layers": 1, "embed_dim": 32}}, "lr": 2e-3},
+        "recipe": {"data": {"dataset": "web"}, **CLIP_RECIPE}, "actor": CLIP_ACTOR,
         # no fixed accuracies: the targets are fractions of the reference's own zero-shot accuracy (a model trained
         # on the curated set alone), set before any method ran
         "targets": [], "reference_targets": [0.5, 0.75, 1.0], "uniform_steps_factor": 4, "main": "jest",
@@ -92,38 +90,34 @@ TASKS = {
 }
 
 UNIFORM = {"rule": "uniform", "method": "sample", "filter_ratio": 0.0}
-METHODS = {  # name -> pipeline options over the recipe's selection (filter_ratio, n_chunks, temperature); "actor": ACL
-    "pairs": {
-        "uniform": UNIFORM,
-        "hard_learner": {"rule": "hard_learner", "method": "joint"},
-        "easy_reference": {"rule": "easy_reference", "method": "joint"},
-        "learnability_topk": {"rule": "learnability", "method": "topk"},
-        "learnability_sample": {"rule": "learnability", "method": "sample"},
-        "jest": {"rule": "learnability", "method": "joint"},
-        "acl": {"rule": "learnability", "method": "joint", "actor": True},
-        "jest_f0.5": {"rule": "learnability", "method": "joint", "filter_ratio": 0.5},
-        "jest_f0.9": {"rule": "learnability", "method": "joint", "filter_ratio": 0.9},
-    },
+# the image-text tasks' shared arms
+CONTRASTIVE = {
+    "uniform": UNIFORM,
+    "hard_learner": {"rule": "hard_learner", "method": "joint"},
+    "easy_reference": {"rule": "easy_reference", "method": "joint"},
+    "learnability_topk": {"rule": "learnability", "method": "topk"},
+    "learnability_sample": {"rule": "learnability", "method": "sample"},
+    "jest": {"rule": "learnability", "method": "joint"},
+}
+FILTER_SWEEP = {"jest_f0.5": {"rule": "learnability", "method": "joint", "filter_ratio": 0.5},
+                "jest_f0.9": {"rule": "learnability", "method": "joint", "filter_ratio": 0.9}}
+METHODS = {  # name -> pipeline options over the recipe's selection (filter_ratio, n_chunks, temperature); "actor":
+    # the task's proxy actor; "acl": ACL's actor and reference options; "flexi": selection.flexi
+    "pairs": {**CONTRASTIVE, "acl": {"rule": "learnability", "method": "joint", "actor": True}, **FILTER_SWEEP},
     # the web grid isolates each claim: joint selection with 1 chunk is independent sampling from the diagonal
     # (each pair scored alone), `learnability_*` score each pair against the whole superbatch (independent, in
     # context); chunks 1/4/16 at temperature 1 and at 0 (greedy); the offline filter and the learner-only rule
     "web": {
-        "uniform": UNIFORM,
-        "hard_learner": {"rule": "hard_learner", "method": "joint"},
-        "easy_reference": {"rule": "easy_reference", "method": "joint"},
-        "learnability_topk": {"rule": "learnability", "method": "topk"},
-        "learnability_sample": {"rule": "learnability", "method": "sample"},
+        **CONTRASTIVE,
         "jest_c1": {"rule": "learnability", "method": "joint", "n_chunks": 1},
         "jest_c4": {"rule": "learnability", "method": "joint", "n_chunks": 4},
-        "jest": {"rule": "learnability", "method": "joint"},
         "jest_c1_T0": {"rule": "learnability", "method": "joint", "n_chunks": 1, "temperature": 0.0},
         "jest_T0": {"rule": "learnability", "method": "joint", "temperature": 0.0},
-        "jest_f0.5": {"rule": "learnability", "method": "joint", "filter_ratio": 0.5},
-        "jest_f0.9": {"rule": "learnability", "method": "joint", "filter_ratio": 0.9},
-        # ACL as published (Evans et al. 2023): per-example learnability of a small actor trained online against a
-        # small reference of its architecture, both scored online, sampled by softmax at filter 0.5; actor sizes
+        **FILTER_SWEEP,
         # Flexi-JEST as published: the learner scores at half resolution and trains half of each batch at it
         "flexi_jest": {"rule": "learnability", "method": "joint", "flexi": {"downsample": 2, "train_share": 0.5}},
+        # ACL as published (Evans et al. 2023): per-example learnability of a small actor trained online against a
+        # small reference of its architecture, both scored online, sampled by softmax at filter 0.5; actor sizes
         **{f"acl_w{w}": {"rule": "learnability", "method": "sample", "filter_ratio": 0.5,
                          "acl": {"width": w, "layers": 1, "text_width": w, "text_layers": 1, "embed_dim": w}}
            for w in (16, 32, 64)},
@@ -171,11 +165,8 @@ def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str
     tag = f"{task}-{hashlib.sha256(made_of.encode()).hexdigest()[:10]}"
     ov = [f"train.seed={seed}", f"train.out={work}/runs/{task}-s{seed}", "train.device=cpu",
           f"reference.path={work}/reference/{tag}", f"cache.path={'null' if acl else f'{work}/cache/{tag}'}"]
-    recipe = parse_recipe(text, f"efficiency:{task}", [f"data.root={data}", *ov, *own])
-    if steps_factor != 1:
-        ov.append(f"train.steps={recipe.train.steps * steps_factor}")
-        recipe = parse_recipe(text, f"efficiency:{task}", [f"data.root={data}", *own, *ov])
-    return recipe
+    steps = [f"train.steps={recipe.train.steps * steps_factor}"] if steps_factor != 1 else []
+    return parse_recipe(text, f"efficiency:{task}", [f"data.root={data}", *ov, *own, *steps])
 
 
 def prepare(task: str, seed: int, work: Path, data: Path, overrides: list[str], acl: dict | None = None) -> dict:
