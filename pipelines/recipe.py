@@ -18,7 +18,7 @@ from .extras import needs_extra
 
 with needs_extra("curate recipes (pipelines.recipe)"):
     import yaml
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 __all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_recipe"]
 
@@ -190,6 +190,14 @@ class SelectionConfig(_Strict):
     def _known_rule(cls, value: str) -> str:
         if value not in RULES:
             raise ValueError(f"unknown rule {value!r}; valid rules are {sorted(RULES)}")
+        return value
+
+    @field_validator("flexi")
+    @classmethod
+    def _flexi_without_actor(cls, value: FlexiConfig | None, info: ValidationInfo) -> FlexiConfig | None:
+        if value is not None and info.data.get("actor") is not None:
+            raise ValueError("Flexi-JEST trains the learner at the resolution it scores at, and an ACL actor "
+                             "(selection.actor) scores in its place; set one of them")
         return value
 
 

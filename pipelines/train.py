@@ -205,9 +205,6 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
     if rule.uses_learner and recipe.selection.actor:  # ACL: a small proxy scores in the learner's place
         actor_cfg = recipe.selection.actor
         proxy = tasks.build_model(actor_cfg.model, recipe, seed=tc.seed + 2_000).to(device)
-        if flexi is not None:
-            raise ValueError("selection.flexi with selection.actor: Flexi-JEST trains the learner at the resolution "
-                             "it scores at, an ACL actor scores in its place; use one of them")
         learner = curate.Actor(proxy, torch.optim.AdamW(proxy.parameters(), lr=actor_cfg.lr),
                                loss_fn=task.actor_loss(actor_cfg.model))
     reference = _reference(recipe, device, comm) if rule.uses_reference else None
@@ -342,16 +339,15 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _new_tally() -> dict:
-    """What the trained batches of one evaluation interval held: samples, batches, the count of each boolean
+    """What the trained batches of one evaluation interval held: samples, the count of each boolean
     `is_*` diagnostic the data carries (`is_noisy`, and the web world's `is_duplicate`, `is_tail`), and the summed
     share of distinct labels per batch (concept coverage). Plain types: it is saved in the checkpoint."""
-    return {"seen": 0, "batches": 0, "flags": {}, "coverage": 0.0, "labelled": 0}
+    return {"seen": 0, "flags": {}, "coverage": 0.0, "labelled": 0}
 
 
 def _count(tally: dict, batch: dict) -> None:
     n = batch_size_of(batch)
     tally["seen"] += n
-    tally["batches"] += 1
     for key, value in batch.items():
         if key.startswith("is_") and isinstance(value, torch.Tensor) and value.dtype == torch.bool:
             tally["flags"][key] = tally["flags"].get(key, 0) + int(value.sum())

@@ -33,6 +33,13 @@ def test_a_name_that_is_a_path_is_refused(name):
         parse_recipe(f"name: '{name}'\n")
 
 
+def test_flexi_with_an_actor_is_refused_naming_both():
+    text = "name: r\nselection:\n  actor: {model: {kind: tiny_clip}}\n  flexi: {downsample: 2}\n"
+    with pytest.raises(RecipeError, match=r"selection\.flexi: .*ACL actor \(selection\.actor\).*set one of them"):
+        parse_recipe(text, "r.yaml")
+    assert parse_recipe(text.replace("  actor: {model: {kind: tiny_clip}}\n", ""), "r.yaml").selection.flexi
+
+
 def test_out_of_range_values_are_rejected():
     with pytest.raises(RecipeError, match=r"selection\.filter_ratio"):
         parse_recipe("name: a\nselection: {filter_ratio: 1.5}\n")
