@@ -2,8 +2,9 @@
 
 Trains the web task's learner (`tiny_clip`, SigLIP, the efficiency grid's settings) uniformly on the web
 stream for `--steps`, then fits a logistic regression from the curated split's L2-normalised embeddings to each
-concept attribute (digit, colour, quadrant, background) and scores it on the test split. Chance is 0.1 for the
-digit, 1/6, 1/4 and 1/3 for the others. An attribute the probe cannot read is one the model has not learnt.
+concept attribute (tens, units, number, colour) and the unnamed background, and scores it on the test split.
+Chance is 0.1 for a digit, 0.01 for the number, 1/6 for the colour and 1/3 for the background. An attribute the
+probe cannot read is one the model has not learnt (the background is a nuisance: reading it is not needed).
 
     .venv/bin/python benchmarks/web_probe.py --steps 1200     # ~3 min on one thread
 """
@@ -57,6 +58,7 @@ def main() -> None:
             image = torch.cat([model.encode_image(b["image"], normalize=True) for b in batches]).numpy()
             caption = torch.cat([model.encode_text(b["text"], normalize=True) for b in batches]).numpy()
         attributes = web.concept_attributes(torch.cat([b["label"] for b in batches]))
+        attributes["background"] = torch.cat([b["background"] for b in batches])
         return {"image": image, "text": caption}, {k: v.numpy() for k, v in attributes.items()}
 
     (fit, fit_y), (test, test_y) = embeddings("curated"), embeddings("test")

@@ -24,7 +24,7 @@ from torch.utils.data import default_collate
 from curate.files import atomic_write, write_json
 
 from . import data as digits_data
-from . import models
+from . import models, web
 from .extras import needs_extra
 from .recipe import FlexiConfig, ModelConfig, Recipe
 from .task_digits import DigitsTask
@@ -133,13 +133,18 @@ def manifest(recipe: Recipe) -> dict:
                          "digits data's)")
     root = recipe.data.root.rstrip("/")
     try:
-        return json.loads(read_bytes(f"{root}/manifest.json", recipe.data.storage_options))
+        made = json.loads(read_bytes(f"{root}/manifest.json", recipe.data.storage_options))
     except FileNotFoundError:
         raise MissingDataError(
             f"data.root: no dataset at {root!r} (no manifest.json); make it with "
             f"`curate data {'web' if recipe.data.dataset == 'web' else 'digits'} {root}` "
             "or set prepare: true in the recipe"
         ) from None
+    version = made.get("web", {}).get("version", 1)
+    if recipe.data.dataset == "web" and version != web.VERSION:  # its concepts are not this code's prompts
+        raise ValueError(f"data.root: the web world at {root!r} is version {version}, this curate reads version "
+                         f"{web.VERSION} (other concepts); move it aside and remake it with `curate data web {root}`")
+    return made
 
 
 def check_data(recipe: Recipe) -> None:

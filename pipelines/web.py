@@ -1,20 +1,31 @@
 """The embedded "web" world: a long-tailed stream of compositional image-text pairs, made in code from
 scikit-learn's bundled digits (no download), with the properties the data-selection papers rely on.
 
-A *concept* is (digit, colour, position, background): 10 × 6 × 4 × 3 = 720 concepts. An image is a coloured
-handwritten digit in one quadrant of a 16×16 RGB frame over a background; its caption names all four attributes
-in one of several phrasings. Two concepts that differ in one attribute are hard negatives of each other.
+A *concept* is a coloured two-digit number: (tens, units, colour), 10 × 10 × 6 = 600 concepts. An image shows the
+number handwritten in its colour across a 16×16 RGB frame (each digit a different source digit), over a
+background the caption does not name (black, grey or striped: web images vary in ways their alt-text never
+says); its caption names the number and the colour in one of several phrasings. Two concepts that differ in one
+attribute (37 and 38, 37 and 47, a red 37 and a blue 37) are hard negatives of each other.
 
-- **train** is a *stream*: no pair repeats (every image is a fresh random view of a source digit, so a run that
-  reads fewer samples than the stream holds scores each at most once). Concepts follow a Zipf law (exponent 1,
-  over a seeded random ranking of the concepts), the shape of concept frequencies in web-scale pretraining data.
-  Of the stream, `NOISE` is: 20% misaligned (the caption of another concept), 10% junk alt-text, 15% near-
-  duplicates of a recent clean pair of a head concept (the most frequent 5%: the same caption and the same view
-  with faint pixel noise: redundant, not wrong). The rest is clean, and its rarer half of concepts (the *tail*)
-  is the learnable value a uniform sampler under-trains.
+Why numbers and not more easy attributes: a contrastive learner learns only the features it needs to tell a
+pair from its in-batch negatives, and drops the others (feature suppression, Chen et al. 2021). In version 1 of
+this world a concept was (digit, colour, quadrant, background): 72 easy combinations told almost every in-batch
+negative apart, and every model, curated or not, learnt them and never the digit's shape (probes of the towers
+read the digit at chance after 1200 steps), which capped zero-shot accuracy at 0.1. Here the number carries
+6.6 of the concept's 9.2 bits: with 6 colours, a sixth of a batch shares a pair's colour and only the digits
+tell them apart, so every attribute is needed and learnable within a run's budget (`benchmarks/web_probe.py`
+checks it before any method runs).
+
+- **train** is a *stream*: no pair repeats (every image is a fresh random view of fresh source digits, so a run
+  that reads fewer samples than the stream holds scores each at most once). Concepts follow a Zipf law (exponent
+  1, over a seeded random ranking of the concepts), the shape of concept frequencies in web-scale pretraining
+  data. Of the stream, `NOISE` is: 20% misaligned (the caption of another concept), 10% junk alt-text, 15%
+  near-duplicates of a recent clean pair of a head concept (the most frequent 5%: the same caption and the same
+  view with faint pixel noise: redundant, not wrong). The rest is clean, and its rarer half of concepts (the
+  *tail*) is the learnable value a uniform sampler under-trains.
 - **curated** is small, clean and balanced (every concept equally often), for the reference model.
 - **test** is clean and balanced, from source digits neither other split uses; evaluation is zero-shot over all
-  720 concept prompts (`concept_prompts`).
+  600 concept prompts (`concept_prompts`).
 
 These parameters were fixed from those properties (and from what web data looks like), before any method ran
 on the world; they are not tuned to a method's result.
@@ -22,7 +33,8 @@ on the world; they are not tuned to a method's result.
 The stream is made in blocks of `BLOCK` samples, each from its own generator (seed, split, block), so the first
 n samples are the same whatever n, and one block's samples are drawn together (vectorised). Samples are written
 as the pairs task's shards (`.npy` image (3, 16, 16) uint8, `.txt` caption, `.json` metadata: concept, its
-attributes, frequency rank, `tail`, `is_noisy`, `is_duplicate`, `noise` kind, `duplicate_of`).
+attributes, the unnamed background, frequency rank, `tail`, `is_noisy`, `is_duplicate`, `noise` kind,
+`duplicate_of`, the two source digits).
 """
 
 from __future__ import annotations
@@ -43,47 +55,43 @@ from .data import DIGIT_NAMES, JUNK_TEXTS, _field, _image, _npy, _pipeline, _sou
 from .extras import needs_extra
 from .shard_writers import write_tar
 
-__all__ = ["BACKGROUNDS", "BLOCK", "COLOURS", "CONTEXT_LENGTH", "HEAD_SHARE", "N_CONCEPTS", "NOISE", "POSITIONS",
-           "TEMPLATES", "ZIPF_EXPONENT", "concept_attributes", "concept_caption", "concept_ranks", "concept_prompts",
+__all__ = ["BACKGROUNDS", "BLOCK", "COLOURS", "CONTEXT_LENGTH", "HEAD_SHARE", "N_CONCEPTS", "NOISE", "TEMPLATES",
+           "VERSION", "ZIPF_EXPONENT", "concept_attributes", "concept_caption", "concept_ranks", "concept_prompts",
            "concept_probabilities", "load_web", "make_web", "web_rows"]
 
+VERSION = 2  # 1: (digit, colour, quadrant, background) concepts, whose easy attributes suppressed the digit
 COLOURS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 0.9, 0.15), "blue": (0.25, 0.4, 1.0),
            "yellow": (1.0, 0.95, 0.1), "magenta": (1.0, 0.15, 0.95), "cyan": (0.1, 0.95, 1.0)}
-POSITIONS = ("top left", "top right", "bottom left", "bottom right")
-BACKGROUNDS = ("black", "grey", "striped")
-N_CONCEPTS = len(DIGIT_NAMES) * len(COLOURS) * len(POSITIONS) * len(BACKGROUNDS)
+BACKGROUNDS = ("black", "grey", "striped")  # a nuisance: drawn uniformly per image, never named
+N_CONCEPTS = len(DIGIT_NAMES) ** 2 * len(COLOURS)
 ZIPF_EXPONENT = 1.0
 NOISE = {"misaligned": 0.20, "junk": 0.10, "duplicate": 0.15}  # shares of the train stream; the rest is clean
 HEAD_SHARE = 0.05  # near-duplicates copy concepts among the most frequent 5%
 BLOCK = 4096
-CONTEXT_LENGTH = 20  # the longest caption is 15 BPE tokens with start and end
+CONTEXT_LENGTH = 20  # the longest caption is 13 BPE tokens with start and end
 IMAGE_SIZE = 16
 TEMPLATES = (
-    "a {colour} {name} in the {position} on a {background} background",
-    "{colour} digit {digit}, {position}, {background} background",
-    "the number {name} in {colour} at the {position} over {background}",
-    "{background} background with a {colour} {digit} in the {position}",
-    "handwritten {colour} {name}, {position} corner, {background}",
-    "a {colour} {digit} drawn {position} on {background}",
+    "the number {number} in {colour}",
+    "{colour} digits {tens} {units}",
+    "a {colour} {tens_name} {units_name}",
+    "handwritten {number} in {colour} ink",
+    "{colour} {number}",
+    "a photo of the number {tens_name} {units_name} written in {colour}",
 )
 
 
 def concept_attributes(concept: torch.Tensor) -> dict[str, torch.Tensor]:
-    """digit, colour, position, background indices of concept ids (c = ((digit·6 + colour)·4 + position)·3 + bg)."""
-    background = concept % len(BACKGROUNDS)
-    rest = concept // len(BACKGROUNDS)
-    position = rest % len(POSITIONS)
-    rest = rest // len(POSITIONS)
-    return {"digit": rest // len(COLOURS), "colour": rest % len(COLOURS), "position": position,
-            "background": background}
+    """tens, units, number and colour of concept ids (c = (tens·10 + units)·6 + colour, number = c // 6)."""
+    number = concept // len(COLOURS)
+    return {"tens": number // 10, "units": number % 10, "number": number, "colour": concept % len(COLOURS)}
 
 
 @functools.lru_cache(maxsize=N_CONCEPTS * len(TEMPLATES))  # every sample's caption is one of these
 def concept_caption(concept: int, template: int = 0) -> str:
     a = {k: int(v) for k, v in concept_attributes(torch.tensor(concept)).items()}
-    return TEMPLATES[template].format(name=DIGIT_NAMES[a["digit"]], digit=a["digit"],
-                                      colour=list(COLOURS)[a["colour"]], position=POSITIONS[a["position"]],
-                                      background=BACKGROUNDS[a["background"]])
+    return TEMPLATES[template].format(number=f"{a['tens']}{a['units']}", tens=a["tens"], units=a["units"],
+                                      tens_name=DIGIT_NAMES[a["tens"]], units_name=DIGIT_NAMES[a["units"]],
+                                      colour=list(COLOURS)[a["colour"]])
 
 
 def concept_prompts(context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
@@ -104,32 +112,37 @@ def concept_ranks(seed: int = 0) -> torch.Tensor:
     return torch.argsort(torch.argsort(concept_probabilities(seed), descending=True, stable=True), stable=True)
 
 
-def render(digits: torch.Tensor, concept: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random views of 8×8 source digits as their concepts show them: (N, 3, 16, 16) uint8.
-
-    The digit fills most of its quadrant (zoom 0.8–1.0), rotated ±10° and shifted ±1 pixel, in its colour (each
-    channel ±0.08), over its background (black, grey 0.45, or 2-pixel stripes of 0 and 0.45; brightness ±0.05),
-    with gaussian pixel noise of a per-image std in [0, 0.04].
-    """
-    n, a = len(concept), concept_attributes(concept)
+def _glyph(digits: torch.Tensor, centre_x: float, generator: torch.Generator) -> torch.Tensor:
+    """Random views (N, 1, 16, 16) of 8×8 source digits, each filling most of its half of the frame."""
+    n = len(digits)
     angle = (torch.rand(n, generator=generator) * 2 - 1) * (10 * torch.pi / 180)
-    scale = 2 / (0.8 + 0.2 * torch.rand(n, generator=generator))  # output → input: the quadrant spans 1 of 2
-    centre = torch.stack([torch.where(a["position"] % 2 == 1, 0.5, -0.5),
-                          torch.where(a["position"] >= 2, 0.5, -0.5)], 1)
-    centre = centre + (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 / IMAGE_SIZE)
-    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-    linear = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # (n, 2, 2)
+    zoom = 0.85 + 0.15 * torch.rand(n, generator=generator)
+    sx, sy = 2 / zoom, (IMAGE_SIZE / 14) / zoom  # output → input: a half's width, 14 of the 16 rows
+    centre = torch.tensor([centre_x, 0.0]) + (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 / IMAGE_SIZE)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    linear = torch.stack([torch.stack([cos * sx, -sin * sx], 1), torch.stack([sin * sy, cos * sy], 1)], 1)
     theta = torch.cat([linear, -(linear @ centre[:, :, None])], 2)  # input = L (output - centre)
     grid = F.affine_grid(theta, [n, 1, IMAGE_SIZE, IMAGE_SIZE], align_corners=False)
-    mask = F.grid_sample(digits[:, None].float(), grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False)  # (n, 1, H, W)
-    colour = torch.tensor(list(COLOURS.values()))[a["colour"]]
-    colour = (colour + (torch.rand(n, 3, generator=generator) * 2 - 1) * 0.08).clamp(0, 1)
+    return F.grid_sample(digits[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def render(tens: torch.Tensor, units: torch.Tensor, colour: torch.Tensor, background: torch.Tensor,
+           generator: torch.Generator) -> torch.Tensor:
+    """Random views of two-digit numbers from 8×8 source digits (tens, units: (N, 8, 8)): (N, 3, 16, 16) uint8.
+
+    Each digit fills most of its half of the frame (zoom 0.85–1.0, rotated ±10°, shifted ±1 pixel), in the
+    number's colour (each channel ±0.08), over its background (black, grey 0.45, or 2-pixel stripes of 0 and
+    0.45; brightness ±0.05), with gaussian pixel noise of a per-image std in [0, 0.04].
+    """
+    n = len(colour)
+    mask = torch.maximum(_glyph(tens, -0.5, generator), _glyph(units, 0.5, generator))  # (n, 1, H, W)
+    rgb = torch.tensor(list(COLOURS.values()))[colour]
+    rgb = (rgb + (torch.rand(n, 3, generator=generator) * 2 - 1) * 0.08).clamp(0, 1)
     stripes = ((torch.arange(IMAGE_SIZE) // 2) % 2).float() * 0.45
     backgrounds = torch.stack([torch.zeros(IMAGE_SIZE, IMAGE_SIZE), torch.full((IMAGE_SIZE, IMAGE_SIZE), 0.45),
                                stripes[:, None].expand(IMAGE_SIZE, IMAGE_SIZE)])
-    background = backgrounds[a["background"]][:, None] + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * 0.05
-    out = mask * colour[:, :, None, None] + (1 - mask) * background
+    ground = backgrounds[background][:, None] + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * 0.05
+    out = mask * rgb[:, :, None, None] + (1 - mask) * ground
     out = out + torch.rand(n, 1, 1, 1, generator=generator) * 0.04 * torch.randn(out.shape, generator=generator)
     return (out.clamp(0, 1) * 255).round().to(torch.uint8)
 
@@ -165,12 +178,13 @@ def _block(split: str, block: int, seed: int, images: torch.Tensor, by_digit: li
         counts = {kind: round(share * n) for kind, share in NOISE.items()}  # exact per block: rates are exact
         n_base = n - counts["duplicate"]
         concept = torch.multinomial(probabilities, n_base, replacement=True, generator=g)
-    else:  # balanced: sample i shows concept i mod 720 (the reference's training shuffles)
+    else:  # balanced: sample i shows concept i mod 600 (the reference's training shuffles)
         counts, n_base = {"misaligned": 0, "junk": 0, "duplicate": 0}, n
         concept = torch.arange(first, first + n) % N_CONCEPTS
-    digit = concept_attributes(concept)["digit"]
-    source = _sources(digit, by_digit, g)
-    pixels = render(images[source], concept, g)
+    a = concept_attributes(concept)
+    source = torch.stack([_sources(a["tens"], by_digit, g), _sources(a["units"], by_digit, g)], 1)  # (n_base, 2)
+    background = torch.randint(len(BACKGROUNDS), (n_base,), generator=g)
+    pixels = render(images[source[:, 0]], images[source[:, 1]], a["colour"], background, g)
     template = torch.randint(len(TEMPLATES), (n_base,), generator=g)
     perm = torch.randperm(n_base, generator=g)
     n_mis, n_junk = counts["misaligned"], counts["junk"]
@@ -199,15 +213,14 @@ def _block(split: str, block: int, seed: int, images: torch.Tensor, by_digit: li
     order = torch.randperm(n, generator=g) if split == "train" else torch.arange(n)
     position = torch.empty(n, dtype=torch.long)
     position[order] = torch.arange(n)
-    attributes = {k: v.tolist() for k, v in concept_attributes(concept).items()}
+    attributes = {**{k: v.tolist() for k, v in a.items()}, "background": background.tolist()}
     concept_list, rank_list, source_list = concept.tolist(), ranks[concept].tolist(), source.tolist()
     rows = []
     for out, i in enumerate(order.tolist()):
         b = int(base[i])
         duplicate = i >= n_base
         meta = {"concept": concept_list[b], "rank": rank_list[b], "tail": rank_list[b] >= N_CONCEPTS // 2,
-                **{k: v[b] for k, v in attributes.items()}, "label": attributes["digit"][b],
-                "source": source_list[b],
+                **{k: v[b] for k, v in attributes.items()}, "source": source_list[b],
                 "noise": "duplicate" if duplicate else kind[b], "is_duplicate": duplicate,
                 "is_noisy": kind[b] != "clean",  # unlearnable: misaligned or junk (a duplicate copies a clean pair)
                 "duplicate_of": _key(split, first + int(position[b])) if duplicate else None}
@@ -221,13 +234,13 @@ def _key(split: str, i: int) -> str:
 
 
 def make_web(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 200_000, n_curated: int = 7_200,
-             n_test: int = 2_160, shard_size: int = 20_000) -> dict:
+             n_test: int = 2_400, shard_size: int = 20_000) -> dict:
     """Write the web world's shards under `out_dir/web/` and `out_dir/manifest.json`; return the manifest.
 
     Args:
         n_train: how many samples of the stream to write (a run that trains S steps on superbatches of B reads
             S·B: give at least that many and no pair is scored twice).
-        n_curated, n_test: balanced splits (multiples of 720 keep every concept exactly equally often).
+        n_curated, n_test: balanced splits (multiples of 600 keep every concept exactly equally often).
     """
     with needs_extra("make_web"):
         import sklearn.datasets  # noqa: F401
@@ -244,8 +257,9 @@ def make_web(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 200_00
         "version": 1, "seed": seed, "image_size": IMAGE_SIZE, "format": "npy",
         "image_format": "npy uint8 (3, H, W)", "source": "sklearn.datasets.load_digits",
         "source_pools": {k: len(v) for k, v in pools.items()},
-        "web": {"concepts": N_CONCEPTS, "zipf_exponent": ZIPF_EXPONENT, "noise": NOISE, "head_share": HEAD_SHARE,
-                "context_length": CONTEXT_LENGTH, "fields": ["npy", "txt", "json"], "splits": {}},
+        "web": {"version": VERSION, "concepts": N_CONCEPTS, "zipf_exponent": ZIPF_EXPONENT, "noise": NOISE,
+                "head_share": HEAD_SHARE, "context_length": CONTEXT_LENGTH, "fields": ["npy", "txt", "json"],
+                "splits": {}},
     }
     for split, n in sizes.items():
         rows = web_rows(split, 0, n, seed=seed)
@@ -267,12 +281,13 @@ def _decode(sample: dict, *, context_length: int) -> dict:
     caption = _field(sample, "txt", "load_web").decode()
     return {"__key__": sample["__key__"], "image": _image(_field(sample, "npy", "load_web"), 3),
             "text": _tokens(caption, context_length).clone(), "caption": caption, "label": meta["concept"],
-            "digit": meta["digit"], "is_tail": meta["tail"], "is_noisy": meta["is_noisy"],
-            "is_duplicate": meta["is_duplicate"], "noise": meta["noise"]}
+            "number": meta["number"], "background": meta["background"], "is_tail": meta["tail"],
+            "is_noisy": meta["is_noisy"], "is_duplicate": meta["is_duplicate"], "noise": meta["noise"]}
 
 
 def load_web(urls: str | Sequence[str], *, context_length: int = CONTEXT_LENGTH, storage_options: dict | None = None):
     """Web-world pairs as a re-iterable webdataset pipeline, in shard order. Each sample: `__key__`, `image`
-    float32 (3, 16, 16) in [0, 1], `text` token ids, `caption`, `label` (the concept), `digit`, and the
-    diagnostics `is_tail`, `is_noisy`, `is_duplicate`, `noise` (selection never reads them)."""
+    float32 (3, 16, 16) in [0, 1], `text` token ids, `caption`, `label` (the concept), `number` (0-99), the
+    unnamed `background`, and the diagnostics `is_tail`, `is_noisy`, `is_duplicate`, `noise` (selection never
+    reads them)."""
     return _pipeline(urls, functools.partial(_decode, context_length=context_length), storage_options)

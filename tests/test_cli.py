@@ -33,7 +33,7 @@ def web_world(tmp_path_factory):
     from pipelines.web import make_web
 
     out = tmp_path_factory.mktemp("web")
-    make_web(out, n_train=1200, n_curated=720, n_test=720, shard_size=400)
+    make_web(out, n_train=1200, n_curated=600, n_test=600, shard_size=400)
     return out
 
 
