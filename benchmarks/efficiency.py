@@ -8,8 +8,8 @@ selection differs:
 * digits (the RHO-LOSS family): a small CNN on digits with 30% of the training labels flipped; metric:
   test accuracy.
 * web (the JEST family at its own regime): the web world (`pipelines.web.make_web`), a never-repeating
-  long-tailed stream of 720 compositional concepts with misaligned and junk captions and near-duplicates;
-  metric: zero-shot accuracy over the 720 concepts on a balanced test split. Uniform trains 4× the curated
+  long-tailed stream of 600 compositional concepts (coloured two-digit numbers) with misaligned and junk
+  captions and near-duplicates; metric: zero-shot accuracy over the 600 concepts on a balanced test split. Uniform trains 4× the curated
   runs' steps, so savings are measured both ways: the curated run's steps to the long uniform run's best, and
   uniform's steps to the curated run's final accuracy. Its grid holds the controls that isolate each claim
   (joint with 1/4/16 chunks at temperature 1 and 0; independent selection from the diagonal, i.e. joint with 1
@@ -78,7 +78,7 @@ TASKS = {
         "actor": {"model": {"kind": "small_cnn", "options": {"width": 8}}, "lr": 2e-3},
         "targets": [0.9, 0.95], "main": "rho",
     },
-    # the web world (`pipelines.web`): a never-repeating long-tailed stream of 720 concepts; uniform trains 4× the
+    # the web world (`pipelines.web`): a never-repeating long-tailed stream of 600 concepts; uniform trains 4× the
     # curated runs' steps (and reads 4·600·64 = 154k of the 200k stream), so "uniform's best" is a long run's
     "web": {
         "world": "web",
