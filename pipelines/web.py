@@ -209,7 +209,7 @@ def _block(split: str, block: int, seed: int, images: torch.Tensor, by_digit: li
     noise = 3.0 * torch.randn(n_dup, *pixels.shape[1:], generator=g)
     pixels = torch.cat([pixels, (pixels[copied].float() + noise).clamp(0, 255).round().to(torch.uint8)])
     base = torch.cat([torch.arange(n_base), copied])
-    # spreads the duplicates through the block; a balanced split keeps its order (any 720 in a row: every concept)
+    # spreads the duplicates through the block; a balanced split keeps its order (any 600 in a row: every concept)
     order = torch.randperm(n, generator=g) if split == "train" else torch.arange(n)
     position = torch.empty(n, dtype=torch.long)
     position[order] = torch.arange(n)
