@@ -10,12 +10,12 @@ selection differs:
 * web (the JEST family at its own regime): the web world (`pipelines.web.make_web`), a never-repeating
   long-tailed stream of 600 compositional concepts (coloured two-digit numbers) with misaligned and junk
   captions and near-duplicates; metric: zero-shot accuracy over the 600 concepts on a balanced test split.
-  Uniform trains 4× the curated runs' steps, so savings are measured both ways: the curated run's steps to
-  the long uniform run's best, and
-  uniform's steps to the curated run's final accuracy. Its grid holds the controls that isolate each claim
-  (joint with 1/4/16 chunks at temperature 1 and 0; independent selection from the diagonal, i.e. joint with 1
-  chunk, and in superbatch context; the filter ratio) and ACL as published (a small actor and a small reference
-  of its architecture, both scored online, per-example softmax sampling at filter 0.5, three actor sizes).
+  Uniform trains 4× the curated runs' steps, so savings are measured both ways: the curated run's steps to the
+  long uniform run's best, and uniform's steps to the curated run's final accuracy. Its grid holds the controls
+  that isolate each claim (joint with 1/4/16 chunks at temperature 1 and 0; independent selection from the
+  diagonal, i.e. joint with 1 chunk, and in superbatch context; the filter ratio) and ACL as published (a small
+  actor and a small reference of its architecture, both scored online, per-example softmax sampling at filter
+  0.5, three actor sizes).
 
 Methods (`METHODS`): uniform, hard_learner, easy_reference, learnability with independent selection
 (topk, sample), JEST joint selection (16 chunks; pairs and web only: for per-example losses joint is sample),

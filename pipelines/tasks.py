@@ -140,8 +140,8 @@ def manifest(recipe: Recipe) -> dict:
             f"`curate data {'web' if recipe.data.dataset == 'web' else 'digits'} {root}` "
             "or set prepare: true in the recipe"
         ) from None
-    version = made.get("web", {}).get("version", 1)
-    if recipe.data.dataset == "web" and version != web.VERSION:  # its concepts are not this code's prompts
+    if recipe.data.dataset == "web" and (version := made.get("web", {}).get("version", 1)) != web.VERSION:
+        # its concepts are not this code's prompts
         raise ValueError(f"data.root: the web world at {root!r} is version {version}, this curate reads version "
                          f"{web.VERSION} (other concepts); move it aside and remake it with `curate data web {root}`")
     return made
