@@ -91,7 +91,8 @@ def _data(args) -> None:
                              "--format / --image-size")
         from .web import make_web
 
-        made = make_web(args.out, seed=args.seed, n_train=args.n_train or 200_000, shard_size=args.shard_size or 20_000)
+        sizes = {k: v for k, v in (("n_train", args.n_train), ("shard_size", args.shard_size)) if v is not None}
+        made = make_web(args.out, seed=args.seed, **sizes)  # make_web's defaults otherwise
         splits = made["web"]["splits"]
         print(f"wrote {args.out}: web {'/'.join(str(s['count']) for s in splits.values())} (train/curated/test), "
               f"{made['web']['concepts']} concepts; train {splits['train']['noise_counts']}")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=None,
-                   help="train samples of each dataset (default 20000; web: 200000 of its stream)")
+                   help="train samples of each dataset (default 20000; web: 500000 of its stream)")
     p.add_argument("--format", choices=["npy", "webdataset", "parquet"], default="npy",
                    help="npy: tar shards of .npy images, what the demo recipes read (default); webdataset: JPEG "
                         "tar shards as img2dataset writes them; parquet: tables of JPEG bytes and columns (the "

@@ -57,3 +57,14 @@ def test_mean_std_gives_students_t_interval_over_the_seeds_that_have_a_value(eff
     assert cell["ci95"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6)  # t(0.975, 2 dof)
     assert efficiency.mean_std([0.5])["ci95"] is None and efficiency.mean_std([None])["mean"] is None
     assert efficiency.fmt(cell, 2) == "2.00±2.48 (3/4)"
+
+
+def test_a_world_of_other_sizes_is_refused_by_name_not_reused(efficiency, tmp_path):
+    """The grid reuses a world on disk only if its splits are the sizes it makes: an older default's world (200k,
+    7200 curated) would otherwise be read silently under new defaults."""
+    from pipelines.web import make_web
+
+    make_web(tmp_path, n_train=1200, n_curated=600, n_test=600, shard_size=600)
+    efficiency.check_world(tmp_path, "web", {"n_train": 1200, "n_curated": 600, "n_test": 600})  # the same: used
+    with pytest.raises(SystemExit, match=r"has curated \[600\], the grid makes 24000; move it aside"):
+        efficiency.check_world(tmp_path, "web", {"n_train": 1200})  # make_web's default curated split is 24000

@@ -1,0 +1,91 @@
+"""How long to train a reference: its learning curve on a held-out tenth of the curated split.
+
+The reference is trained on clean curated data only, so its training length is chosen the way any supervised
+model's is: by its own held-out accuracy, never by how a selection method does with it. This trains the
+efficiency benchmark's reference configuration of a task (and, with `--acl`, ACL's small reference) on 90% of the
+curated split and prints the held-out and test accuracy every `--every` steps.
+
+    .venv/bin/python benchmarks/reference_curve.py --data /tmp/curate-bench/data-long-web --steps 9000 \
+        --out benchmarks/results/reference_curve_web.json   # 14 min; --acl 32: ACL's width-32 reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def curve(recipe, *, steps: int, every: int, holdout: float = 0.1, log=print) -> list[dict]:
+    """Train `recipe`'s reference model as `train_reference` does, on all but a random `holdout` share of the
+    curated split; evaluate on the held-out share and on the test split every `every` steps."""
+    from pipelines import tasks
+
+    task, device = tasks.task_of(recipe), torch.device("cpu")
+    cfg, rc = recipe.reference_model, recipe.reference
+    model = tasks.build_model(cfg, recipe, seed=recipe.train.seed + 1_000)
+    curated = list(tasks.load_split(recipe, "curated"))
+    split = torch.randperm(len(curated), generator=torch.Generator().manual_seed(12345))
+    n_held = int(len(curated) * holdout)
+    held = tasks.in_memory_batches([curated[i] for i in split[:n_held].tolist()])
+    (pool,) = tasks.in_memory_batches([curated[i] for i in split[n_held:].tolist()], batch_size=1 << 30)
+    test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
+    n = len(pool["__key__"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=recipe.train.weight_decay)
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    order, rows, start = torch.empty(0, dtype=torch.long), [], time.perf_counter()
+    for step in range(1, steps + 1):
+        model.train()
+        if len(order) < rc.batch_size:
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        idx, order = order[:rc.batch_size], order[rc.batch_size:]
+        batch = {k: v[idx] for k, v in pool.items() if isinstance(v, torch.Tensor)}
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.train_loss(model, batch, cfg, device)
+        loss.backward()
+        optimizer.step()
+        if step % every == 0:
+            row = {"step": step, "epochs": round(step * rc.batch_size / n, 1), "loss": round(loss.item(), 4),
+                   "held_out": round(task.evaluate(model, held, cfg, device)["accuracy"], 4),
+                   "test": round(task.evaluate(model, test, cfg, device)["accuracy"], 4),
+                   "seconds": round(time.perf_counter() - start)}
+            log(row)
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    from efficiency import TASKS, recipe_for
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="web")
+    parser.add_argument("--data", required=True, help="the task's world root (made by `curate data`)")
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--every", type=int, default=500)
+    parser.add_argument("--acl", type=int, default=None, metavar="WIDTH", help="ACL's small reference of this width")
+    parser.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE")
+    parser.add_argument("--out", default=None, help="also write the curve to this JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    acl = args.acl and {"width": args.acl, "layers": 1, "text_width": args.acl, "text_layers": 1,
+                        "embed_dim": args.acl}
+    recipe = recipe_for(args.task, 0, Path("/tmp/curate-reference-curve"), Path(args.data), args.set, acl=acl or None)
+    rc = recipe.reference
+    print(f"{args.task} reference {recipe.reference_model.model_dump(exclude_none=True)}, batch {rc.batch_size}, "
+          f"lr {rc.lr} (the benchmark trains it {TASKS[args.task]['recipe']['reference']['steps']} steps)")
+    rows = curve(recipe, steps=args.steps, every=args.every, log=lambda row: print(row, flush=True))
+    if args.out:
+        from results_io import write_json
+
+        write_json({"benchmark": "reference_curve", "argv": sys.argv[1:], "task": args.task,
+                    "model": recipe.reference_model.model_dump(exclude_none=True), "batch_size": rc.batch_size,
+                    "lr": rc.lr, "curve": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
