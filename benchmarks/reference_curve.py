@@ -32,8 +32,9 @@ def curve(recipe, *, steps: int, every: int, holdout: float = 0.1, log=print) ->
     curated = list(tasks.load_split(recipe, "curated"))
     split = torch.randperm(len(curated), generator=torch.Generator().manual_seed(12345))
     n_held = int(len(curated) * holdout)
-    held = tasks.in_memory_batches([curated[i] for i in split[:n_held].tolist()])
-    (pool,) = tasks.in_memory_batches([curated[i] for i in split[n_held:].tolist()], batch_size=1 << 30)
+    held = tasks.in_memory_batches([curated[i] for i in split[:n_held].tolist()]) if n_held else []
+    kept = split[n_held:] if n_held else torch.arange(len(curated))  # no holdout: `train_reference`'s very run
+    (pool,) = tasks.in_memory_batches([curated[i] for i in kept.tolist()], batch_size=1 << 30)
     test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
     n = len(pool["__key__"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=recipe.train.weight_decay)
@@ -51,7 +52,7 @@ def curve(recipe, *, steps: int, every: int, holdout: float = 0.1, log=print) ->
         optimizer.step()
         if step % every == 0:
             row = {"step": step, "epochs": round(step * rc.batch_size / n, 1), "loss": round(loss.item(), 4),
-                   "held_out": round(task.evaluate(model, held, cfg, device)["accuracy"], 4),
+                   "held_out": round(task.evaluate(model, held, cfg, device)["accuracy"], 4) if held else None,
                    "test": round(task.evaluate(model, test, cfg, device)["accuracy"], 4),
                    "seconds": round(time.perf_counter() - start)}
             log(row)
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=500)
     parser.add_argument("--acl", type=int, default=None, metavar="WIDTH", help="ACL's small reference of this width")
     parser.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE")
+    parser.add_argument("--holdout", type=float, default=0.1, help="share of the curated split held out (0: none)")
     parser.add_argument("--out", default=None, help="also write the curve to this JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -78,7 +80,8 @@ def main() -> None:
     rc = recipe.reference
     print(f"{args.task} reference {recipe.reference_model.model_dump(exclude_none=True)}, batch {rc.batch_size}, "
           f"lr {rc.lr} (the benchmark trains it {TASKS[args.task]['recipe']['reference']['steps']} steps)")
-    rows = curve(recipe, steps=args.steps, every=args.every, log=lambda row: print(row, flush=True))
+    rows = curve(recipe, steps=args.steps, every=args.every, holdout=args.holdout,
+                 log=lambda row: print(row, flush=True))
     if args.out:
         from results_io import write_json
 
