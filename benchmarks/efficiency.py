@@ -404,14 +404,19 @@ def _run_job(args):
     return run(*args, *_SHARED[task])
 
 
+def world_maker(world: str):
+    """The function that writes a world: `curate data` for digits, `curate data web` for web."""
+    from pipelines.data import make_digits
+    from pipelines.web import make_web
+
+    return {"digits": make_digits, "web": make_web}[world]
+
+
 def check_world(root: Path, world: str, sizes: dict) -> None:
     """Refuse a world on disk whose splits are not the sizes the grid makes (an older default, another run's)."""
     import inspect
 
-    from pipelines.data import make_digits
-    from pipelines.web import make_web
-
-    make = {"digits": make_digits, "web": make_web}[world]
+    make = world_maker(world)
     defaults = {k: p.default for k, p in inspect.signature(make).parameters.items() if k.startswith("n_")}
     manifest = json.loads((root / "manifest.json").read_text())
     datasets = [manifest["web"]] if world == "web" else [manifest[d] for d in ("pairs", "digits")]
@@ -469,10 +474,7 @@ def main() -> None:
         if (roots[world] / "manifest.json").is_file():
             check_world(roots[world], world, sizes)
         else:
-            from pipelines.data import make_digits
-            from pipelines.web import make_web
-
-            {"digits": make_digits, "web": make_web}[world](roots[world], **sizes)
+            world_maker(world)(roots[world], **sizes)
     roots = {t: roots[TASKS[t].get("world", "digits")] for t in task_names}  # each task's world
     methods = {t: ([m for m in args.methods.split(",") if m in METHODS[t]] if args.methods else
                    QUICK["methods"][t] if args.quick else list(METHODS[t])) for t in task_names}

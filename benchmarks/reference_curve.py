@@ -25,9 +25,10 @@ def curve(recipe, *, steps: int, every: int, holdout: float = 0.1, log=print) ->
     """Train `recipe`'s reference model as `train_reference` does, on all but a random `holdout` share of the
     curated split; evaluate on the held-out share and on the test split every `every` steps."""
     from pipelines import tasks
+    from pipelines.train_reference import fit
 
     task, device = tasks.task_of(recipe), torch.device("cpu")
-    cfg, rc = recipe.reference_model, recipe.reference
+    cfg = recipe.reference_model
     model = tasks.build_model(cfg, recipe, seed=recipe.train.seed + 1_000)
     curated = list(tasks.load_split(recipe, "curated"))
     split = torch.randperm(len(curated), generator=torch.Generator().manual_seed(12345))
@@ -36,27 +37,19 @@ def curve(recipe, *, steps: int, every: int, holdout: float = 0.1, log=print) ->
     kept = split[n_held:] if n_held else torch.arange(len(curated))  # no holdout: `train_reference`'s very run
     (pool,) = tasks.in_memory_batches([curated[i] for i in kept.tolist()], batch_size=1 << 30)
     test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
-    n = len(pool["__key__"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=recipe.train.weight_decay)
-    generator = torch.Generator().manual_seed(recipe.train.seed)
-    order, rows, start = torch.empty(0, dtype=torch.long), [], time.perf_counter()
-    for step in range(1, steps + 1):
-        model.train()
-        if len(order) < rc.batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=generator)])
-        idx, order = order[:rc.batch_size], order[rc.batch_size:]
-        batch = {k: v[idx] for k, v in pool.items() if isinstance(v, torch.Tensor)}
-        optimizer.zero_grad(set_to_none=True)
-        loss = task.train_loss(model, batch, cfg, device)
-        loss.backward()
-        optimizer.step()
+    n, rows, start = len(pool["__key__"]), [], time.perf_counter()
+
+    def evaluate(step: int, loss: torch.Tensor) -> None:
         if step % every == 0:
-            row = {"step": step, "epochs": round(step * rc.batch_size / n, 1), "loss": round(loss.item(), 4),
+            row = {"step": step, "epochs": round(step * recipe.reference.batch_size / n, 1),
+                   "loss": round(loss.item(), 4),
                    "held_out": round(task.evaluate(model, held, cfg, device)["accuracy"], 4) if held else None,
                    "test": round(task.evaluate(model, test, cfg, device)["accuracy"], 4),
                    "seconds": round(time.perf_counter() - start)}
             log(row)
             rows.append(row)
+
+    fit(model, pool, recipe, steps=steps, device=device, on_step=evaluate)
     return rows
 
 
