@@ -147,6 +147,9 @@ class ReferenceConfig(_Strict):
     steps: int = Field(400, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(2e-3, gt=0)
+    # "cosine": linear warmup over `warmup` steps, then cosine decay to 0 at `steps` (CLIP's and SigLIP's schedule)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup: int = Field(0, ge=0)
 
 
 class CacheConfig(_Strict):

@@ -61,6 +61,8 @@ KEYS: dict[str, str] = {
     "reference.steps": "reference training steps on data.curated (default 400)",
     "reference.batch_size": "reference training batch size (default 128)",
     "reference.lr": "reference training learning rate (default 0.002)",
+    "reference.schedule": "constant, or cosine: warmup then cosine decay to 0 at reference.steps (default constant)",
+    "reference.warmup": "linear warmup steps from 0 to reference.lr (default 0)",
     # cache
     "cache.path": "the reference scores' Parquet cache (local or s3://); unset: the reference scores online",
     "cache.missing": "a key the cache lacks: error (default) | online (score it with the reference)",

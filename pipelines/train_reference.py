@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -10,17 +11,30 @@ import torch
 from . import tasks
 from .recipe import Recipe
 
-__all__ = ["fit", "train_reference"]
+__all__ = ["fit", "lr_factor", "train_reference"]
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """The learning rate at 0-based `step` of `steps`, as a fraction of the peak: linear warmup over the first
+    `warmup` steps, then constant or a cosine decay that reaches 0 at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def fit(model: torch.nn.Module, pool: dict, recipe: Recipe, *, steps: int, device: torch.device,
         on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """The reference's training loop: `steps` AdamW steps of `recipe.reference`'s batch size and learning rate
     over `pool` (a split collated into one batch), a fresh permutation every pass; returns the last loss.
-    `on_step(step, loss)` runs after each step; it may evaluate the model (`evaluate` restores training mode)."""
+    The learning rate follows `recipe.reference.schedule` over these `steps`. `on_step(step, loss)` runs after
+    each step; it may evaluate the model (`evaluate` restores training mode)."""
     task, cfg, rc = tasks.task_of(recipe), recipe.reference_model, recipe.reference
     n = len(pool["__key__"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=recipe.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, steps, rc.warmup, rc.schedule))
     generator = torch.Generator().manual_seed(recipe.train.seed)
     model.train()
     order = torch.empty(0, dtype=torch.long)
@@ -33,6 +47,7 @@ def fit(model: torch.nn.Module, pool: dict, recipe: Recipe, *, steps: int, devic
         loss = task.train_loss(model, batch, cfg, device)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         if on_step is not None:
             on_step(step, loss)
     return loss

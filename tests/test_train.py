@@ -65,3 +65,20 @@ def test_every_boolean_diagnostic_and_the_label_coverage_of_the_trained_batches_
 def test_resume_needs_checkpoints(recipe):
     with pytest.raises(ValueError, match="resume=True needs checkpoint=True"):
         run_one(recipe, "x", plan_runs(recipe)["learnability"], resume=True, checkpoint=False)
+
+
+def test_the_reference_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
+    from math import cos, pi
+
+    from pipelines.train_reference import lr_factor
+
+    steps, warmup = 1000, 100
+    assert [lr_factor(i, steps, warmup, "constant") for i in (0, 49, 99, 100, 999)] == [0.01, 0.5, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(i, steps, warmup, "cosine") for i in range(steps + 1)]
+    assert cosine[:100] == [(i + 1) / 100 for i in range(100)]
+    for i in (100, 325, 550, 775, 1000):  # the published form: ½(1 + cos(π · progress)) after the warmup
+        assert cosine[i] == pytest.approx(0.5 * (1 + cos(pi * (i - warmup) / (steps - warmup))), abs=1e-12)
+    assert cosine[100] == 1.0 and cosine[550] == pytest.approx(0.5) and cosine[1000] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(cosine[100:], cosine[101:], strict=False))
+    with pytest.raises(ValueError, match="schedule"):
+        parse_recipe("name: t\ndata: {dataset: digits}\nmodel: {kind: mlp}\nreference: {schedule: linear}\n")
