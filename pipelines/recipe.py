@@ -236,6 +236,7 @@ class TrainConfig(_Strict):
     steps: int = Field(300, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
+    warmup: int = Field(0, ge=0)  # linear warmup to `lr` over these steps, then constant (independent of `steps`)
     weight_decay: float = Field(0.0, ge=0)
     eval_every: int = Field(50, gt=0)
     seed: int = 0

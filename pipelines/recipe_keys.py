@@ -90,6 +90,7 @@ KEYS: dict[str, str] = {
     "train.steps": "training steps per run (default 300)",
     "train.batch_size": "the global training batch (default 64); the superbatch is batch / (1 - filter_ratio)",
     "train.lr": "learning rate (AdamW; default 0.001)",
+    "train.warmup": "steps of linear warmup to train.lr, then constant (default 0)",
     "train.weight_decay": "AdamW weight decay (default 0)",
     "train.eval_every": "steps between evaluations (default 50)",
     "train.seed": "seeds data order, initial weights and selection (default 0)",

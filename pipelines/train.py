@@ -37,6 +37,7 @@ from . import tasks
 from .extras import needs_extra
 from .progress import progress as show_progress
 from .recipe import Recipe
+from .train_reference import lr_factor
 
 __all__ = ["run", "run_one", "plan_runs", "distributed_session", "load_checkpoint"]
 
@@ -262,6 +263,8 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         optimizer.zero_grad(set_to_none=True)
         loss = forward(batch)
         loss.backward()
+        for group in optimizer.param_groups:  # from the step count alone, so a resumed run follows the same lr
+            group["lr"] = tc.lr * lr_factor(step, tc.steps, tc.warmup, "constant")
         optimizer.step()
         step += 1
         _count(tally, batch)

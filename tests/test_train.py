@@ -82,3 +82,19 @@ def test_the_reference_schedule_warms_up_linearly_then_decays_by_cosine_to_zero(
     assert all(a >= b for a, b in zip(cosine[100:], cosine[101:], strict=False))
     with pytest.raises(ValueError, match="schedule"):
         parse_recipe("name: t\ndata: {dataset: digits}\nmodel: {kind: mlp}\nreference: {schedule: linear}\n")
+
+
+def test_the_learners_warmup_follows_the_step_count_so_a_resumed_run_matches_an_uninterrupted_one(recipe):
+    from pipelines.train import load_checkpoint
+
+    warm = recipe.model_copy(update={"train": recipe.train.model_copy(update={"warmup": 20})})
+    options = plan_runs(warm)["learnability"]
+    whole = run_one(warm, "warm", options, progress=False)
+    state = load_checkpoint(warm.out / "warm" / "checkpoint.pt")
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([warm.train.lr * 12 / 20])
+    short = warm.model_copy(update={"train": warm.train.model_copy(update={"steps": 8})})
+    run_one(short, "halves", options, progress=False)
+    resumed = run_one(warm, "halves", options, progress=False, resume=True)
+    assert _without_timing(resumed) == [{**r, "run": "halves"} for r in _without_timing(whole)]
+    cold = run_one(recipe, "cold", options, progress=False, checkpoint=False)  # and the warmup changes the run
+    assert _without_timing(cold) != [{**r, "run": "cold"} for r in _without_timing(whole)]
