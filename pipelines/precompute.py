@@ -84,6 +84,13 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
     start = time.perf_counter()
     bar = show_progress(None if None in counts else sum(count or 0 for _, _, count in todo), "precompute", "sample")
     with Claims(fs, claim_timeout_s, log) as claims:
+        # a writer killed between writing its part and releasing the claim leaves the claim of a whole part, which
+        # no later run would claim again: clear it unless its owner is still live
+        left = {posixpath.basename(path) for path in fs.glob(f"{root.rstrip('/')}/.part-*.parquet.claim")}
+        for index, state in states.items():
+            part = part_path(recipe, index)
+            if state == "current" and posixpath.basename(Claims.path(part)) in left and claims.acquire(part):
+                claims.release(part)
         try:
             if backend == "ray":
                 from .precompute_ray import run_ray

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -308,6 +309,25 @@ def test_a_live_claim_and_its_temp_file_are_left_alone_and_a_dead_ones_taken_ove
     assert summary["written"] == [3] and summary["parts_existing"] == 7
     assert any("took over .part-00003.parquet.claim from pid" in m and "not running" in m for m in messages)
     assert sorted(p.name for p in cache.iterdir()) == [f"part-{i:05d}.parquet" for i in range(8)]  # no temps
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_writers_claim_on_a_whole_part_is_cleared_and_a_live_one_left(world):
+    """A writer killed after its part's rename and before its claim's release leaves the claim of a whole part,
+    which no run would claim again (the part is current): the next run clears it, unless its owner is live."""
+    recipe = recipe_of(world, "claim-after-part")
+    cache = Path(recipe.cache.path)
+    assert precompute(recipe, **QUIET)["parts_written"] == 8
+    dead = cache / ".part-00002.parquet.claim"
+    dead.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 1, "started": None, "token": "x"}))
+    holder = hold_claim(cache / "part-00005.parquet")
+    try:
+        summary = precompute(recipe, **QUIET)
+        assert summary["parts_written"] == 0 and summary["parts_existing"] == 8  # nothing rescored
+        assert not dead.exists() and (cache / ".part-00005.parquet.claim").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_claim_not_refreshed_for_the_timeout_is_taken_over(world):
