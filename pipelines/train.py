@@ -37,7 +37,7 @@ from . import tasks
 from .extras import needs_extra
 from .progress import progress as show_progress
 from .recipe import Recipe
-from .train_reference import lr_factor
+from .schedule import lr_factor
 
 __all__ = ["run", "run_one", "plan_runs", "distributed_session", "load_checkpoint"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -10,19 +9,9 @@ import torch
 
 from . import tasks
 from .recipe import Recipe
+from .schedule import lr_factor
 
-__all__ = ["fit", "lr_factor", "train_reference"]
-
-
-def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
-    """The learning rate at 0-based `step` of `steps`, as a fraction of the peak: linear warmup over the first
-    `warmup` steps, then constant or a cosine decay that reaches 0 at `steps`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+__all__ = ["fit", "train_reference"]
 
 
 def fit(model: torch.nn.Module, pool: dict, recipe: Recipe, *, steps: int, device: torch.device,
@@ -34,7 +23,6 @@ def fit(model: torch.nn.Module, pool: dict, recipe: Recipe, *, steps: int, devic
     task, cfg, rc = tasks.task_of(recipe), recipe.reference_model, recipe.reference
     n = len(pool["__key__"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=recipe.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, steps, rc.warmup, rc.schedule))
     generator = torch.Generator().manual_seed(recipe.train.seed)
     model.train()
     order = torch.empty(0, dtype=torch.long)
@@ -46,8 +34,9 @@ def fit(model: torch.nn.Module, pool: dict, recipe: Recipe, *, steps: int, devic
         optimizer.zero_grad(set_to_none=True)
         loss = task.train_loss(model, batch, cfg, device)
         loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = rc.lr * lr_factor(step - 1, steps, rc.warmup, rc.schedule)
         optimizer.step()
-        scheduler.step()
         if on_step is not None:
             on_step(step, loss)
     return loss

@@ -70,7 +70,7 @@ def test_resume_needs_checkpoints(recipe):
 def test_the_reference_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
     from math import cos, pi
 
-    from pipelines.train_reference import lr_factor
+    from pipelines.schedule import lr_factor
 
     steps, warmup = 1000, 100
     assert [lr_factor(i, steps, warmup, "constant") for i in (0, 49, 99, 100, 999)] == [0.01, 0.5, 1.0, 1.0, 1.0]
