@@ -2,14 +2,15 @@
 the shards instead of both scoring them.
 
 A claim is a small JSON file next to the part (`.part-00003.parquet.claim`, hidden from `*.parquet`), holding its
-owner (host, pid, the process's start time, a token). It is created exclusively: `O_CREAT | O_EXCL` on a local or
-network filesystem, a PUT with `If-None-Match: *` on S3 (s3fs's `mode="create"`; AWS S3 honours it since 2024,
-as does moto; other object stores may not, and there two runs can both win a claim). While its owner works a
-heartbeat thread refreshes the claim every `timeout_s / 4` seconds, so a claim goes stale only when its owner
-stops: one whose owner is a dead process on this host is taken over at once (a killed run's rerun goes on
-immediately), any other once it has not been refreshed for `timeout_s` seconds (a process on another host that
-hung or died). Taking over is exclusive too: locally under a `.takeover` lock file created with O_EXCL, on S3 a
-PUT with `If-Match` on the stale claim's ETag. A run that finds a live claim leaves that part to its owner.
+owner (host, pid, the process's start time, a token). It is created whole and exclusively: written to a temp and
+`os.link`ed to its name on a local or network filesystem (never seen empty, even if its writer is killed mid-write),
+a PUT with `If-None-Match: *` on S3 (s3fs's `mode="create"`; AWS S3 honours it since 2024, as does moto; other
+object stores may not, and there two runs can both win a claim). While its owner works a heartbeat thread refreshes
+the claim every `timeout_s / 4` seconds, so a claim goes stale only when its owner stops: one whose owner is a dead
+process on this host is taken over at once (a killed run's rerun goes on immediately), any other once it has not
+been refreshed for `timeout_s` seconds (a process on another host that hung or died). Taking over is exclusive too:
+locally under a `.takeover` lock file created with O_EXCL, on S3 a PUT with `If-Match` on the stale claim's ETag. A
+run that finds a live claim leaves that part to its owner.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import threading
 import time
 import uuid
 from typing import Any
+
+from curate.files import stale_temps
 
 __all__ = ["Claims"]
 
@@ -89,6 +92,14 @@ class Claims:
     def acquire(self, part: str) -> bool:
         """Claims `part`; False when a live claim of another process holds it."""
         claim = self.path(part)
+        if self._claim(claim):
+            if self.local:  # claim temps left by writers killed before their link (a live one's link now fails)
+                for temp in stale_temps(claim):
+                    _remove(temp)
+            return True
+        return False
+
+    def _claim(self, claim: str) -> bool:
         if self._create(claim):
             return True
         found = self._read(claim)
@@ -98,8 +109,9 @@ class Claims:
         if not self._stale(owner, age):
             return False
         if self._take_over(claim, owner, etag):
-            self.log(f"precompute: took over {posixpath.basename(claim)} from {self._who(owner)} "
-                     f"({'not running' if self._dead(owner) else f'not refreshed for {age:.0f}s'})")
+            why = ("damaged" if owner is None else "not running" if self._dead(owner)
+                   else f"not refreshed for {age:.0f}s")
+            self.log(f"precompute: took over {posixpath.basename(claim)} from {self._who(owner)} ({why})")
             return True
         return False
 
@@ -114,15 +126,22 @@ class Claims:
     def _create(self, claim: str) -> bool:
         if self.local:
             os.makedirs(posixpath.dirname(claim) or ".", exist_ok=True)  # the first claim comes before any part
+            # written whole to a temp, then linked to the claim's name (exclusive and atomic): a claim is never seen
+            # empty, even when its writer is killed mid-write (an O_EXCL create then a write could leave it so)
+            head, name = posixpath.split(claim)
+            temp = posixpath.join(head, f".{name}.{uuid.uuid4().hex[:12]}.tmp")  # what files.stale_temps finds
             try:
-                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with open(temp, "wb") as stream:
+                    stream.write(self._payload())
+                    stream.flush()
+                    os.fsync(stream.fileno())
+                os.link(temp, claim)
             except FileExistsError:
                 return False
-            try:
-                os.write(fd, self._payload())
-                os.fsync(fd)
+            except FileNotFoundError:  # the claim's holder cleared our temp as a dead writer's: the claim is taken
+                return False
             finally:
-                os.close(fd)
+                _remove(temp)
             etag = None
         else:
             try:
@@ -135,7 +154,7 @@ class Claims:
         return True
 
     def _read(self, claim: str) -> tuple[dict | None, float, str | None] | None:
-        """(owner or None while it is being written, age in seconds, ETag) or None when there is no claim."""
+        """(owner, or None for a damaged claim; age in seconds; ETag) or None when there is no claim."""
         try:
             if self.local:
                 age = time.time() - os.stat(claim).st_mtime
@@ -151,7 +170,7 @@ class Claims:
             return None
         try:
             owner = json.loads(raw)
-        except ValueError:  # created but not written yet (local), or damaged: only the age can tell
+        except ValueError:  # damaged: claims are never seen half-written
             owner = None
         return owner, age, etag
 
@@ -160,7 +179,8 @@ class Claims:
                                                                                       owner.get("started"))
 
     def _stale(self, owner: dict | None, age: float) -> bool:
-        return self._dead(owner) or age > self.timeout_s
+        # claims are written whole (a local link of a finished temp, one PUT on S3): one without an owner is damaged
+        return owner is None or self._dead(owner) or age > self.timeout_s
 
     @staticmethod
     def _who(owner: dict | None) -> str:

@@ -330,6 +330,44 @@ def test_a_dead_writers_claim_on_a_whole_part_is_cleared_and_a_live_one_left(wor
         holder.wait()
 
 
+def test_what_a_writer_killed_while_claiming_leaves_is_taken_over_and_removed(world):
+    """A kill inside a claim's creation: before the atomic create, an empty claim file (an O_EXCL create killed
+    before its write did that, and the rerun left the shard as "being written by another run" for 10 minutes);
+    now a claim temp that was never linked. Neither may hold a shard or outlive the rerun."""
+    recipe = recipe_of(world, "killed-claiming")
+    cache = Path(recipe.cache.path)
+    cache.mkdir(parents=True)
+    (cache / ".part-00001.parquet.claim").write_bytes(b"")  # fresh (age 0), owner unknown
+    (cache / "..part-00004.parquet.claim.0123456789ab.tmp").write_bytes(b'{"host": "h", "pi')
+    messages: list[str] = []
+    summary = precompute(recipe, log=messages.append)
+    assert summary["parts_written"] == 8 and summary["claimed_elsewhere"] == []
+    assert any("took over .part-00001.parquet.claim from an unknown process (damaged)" in m for m in messages)
+    assert sorted(p.name for p in cache.iterdir()) == [f"part-{i:05d}.parquet" for i in range(8)]  # no leftovers
+
+
+def test_local_claims_are_never_seen_half_written(tmp_path):
+    """The claim appears with its whole payload, by a link of a finished temp, and no temp stays behind."""
+    import fsspec
+
+    from pipelines.claims import Claims
+
+    part = tmp_path / "cache" / "part-00000.parquet"
+    seen: list[bytes] = []
+    real_link = os.link
+
+    def link_then_look(source, target):  # the moment the claim's name exists, read it as another process would
+        real_link(source, target)
+        seen.append(Path(target).read_bytes())
+
+    with Claims(fsspec.filesystem("file"), 600, print) as claims, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "link", link_then_look)
+        assert claims.acquire(str(part))
+        assert not Claims(fsspec.filesystem("file"), 600, print).acquire(str(part))  # exclusive
+    assert len(seen) == 1 and json.loads(seen[0])["pid"] == os.getpid()
+    assert list((tmp_path / "cache").iterdir()) == []  # released, and the temps gone
+
+
 def test_a_claim_not_refreshed_for_the_timeout_is_taken_over(world):
     recipe = recipe_of(world, "stale-claim")
     cache = Path(recipe.cache.path)
