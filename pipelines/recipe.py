@@ -236,7 +236,10 @@ class TrainConfig(_Strict):
     steps: int = Field(300, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
-    warmup: int = Field(0, ge=0)  # linear warmup to `lr` over these steps, then constant (independent of `steps`)
+    warmup: int = Field(0, ge=0)  # linear warmup to `lr` over these steps
+    # "constant" after the warmup (a longer run continues the same one), or "cosine" decay to 0 at `steps`
+    # (CLIP's and SigLIP's schedule: every budget is its own run)
+    schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
     eval_every: int = Field(50, gt=0)
     seed: int = 0

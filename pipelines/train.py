@@ -264,7 +264,7 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         loss = forward(batch)
         loss.backward()
         for group in optimizer.param_groups:  # from the step count alone, so a resumed run follows the same lr
-            group["lr"] = tc.lr * lr_factor(step, tc.steps, tc.warmup, "constant")
+            group["lr"] = tc.lr * lr_factor(step, tc.steps, tc.warmup, tc.schedule)
         optimizer.step()
         step += 1
         _count(tally, batch)
@@ -289,7 +289,8 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
 
 
 # Recipe keys a run may resume under changed, because they leave the trajectory up to and after the checkpoint
-# as it was: the run's length (a longer run continues the same one), where outputs go, what `prepare` makes when
+# as it was: the run's length (a longer run continues the same one, unless a cosine schedule decays over it), where
+# outputs go, what `prepare` makes when
 # missing, the other runs of the recipe (each run checks its own checkpoint), how long collectives wait, and
 # S3 credentials / endpoints / timeouts. Every other key (data, model, selection, seed, lr, eval_every, ...)
 # changes what the resumed run computes or records.
@@ -300,8 +301,9 @@ RESUMABLE_CHANGES = ("train.steps", "train.out", "prepare", "compare", "distribu
 def recipe_changes(saved: dict, recipe: Recipe) -> list[str]:
     """'key: old → new' for each dotted recipe key that differs from the checkpoint's (RESUMABLE_CHANGES aside)."""
     old, new = _flatten(saved), _flatten(recipe.model_dump(mode="json"))
+    free = [k for k in RESUMABLE_CHANGES if not (k == "train.steps" and new.get("train.schedule") == "cosine")]
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>")
-                  and not any(k == free or k.startswith(f"{free}.") for free in RESUMABLE_CHANGES))
+                  and not any(k == f or k.startswith(f"{f}.") for f in free))
     return [f"{k}: {_shown(old, k)} → {_shown(new, k)}" for k in keys]
 
 

@@ -84,6 +84,29 @@ def test_the_reference_schedule_warms_up_linearly_then_decays_by_cosine_to_zero(
         parse_recipe("name: t\ndata: {dataset: digits}\nmodel: {kind: mlp}\nreference: {schedule: linear}\n")
 
 
+def test_the_learners_cosine_schedule_decays_over_its_own_steps_and_refuses_a_resume_at_another_length(recipe):
+    from pipelines.schedule import lr_factor
+    from pipelines.train import load_checkpoint, recipe_changes
+
+    train = recipe.train.model_copy(update={"warmup": 4, "schedule": "cosine"})
+    cosine = recipe.model_copy(update={"train": train})
+    options = plan_runs(cosine)["learnability"]
+    history = run_one(cosine, "cosine", options, progress=False)
+    state = load_checkpoint(cosine.out / "cosine" / "checkpoint.pt")
+    last = train.lr * lr_factor(train.steps - 1, train.steps, 4, "cosine")  # the rate of the last step taken
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([last]) and 0 < last < train.lr
+    constant = run_one(recipe.model_copy(update={"train": train.model_copy(update={"schedule": "constant"})}),
+                       "constant", options, progress=False, checkpoint=False)
+    assert _without_timing(constant) != [{**r, "run": "constant"} for r in _without_timing(history)]
+    # a cosine run's rates depend on its length: a checkpoint of a shorter one is another run
+    longer = cosine.model_copy(update={"train": train.model_copy(update={"steps": train.steps + 4})})
+    assert recipe_changes(cosine.model_dump(mode="json"), longer) == [
+        f"train.steps: {train.steps} → {train.steps + 4}"]
+    steady = {k: v.model_copy(update={"train": v.train.model_copy(update={"schedule": "constant"})})
+              for k, v in {"saved": cosine, "now": longer}.items()}
+    assert recipe_changes(steady["saved"].model_dump(mode="json"), steady["now"]) == []  # constant: continues
+
+
 def test_the_learners_warmup_follows_the_step_count_so_a_resumed_run_matches_an_uninterrupted_one(recipe):
     from pipelines.train import load_checkpoint
 
