@@ -121,6 +121,9 @@ METHODS = {  # name -> pipeline options over the recipe's selection (filter_rati
     # context); chunks 1/4/16 at temperature 1 and at 0 (greedy); the offline filter and the learner-only rule
     "web": {
         **CONTRASTIVE,
+        # uniform at the curated budget and twice it, each its own run: with a decaying lr (the web learner's
+        # cosine) a long run's accuracy at step s is not an s-step run's (`uniform_reached`)
+        "uniform_x1": {**UNIFORM, "steps_factor": 1}, "uniform_x2": {**UNIFORM, "steps_factor": 2},
         "jest_c1": {"rule": "learnability", "method": "joint", "n_chunks": 1},
         "jest_c4": {"rule": "learnability", "method": "joint", "n_chunks": 4},
         "jest_c1_T0": {"rule": "learnability", "method": "joint", "n_chunks": 1, "temperature": 0.0},
@@ -214,7 +217,7 @@ def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list
 
     options = dict(METHODS[task][name])
     actor, acl, flexi = options.pop("actor", False), options.pop("acl", None), options.pop("flexi", None)
-    factor = TASKS[task].get("uniform_steps_factor", 1) if name == "uniform" else 1
+    factor = options.pop("steps_factor", TASKS[task].get("uniform_steps_factor", 1) if name == "uniform" else 1)
     recipe = recipe_for(task, seed, work, data, overrides, actor=actor, acl=acl, flexi=flexi, steps_factor=factor)
     sel = recipe.selection
     options = {"filter_ratio": sel.filter_ratio, "n_chunks": sel.n_chunks, "temperature": sel.temperature, **options}
@@ -233,7 +236,8 @@ def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list
     return {"task": task, "method": name, "seed": seed,
             "options": {**options, "actor": actor, "acl": acl, "flexi": flexi},
             "reference": reference_key(task, name),
-            "budget": recipe.train.steps // factor, "history": history, "score_seconds": stats["score_seconds"],
+            "budget": recipe.train.steps // factor, "schedule": recipe.train.schedule, "history": history,
+            "score_seconds": stats["score_seconds"],
             "flops_per_sample": stats["flops_per_sample"], "flops_overhead": stats["flops_overhead"],
             "chunk_entropy": stats.get("chunk_entropy")}  # over the whole run: first chunk, later chunks
 
@@ -246,20 +250,44 @@ def reached(history: list[dict], target: float) -> dict | None:
     return next((r for r in history if r["accuracy"] >= target), None)
 
 
+def uniform_reached(uniforms: list[dict], target: float) -> dict | None:
+    """Uniform's steps and FLOPs to `target` (its runs of one seed), or None.
+
+    At a constant lr a longer run continues a shorter one, so the longest run's first evaluation at the target is
+    it. A run whose lr decays (cosine) has its best only at its end: its accuracy at step s is not what an s-step
+    run reaches, so each budget is its own run and the steps are the smallest budget whose final accuracy reaches
+    the target, interpolated linearly between the two budgets around it. Below the smallest budget's final, that
+    run's own first evaluation at the target (an upper bound: its lr had not decayed there yet).
+    """
+    runs = sorted(uniforms, key=lambda r: r["history"][-1]["step"])
+    if runs[-1].get("schedule", "constant") == "constant":
+        return reached(runs[-1]["history"], target)
+    finals = [(r["history"][-1]["step"], r["history"][-1]["accuracy"]) for r in runs]
+    if target <= finals[0][1]:
+        return reached(runs[0]["history"], target)
+    per_step = runs[-1]["history"][-1]["flops"] / finals[-1][0]  # uniform's FLOPs per step do not vary
+    for (s0, a0), (s1, a1) in zip(finals, finals[1:], strict=False):
+        if a1 >= target:
+            step = s0 + (s1 - s0) * (target - a0) / (a1 - a0) if a1 > a0 else s1
+            return {"step": step, "flops": step * per_step}
+    return None
+
+
 DIAGNOSTICS = ("noisy_kept", "duplicate_kept", "tail_kept", "label_coverage")  # means over a run's intervals
 AMORTISED_OVER = (1, 10)  # runs that share one reference's training and precompute
 
 
-def per_run(result: dict, uniform: dict, targets: list[float], reference: dict) -> dict:
-    """Figures of one run, against the uniform run of the same seed. The reference's offline cost (its training and
-    precompute, `prepare`) is charged, amortised, to the runs that read the reference."""
+def per_run(result: dict, uniforms: list[dict], targets: list[float], reference: dict) -> dict:
+    """Figures of one run, against the uniform runs of the same seed (`uniform_reached`; "uniform's best" is the
+    longest run's). The reference's offline cost (its training and precompute, `prepare`) is charged, amortised,
+    to the runs that read the reference."""
     import curate
 
-    h, uh = result["history"], uniform["history"]
-    u_best = max(r["accuracy"] for r in uh)
+    h = result["history"]
+    u_best = max(r["accuracy"] for r in max(uniforms, key=lambda r: r["history"][-1]["step"])["history"])
     final = h[-1]["accuracy"]
     at_budget = next(r for r in h if r["step"] >= result["budget"])  # the curated runs' steps (uniform's may be more)
-    u_to_final = reached(uh, final)  # the other way round: uniform's steps to this run's final accuracy
+    u_to_final = uniform_reached(uniforms, final)  # the other way round: uniform's steps to this run's final
     out = {"final_accuracy": final, "best_accuracy": max(r["accuracy"] for r in h),
            "accuracy_at_budget": at_budget["accuracy"], "total_flops": h[-1]["flops"],
            "flops_overhead": result["flops_overhead"], "seconds": h[-1]["seconds"], "uniform_best": u_best,
@@ -276,7 +304,7 @@ def per_run(result: dict, uniform: dict, targets: list[float], reference: dict) 
     offline = reference["training_flops"] + reference["precompute_flops"]
     offline *= curate.get_rule(result["options"]["rule"]).uses_reference
     for label, target in [("uniform_best", u_best)] + [(f"{t:g}", t) for t in targets]:
-        hit, u_hit = reached(h, target), reached(uh, target)
+        hit, u_hit = reached(h, target), uniform_reached(uniforms, target)
         out[f"steps_to_{label}"] = hit and hit["step"]
         out[f"flops_to_{label}"] = hit and hit["flops"]
         out[f"step_speedup_{label}"] = hit and u_hit and u_hit["step"] / hit["step"]
@@ -300,7 +328,8 @@ def summarise(results: list[dict], targets: dict[str, list[float]], references: 
     summary: dict = {}
     for task in dict.fromkeys(r["task"] for r in results):
         runs = [r for r in results if r["task"] == task]
-        uniform = {r["seed"]: r for r in runs if r["method"] == "uniform"}
+        uniform = {seed: [r for r in runs if r["seed"] == seed and r["options"]["rule"] == "uniform"]
+                   for seed in {r["seed"] for r in runs}}
         rows = {}
         for name in dict.fromkeys(r["method"] for r in runs):
             figures = [per_run(r, uniform[r["seed"]], targets[task], references[r.get("reference", task)])
@@ -401,7 +430,7 @@ def _cost(task: str, name: str) -> float:
     options = METHODS[task][name]
     ratio = options.get("filter_ratio", TASKS[task]["recipe"]["selection"]["filter_ratio"])
     if options["rule"] == "uniform":
-        return (1 if task == "digits" else 3) * TASKS[task].get("uniform_steps_factor", 1)
+        return (1 if task == "digits" else 3) * options.get("steps_factor", TASKS[task].get("uniform_steps_factor", 1))
     return (1 if task == "digits" else 3) / (1 - ratio)
 
 

@@ -21,11 +21,11 @@ def efficiency():
         sys.path.remove(str(ROOT / "benchmarks"))
 
 
-def _run(method, rule, accuracies, gflops, budget, every=25):
+def _run(method, rule, accuracies, gflops, budget, every=25, schedule="constant"):
     history = [{"step": every * (i + 1), "accuracy": a, "flops": f * 1e9, "seconds": 1.0} for i, (a, f) in
                enumerate(zip(accuracies, gflops, strict=True))]
     return {"task": "web", "method": method, "seed": 0, "options": {"rule": rule}, "budget": budget,
-            "history": history, "flops_overhead": 0.0, "reference": "web"}
+            "schedule": schedule, "history": history, "flops_overhead": 0.0, "reference": "web"}
 
 
 def test_per_run_measures_both_ways_and_charges_the_reference_only_to_runs_that_read_it(efficiency):
@@ -34,7 +34,7 @@ def test_per_run_measures_both_ways_and_charges_the_reference_only_to_runs_that_
     jest = _run("jest", "learnability", [0.30, 0.40], [2, 4], budget=50)
     hard = _run("hard", "hard_learner", [0.30, 0.40], [2, 4], budget=50)
     reference = {"training_flops": 1.5e9, "precompute_flops": 0.5e9}
-    row = efficiency.per_run(jest, uniform, [0.3], reference)
+    row = efficiency.per_run(jest, [uniform], [0.3], reference)
     assert row["uniform_best"] == 0.40 and row["steps_to_uniform_best"] == 50
     assert row["step_speedup_uniform_best"] == 100 / 50 and row["flops_ratio_uniform_best"] == 4 / 4
     # the other way: uniform needs 100 steps for jest's final 0.40, jest took 50
@@ -42,13 +42,34 @@ def test_per_run_measures_both_ways_and_charges_the_reference_only_to_runs_that_
     assert row["accuracy_at_budget"] == 0.40 and row["steps_to_0.3"] == 25 and row["step_speedup_0.3"] == 75 / 25
     assert row["flops_ratio_uniform_best_amortised_1"] == pytest.approx((4 + 2) / 4)  # + all of the offline 2 GFLOPs
     assert row["flops_ratio_uniform_best_amortised_10"] == pytest.approx((4 + 0.2) / 4)
-    assert efficiency.per_run(hard, uniform, [], reference)["flops_ratio_uniform_best_amortised_1"] == 1.0
-    own = efficiency.per_run(uniform, uniform, [], reference)  # uniform at the curated budget: its step 50
+    assert efficiency.per_run(hard, [uniform], [], reference)["flops_ratio_uniform_best_amortised_1"] == 1.0
+    own = efficiency.per_run(uniform, [uniform], [], reference)  # uniform at the curated budget: its step 50
     assert own["accuracy_at_budget"] == 0.20 and own["final_accuracy"] == 0.40
     assert own["flops_ratio_uniform_best_amortised_1"] == 1.0
-    never = efficiency.per_run(_run("x", "learnability", [0.2, 0.25], [2, 4], 50), uniform, [], reference)
+    never = efficiency.per_run(_run("x", "learnability", [0.2, 0.25], [2, 4], 50), [uniform], [], reference)
     assert never["steps_to_uniform_best"] is None and never["step_speedup_uniform_best"] is None
     assert never["uniform_steps_to_final"] == 75  # uniform's first evaluation at or above 0.25
+
+
+def test_with_a_decaying_lr_uniforms_steps_come_from_its_budgets_not_from_inside_a_longer_run(efficiency):
+    """A cosine run is at its best only at its end: uniform's steps to an accuracy are the budget (each its own
+    run) whose final reaches it, interpolated between budgets, never a long run's un-decayed middle."""
+    # budgets 50 / 100 / 200 steps (1 GFLOP a step), finals 0.20 / 0.40 / 0.50; the long run passes 0.40 only late
+    runs = [_run("uniform_x1", "uniform", [0.1, 0.2], [25, 50], 50, schedule="cosine"),
+            _run("uniform_x2", "uniform", [0.1, 0.15, 0.25, 0.4], [25, 50, 75, 100], 50, schedule="cosine"),
+            _run("uniform", "uniform", [0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.39, 0.5], [25 * i for i in range(1, 9)],
+                 50, schedule="cosine")]
+    assert efficiency.uniform_reached(runs, 0.40) == {"step": 100, "flops": 100e9}  # the 100-step run, not step 175
+    assert efficiency.uniform_reached(runs, 0.30)["step"] == pytest.approx(75)  # halfway from 50 to 100 steps
+    assert efficiency.uniform_reached(runs, 0.45)["step"] == pytest.approx(150)
+    assert efficiency.uniform_reached(runs, 0.15)["step"] == 50  # below the smallest final: inside that run
+    assert efficiency.uniform_reached(runs, 0.51) is None
+    constant = [{**r, "schedule": "constant"} for r in runs]  # a longer run continues a shorter one: its own curve
+    assert efficiency.uniform_reached(constant, 0.40)["step"] == 200
+    jest = _run("jest", "learnability", [0.3, 0.45], [2, 4], budget=50, schedule="cosine")
+    row = efficiency.per_run(jest, runs, [], {"training_flops": 0.0, "precompute_flops": 0.0})
+    assert row["uniform_best"] == 0.5 and row["uniform_steps_to_final"] == pytest.approx(150)
+    assert row["step_speedup_to_final"] == pytest.approx(3.0)
 
 
 def test_mean_std_gives_students_t_interval_over_the_seeds_that_have_a_value(efficiency):
