@@ -80,9 +80,12 @@ TASKS = {
         "targets": [0.9, 0.95], "main": "rho",
     },
     # the web world (`pipelines.web`): a never-repeating long-tailed stream of 600 concepts; uniform trains 4× the
-    # curated runs' steps (and reads 4·1500·64 = 384k of the 500k stream), so "uniform's best" is a long run's.
-    # 1500 curated steps, not 600: uniform only starts to learn the numbers at 1500–3000 steps (web_probe.py), and
-    # at 600 every method was still at 0.01–0.03 (benchmarks/README §1b)
+    # curated runs' steps, so "uniform's best" is a long run's. 3000 curated steps: every run, curated or not, sits
+    # on a plateau (colour and tens) until it learns the units digit, and which step it leaves it at varies by
+    # seed; at 1500 steps the curated runs were mid-rise (JEST 0.19 / 0.04 / 0.09) and 2 of 3 seeds never reached
+    # uniform's best, so the steps to it went unmeasured. A constant lr after a 500-step warmup: a cosine decay over
+    # 1500 steps stalled the rise (JEST 0.05 / 0.03 / 0.03) and over 6000 left uniform no better (0.092, seed 0),
+    # and at a constant lr a long run's step s is an s-step run, so one uniform run gives its steps to any accuracy
     "web": {
         "world": "web",
         # the reference: CLIP's schedule (500 warmup steps, cosine to 0) over 6000 steps, where its accuracy on a
@@ -91,7 +94,8 @@ TASKS = {
         # `reference_curve.py`, benchmarks/README §1b)
         "recipe": {"data": {"dataset": "web"}, **CLIP_RECIPE,
                    "reference": {**CLIP_RECIPE["reference"], "steps": 6000, "schedule": "cosine", "warmup": 500},
-                   "train": {**CLIP_RECIPE["train"], "steps": 1500, "eval_every": 50}}, "actor": CLIP_ACTOR,
+                   "train": {**CLIP_RECIPE["train"], "steps": 3000, "warmup": 500, "eval_every": 100}},
+        "actor": CLIP_ACTOR,
         # ACL's width-32 reference at its own best schedule: held-out 0.22 / 0.22 at a constant 2e-3, 0.17 / 0.18
         # with the cosine (2 seeds each, 6000 steps, `reference_curve.py --acl 32`)
         "acl_reference": {"schedule": "constant", "warmup": 0},
@@ -152,7 +156,9 @@ QUICK = {"seeds": 1, "steps": 100, "ref_steps": 100,
          "world": {"digits": {"n_train": 4000}, "web": {"n_train": 40_000, "n_curated": 6_000}},
          "methods": {"pairs": ["uniform", "jest", "acl"], "digits": ["uniform", "rho", "hard_learner"],
                      "web": ["uniform", "jest", "easy_reference"]}}
-WORLDS = {"digits": {"n_train": 20_000}, "web": {"n_train": 500_000}}  # the worlds the grid makes (else defaults)
+# the worlds the grid makes (else make_*'s defaults): the web stream holds the longest arm's reads, 3000 steps of
+# superbatch 640 (filter 0.9), so no run scores a pair twice
+WORLDS = {"digits": {"n_train": 20_000}, "web": {"n_train": 2_000_000}}
 
 
 def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str], *, actor: bool = False,
@@ -425,6 +431,12 @@ def _prepare_job(args):
     return reference_key(task, name), prepare(task, *rest, acl=METHODS[task][name].get("acl") if name else None)
 
 
+def default_methods(task: str, work: Path, data: Path, overrides: list[str]) -> list[str]:
+    """All of a task's methods, but uniform's shorter budgets only where the lr decays (`uniform_reached`)."""
+    decays = recipe_for(task, 0, work, data, overrides).train.schedule != "constant"
+    return [m for m in METHODS[task] if decays or "steps_factor" not in METHODS[task][m]]
+
+
 def _cost(task: str, name: str) -> float:
     """Rough relative cost of a run (for scheduling): superbatch size and steps, pairs ~3× digits per step."""
     options = METHODS[task][name]
@@ -502,7 +514,7 @@ def main() -> None:
         data, work, seeds = data.with_name(data.name + "-quick"), work.with_name(work.name + "-quick"), QUICK["seeds"]
         for task in task_names:
             overrides = [f"{task}.train.steps={QUICK['steps']}", f"{task}.reference.steps={QUICK['ref_steps']}",
-                         f"{task}.reference.warmup=0",
+                         f"{task}.reference.warmup=0", f"{task}.train.warmup=0",
                          *overrides]
     roots = {"digits": data, "web": data.with_name(data.name + "-web")}
     for world in dict.fromkeys(TASKS[t].get("world", "digits") for t in task_names):
@@ -513,7 +525,8 @@ def main() -> None:
             world_maker(world)(roots[world], **sizes)
     roots = {t: roots[TASKS[t].get("world", "digits")] for t in task_names}  # each task's world
     methods = {t: ([m for m in args.methods.split(",") if m in METHODS[t]] if args.methods else
-                   QUICK["methods"][t] if args.quick else list(METHODS[t])) for t in task_names}
+                   QUICK["methods"][t] if args.quick else default_methods(t, work, roots[t], overrides))
+               for t in task_names}
     prior: list[dict] = []
     if args.extend and Path(args.out).is_file():
         report = json.loads(Path(args.out).read_text())

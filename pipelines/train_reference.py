@@ -15,11 +15,12 @@ __all__ = ["fit", "train_reference"]
 
 
 def fit(model: torch.nn.Module, pool: dict, recipe: Recipe, *, steps: int, device: torch.device,
-        on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        on_step: Callable[[int, torch.Tensor], None] | None = None, flexi=None) -> torch.Tensor:
     """The reference's training loop: `steps` AdamW steps of `recipe.reference`'s batch size and learning rate
     over `pool` (a split collated into one batch), a fresh permutation every pass; returns the last loss.
     The learning rate follows `recipe.reference.schedule` over these `steps`. `on_step(step, loss)` runs after
-    each step; it may evaluate the model (`evaluate` restores training mode)."""
+    each step; it may evaluate the model (`evaluate` restores training mode). `flexi` (a `FlexiConfig`, for
+    `benchmarks/reference_curve.py`): train at Flexi-JEST's mixed resolution, as its learner does."""
     task, cfg, rc = tasks.task_of(recipe), recipe.reference_model, recipe.reference
     n = len(pool["__key__"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=recipe.train.weight_decay)
@@ -32,7 +33,7 @@ def fit(model: torch.nn.Module, pool: dict, recipe: Recipe, *, steps: int, devic
         idx, order = order[:rc.batch_size], order[rc.batch_size:]
         batch = {k: v[idx] for k, v in pool.items() if isinstance(v, torch.Tensor)}
         optimizer.zero_grad(set_to_none=True)
-        loss = task.train_loss(model, batch, cfg, device)
+        loss = task.train_loss(model, batch, cfg, device, flexi=flexi)
         loss.backward()
         for group in optimizer.param_groups:
             group["lr"] = rc.lr * lr_factor(step - 1, steps, rc.warmup, rc.schedule)
