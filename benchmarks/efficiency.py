@@ -46,6 +46,8 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -474,13 +476,38 @@ def check_world(root: Path, world: str, sizes: dict) -> None:
                              f"{want}; move it aside (it is remade) or pass another --data")
 
 
+# rows per in-memory train batch: the pipeline re-chunks rows, so any size gives the same stream
+TRAIN_CHUNK = 4096
+
+
 def load_task(task: str, work: Path, data: Path, overrides: list[str]):
+    """The task's train split and test batches, decoded once, before the workers fork.
+
+    The train split is kept collated, in batches of `TRAIN_CHUNK` rows, not as one dict per sample: the pipeline
+    reads the same rows either way (its Source passes batches, its stages re-chunk rows), but a forked worker that
+    touches a million per-sample objects copies every page they share with their tensors (2M web samples: ~10 GB a
+    worker, and the grid was killed for memory), while a few big tensors stay shared."""
     from pipelines import tasks
 
     recipe = recipe_for(task, 0, work, data, overrides)
-    drop = ("caption", "noise")
-    samples = [{k: v for k, v in s.items() if k not in drop} for s in tasks.load_split(recipe, "train")]
-    return samples, tasks.in_memory_batches(tasks.load_split(recipe, "test"))
+    train = tasks.in_memory_batches(tasks.load_split(recipe, "train"), batch_size=TRAIN_CHUNK)
+    return train, tasks.in_memory_batches(tasks.load_split(recipe, "test"))
+
+
+def read_partial(path: Path) -> dict:
+    """An interrupted grid's runs: its partial file's header (overrides, quick) and the runs it finished."""
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    if "overrides" not in header:
+        raise SystemExit(f"--extend: {path} has no header line (overrides, quick); move it aside")
+    runs = []
+    for i, line in enumerate(lines[1:], 2):
+        try:
+            runs.append(json.loads(line))
+        except ValueError:
+            if i < len(lines):  # only the last line can be cut short, by a kill mid-write
+                raise SystemExit(f"--extend: line {i} of {path} is not a run; move the file aside") from None
+    return {**header, "runs": runs}
 
 
 def main() -> None:
@@ -527,13 +554,20 @@ def main() -> None:
     methods = {t: ([m for m in args.methods.split(",") if m in METHODS[t]] if args.methods else
                    QUICK["methods"][t] if args.quick else default_methods(t, work, roots[t], overrides))
                for t in task_names}
+    out = Path(args.out)
+    partial = out.with_suffix(".partial.jsonl")  # runs so far: --extend continues an interrupted grid from them
     prior: list[dict] = []
-    if args.extend and Path(args.out).is_file():
-        report = json.loads(Path(args.out).read_text())
-        if report["overrides"] != overrides or report["quick"] != args.quick:
-            raise SystemExit(f"--extend: {args.out} was made with overrides {report['overrides']} (quick: "
-                             f"{report['quick']}), not {overrides} (quick: {args.quick}); write to another --out")
-        prior = [r for r in report["runs"] if r["task"] in task_names]
+    if args.extend:
+        for path, made in [(out, out.is_file() and json.loads(out.read_text())),
+                           (partial, partial.is_file() and read_partial(partial))]:
+            if not made:
+                continue
+            if made["overrides"] != overrides or made["quick"] != args.quick:
+                raise SystemExit(f"--extend: {path} was made with overrides {made['overrides']} (quick: "
+                                 f"{made['quick']}), not {overrides} (quick: {args.quick}); write to another --out")
+            held = {(r["task"], r["method"], r["seed"]) for r in prior}
+            prior += [r for r in made["runs"] if r["task"] in task_names and (r["task"], r["method"], r["seed"])
+                      not in held]
         for task in task_names:  # the methods it holds first, in their order
             methods[task] = [*dict.fromkeys([r["method"] for r in prior if r["task"] == task] + methods[task])]
     for task in task_names:
@@ -553,18 +587,26 @@ def main() -> None:
             if (t, m, s) not in done]
     runs.sort(key=lambda job: -_cost(job[0], job[1]))  # longest first: the pool ends together
     results = list(prior)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".partial.jsonl")  # runs so far, should the grid be interrupted
-    partial.unlink(missing_ok=True)
-    with ctx.Pool(args.jobs) as pool:  # forked after loading: workers share the decoded samples
-        for result in pool.imap_unordered(_run_job, runs):
-            results.append(result)
-            with partial.open("a") as stream:
-                stream.write(json.dumps(result) + "\n")
-            last = result["history"][-1]
-            print(f"{result['task']:>6} {result['method']:<20} seed {result['seed']}: final {last['accuracy']:.3f} "
-                  f"in {last['seconds']:.0f}s ({time.perf_counter() - start:.0f}s elapsed)", flush=True)
+    with partial.open("w") as stream:  # what this grid holds so far, should it be interrupted
+        stream.write(json.dumps({"overrides": overrides, "quick": args.quick}) + "\n")
+        stream.writelines(json.dumps(result) + "\n" for result in prior)
+    # forked after loading: workers share the decoded samples. A worker that dies (killed for memory) breaks the
+    # executor, which fails here instead of waiting for its run forever, as a multiprocessing.Pool would
+    with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        try:
+            for future in as_completed([pool.submit(_run_job, job) for job in runs]):
+                result = future.result()
+                results.append(result)
+                with partial.open("a") as stream:
+                    stream.write(json.dumps(result) + "\n")
+                last = result["history"][-1]
+                print(f"{result['task']:>6} {result['method']:<20} seed {result['seed']}: final "
+                      f"{last['accuracy']:.3f} in {last['seconds']:.0f}s ({time.perf_counter() - start:.0f}s elapsed)",
+                      flush=True)
+        except BrokenProcessPool:
+            raise SystemExit(f"efficiency: a worker process died (killed for memory? `dmesg` says); the {len(results)} "
+                             f"runs done are in {partial}: rerun with --extend (and fewer --jobs) to go on") from None
     results.sort(key=lambda r: (task_names.index(r["task"]), methods[r["task"]].index(r["method"]), r["seed"]))
     summary = summarise(results, targets, references)
     print(table(summary, targets))

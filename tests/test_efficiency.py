@@ -89,3 +89,23 @@ def test_a_world_of_other_sizes_is_refused_by_name_not_reused(efficiency, tmp_pa
     efficiency.check_world(tmp_path, "web", {"n_train": 1200, "n_curated": 600, "n_test": 600})  # the same: used
     with pytest.raises(SystemExit, match=r"has curated \[600\], the grid makes 24000; move it aside"):
         efficiency.check_world(tmp_path, "web", {"n_train": 1200})  # make_web's default curated split is 24000
+
+
+def test_the_grids_collated_train_split_trains_the_same_run_as_its_samples_one_by_one(efficiency, tmp_path,
+                                                                                        monkeypatch):
+    """The grid keeps the train split as collated chunks (a forked worker copies a per-sample dict's pages, not a
+    big tensor's); the pipeline must read the same rows from them, across chunk boundaries, as from the samples."""
+    from pipelines import tasks
+    from pipelines.web import make_web
+
+    make_web(tmp_path / "web", n_train=3000, n_curated=600, n_test=600, shard_size=1000)
+    sets = ["web.train.steps=6", "web.train.eval_every=3", "web.train.warmup=0"]
+    monkeypatch.setattr(efficiency, "TRAIN_CHUNK", 700)  # neither the superbatch (320) nor the shuffle block divides it
+    chunked, test = efficiency.load_task("web", tmp_path / "work", tmp_path / "web", sets)
+    recipe = efficiency.recipe_for("web", 0, tmp_path / "work", tmp_path / "web", sets)
+    samples = [{k: v for k, v in s.items() if k not in ("caption", "noise")} for s in tasks.load_split(recipe, "train")]
+    assert [len(b["__key__"]) for b in chunked] == [700] * 4 + [200]
+    runs = [efficiency.run("web", "hard_learner", 1, tmp_path / "work", tmp_path / "web", sets, source, test)
+            for source in (samples, chunked)]  # learner scores and the joint sampler over shuffled superbatches
+    histories = [[{k: v for k, v in r.items() if k != "seconds"} for r in run["history"]] for run in runs]
+    assert len(histories[0]) == 2 and histories[0] == histories[1]
