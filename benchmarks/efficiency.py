@@ -494,6 +494,11 @@ def load_task(task: str, work: Path, data: Path, overrides: list[str]):
     return train, tasks.in_memory_batches(tasks.load_split(recipe, "test"))
 
 
+def task_config(task: str) -> dict:
+    """A task's configuration as a report holds it (JSON types), to tell whether two grids ran the same task."""
+    return json.loads(json.dumps(TASKS[task]))
+
+
 def read_partial(path: Path) -> dict:
     """An interrupted grid's runs: its partial file's header (overrides, quick) and the runs it finished."""
     lines = path.read_text().splitlines()
@@ -565,6 +570,12 @@ def main() -> None:
             if made["overrides"] != overrides or made["quick"] != args.quick:
                 raise SystemExit(f"--extend: {path} was made with overrides {made['overrides']} (quick: "
                                  f"{made['quick']}), not {overrides} (quick: {args.quick}); write to another --out")
+            for task in task_names:  # the defaults may have changed since (budgets, schedules, references)
+                if task_config(task) != {k: v for k, v in made.get("tasks", {}).get(task, {}).items()
+                                         if k != "methods"}:
+                    raise SystemExit(f"--extend: {path} was made with another configuration of task {task} (this "
+                                     "script's TASKS changed since, or the file predates the check); write to "
+                                     "another --out")
             held = {(r["task"], r["method"], r["seed"]) for r in prior}
             prior += [r for r in made["runs"] if r["task"] in task_names and (r["task"], r["method"], r["seed"])
                       not in held]
@@ -589,7 +600,8 @@ def main() -> None:
     results = list(prior)
     out.parent.mkdir(parents=True, exist_ok=True)
     with partial.open("w") as stream:  # what this grid holds so far, should it be interrupted
-        stream.write(json.dumps({"overrides": overrides, "quick": args.quick}) + "\n")
+        stream.write(json.dumps({"overrides": overrides, "quick": args.quick,
+                                 "tasks": {t: task_config(t) for t in task_names}}) + "\n")
         stream.writelines(json.dumps(result) + "\n" for result in prior)
     # forked after loading: workers share the decoded samples. A worker that dies (killed for memory) breaks the
     # executor, which fails here instead of waiting for its run forever, as a multiprocessing.Pool would
@@ -612,7 +624,7 @@ def main() -> None:
     print(table(summary, targets))
     pngs = plot(results, summary, out.with_suffix(""))
     report = {"benchmark": "efficiency", "argv": sys.argv[1:], "quick": args.quick, "seeds": seeds,
-              "overrides": overrides, "tasks": {t: {**TASKS[t], "methods": {m: METHODS[t][m] for m in methods[t]}}
+              "overrides": overrides, "tasks": {t: {**task_config(t), "methods": {m: METHODS[t][m] for m in methods[t]}}
                                                 for t in task_names},
               "references": references, "targets": targets, "summary": summary, "runs": results, "plots": pngs,
               "seconds": time.perf_counter() - start, "torch_threads": 1, "cpu_count": os.cpu_count(),
