@@ -7,6 +7,7 @@ Chance is 0.1 for a digit, 0.01 for the number, 1/6 for the colour and 1/3 for t
 probe cannot read is one the model has not learnt (the background is a nuisance: reading it is not needed).
 
     .venv/bin/python benchmarks/web_probe.py --steps 1200     # ~3 min on one thread
+    .venv/bin/python benchmarks/web_probe.py --marginals      # how rare each attribute value is (no training)
 """
 
 from __future__ import annotations
@@ -22,13 +23,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def marginals(seed: int = 0) -> dict:
+    """Each attribute value's share of the stream's concept distribution (exact, before noise), and the share of its
+    occurrences that fall in tail concepts (frequency rank >= 300): whether a rare concept is made of rare parts."""
+    from pipelines import web
+
+    p, ranks = web.concept_probabilities(seed), web.concept_ranks(seed)
+    attributes = web.concept_attributes(torch.arange(web.N_CONCEPTS))
+    tail = ranks >= web.N_CONCEPTS // 2
+    out: dict = {"tail_mass": float(p[tail].sum()), "head_5pct_mass": float(p[ranks < web.N_CONCEPTS // 20].sum())}
+    for name, values in attributes.items():
+        share = torch.zeros(int(values.max()) + 1, dtype=p.dtype).index_add_(0, values, p)
+        in_tail = torch.zeros_like(share).index_add_(0, values, p * tail) / share
+        out[name] = {"values": len(share), "share_min": float(share.min()), "share_max": float(share.max()),
+                     "in_tail_min": float(in_tail.min()), "in_tail_max": float(in_tail.max())}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--data", default="/tmp/curate-bench/data-web", help="a web world; made if missing")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, e.g. model.options.patch_size=2")
+    parser.add_argument("--marginals", action="store_true", help="print how rare each attribute value is and stop")
     args = parser.parse_args()
+    if args.marginals:
+        for name, value in marginals().items():
+            print(name, {k: round(v, 4) for k, v in value.items()} if isinstance(value, dict) else round(value, 4))
+        return
     from sklearn.linear_model import LogisticRegression
 
     from pipelines import tasks, web
