@@ -373,13 +373,13 @@ def table(summary: dict, targets: dict[str, list[float]]) -> str:
                        ("H later", "entropy_later_chunks", 3), ("tail acc", "final_tail_accuracy", 3),
                        ("number acc", "final_number_accuracy", 3)]
         diagnostics = [(n, k, d, 1) for n, k, d in diagnostics
-                       if any(row[k]["mean"] is not None for row in rows.values())]
+                       if any((row.get(k) or {}).get("mean") is not None for row in rows.values())]
         for title, columns in (("", cols), (" diagnostics", diagnostics)):
             lines.append(f"\n{task}{title} (mean ± 95% CI over seeds; (k/n): only k of n seeds have a value)")
             lines.append("| method | " + " | ".join(c[0] for c in columns) + " |")
             lines.append("|---" * (len(columns) + 1) + "|")
             for name, row in rows.items():
-                lines.append(f"| {name} | " + " | ".join(fmt(row[key], d, sc) for _, key, d, sc in columns) + " |")
+                lines.append(f"| {name} | " + " | ".join(fmt(row.get(key), d, sc) for _, key, d, sc in columns) + " |")
     return "\n".join(lines)
 
 
