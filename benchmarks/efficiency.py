@@ -221,6 +221,7 @@ def prepare(task: str, seed: int, work: Path, data: Path, overrides: list[str], 
 def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list[str], samples, test) -> dict:
     """One training run: `curate run`'s loop (`run_one`) over in-memory samples; a record at every evaluation."""
     torch.set_num_threads(1)
+    import curate
     from pipelines.train import run_one
 
     options = dict(METHODS[task][name])
@@ -245,6 +246,7 @@ def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list
             "options": {**options, "actor": actor, "acl": acl, "flexi": flexi},
             "reference": reference_key(task, name),
             "budget": recipe.train.steps // factor, "schedule": recipe.train.schedule, "history": history,
+            "superbatch": curate.superbatch_size_for(recipe.train.batch_size, options["filter_ratio"]),
             "score_seconds": stats["score_seconds"],
             "flops_per_sample": stats["flops_per_sample"], "flops_overhead": stats["flops_overhead"],
             "chunk_entropy": stats.get("chunk_entropy")}  # over the whole run: first chunk, later chunks
@@ -287,8 +289,10 @@ AMORTISED_OVER = (1, 10)  # runs that share one reference's training and precomp
 
 def per_run(result: dict, uniforms: list[dict], targets: list[float], reference: dict) -> dict:
     """Figures of one run, against the uniform runs of the same seed (`uniform_reached`; "uniform's best" is the
-    longest run's). The reference's offline cost (its training and precompute, `prepare`) is charged, amortised,
-    to the runs that read the reference."""
+    longest run's). The reference's offline cost is charged, amortised over n runs, to the runs that read it: its
+    training, and the precompute of the samples the run has read when it reaches a target (a cache's rows are the
+    reference's forwards over what the runs read; the grid's pool is sized for its longest arm, and charging all of
+    it to a shorter run would bill forwards it never used)."""
     import curate
 
     h = result["history"]
@@ -309,8 +313,15 @@ def per_run(result: dict, uniforms: list[dict], targets: list[float], reference:
         out[key] = statistics.fmean(values) if values else None
     entropy = result.get("chunk_entropy") or {}
     out["entropy_first_chunk"], out["entropy_later_chunks"] = entropy.get("first"), entropy.get("later")
-    offline = reference["training_flops"] + reference["precompute_flops"]
-    offline *= curate.get_rule(result["options"]["rule"]).uses_reference
+    reads = curate.get_rule(result["options"]["rule"]).uses_reference
+    cached = reference["precompute_flops"] > 0  # an online reference's forwards are in the run's ledger already
+    superbatch = result.get("superbatch") or curate.superbatch_size_for(  # runs before the field: the task's batch
+        TASKS[result["task"]]["recipe"]["train"]["batch_size"], result["options"]["filter_ratio"])
+
+    def offline(step: int) -> float:
+        precompute = reference["forward_flops_per_sample"] * step * superbatch if cached else 0.0
+        return reads * (reference["training_flops"] + precompute)
+
     for label, target in [("uniform_best", u_best)] + [(f"{t:g}", t) for t in targets]:
         hit, u_hit = reached(h, target), uniform_reached(uniforms, target)
         out[f"steps_to_{label}"] = hit and hit["step"]
@@ -318,7 +329,8 @@ def per_run(result: dict, uniforms: list[dict], targets: list[float], reference:
         out[f"step_speedup_{label}"] = hit and u_hit and u_hit["step"] / hit["step"]
         out[f"flops_ratio_{label}"] = hit and u_hit and hit["flops"] / u_hit["flops"]
         for n in AMORTISED_OVER:  # with the offline reference cost spread over n runs (uniform pays none)
-            out[f"flops_ratio_{label}_amortised_{n}"] = hit and u_hit and (hit["flops"] + offline / n) / u_hit["flops"]
+            out[f"flops_ratio_{label}_amortised_{n}"] = hit and u_hit and (
+                hit["flops"] + offline(hit["step"]) / n) / u_hit["flops"]
     return out
 
 
@@ -528,14 +540,18 @@ def main() -> None:
                         help="the worlds' roots: DATA (digits, for pairs and digits) and DATA-web; made if missing")
     parser.add_argument("--work", default="/tmp/curate-bench/work", help="references and score caches")
     parser.add_argument("--out", default="benchmarks/results/efficiency.json")
-    parser.add_argument("--replot", action="store_true", help="redraw the PNGs and table of an existing --out JSON")
+    parser.add_argument("--replot", action="store_true",
+                        help="recompute the summary of an existing --out JSON from its runs; redraw its table and PNGs")
     parser.add_argument("--extend", action="store_true",
                         help="add runs to an existing --out JSON (same overrides): the runs it holds are not rerun")
     args = parser.parse_args()
-    if args.replot:
+    if args.replot:  # the summary recomputed from the runs (this script's figures may have changed since)
         report = json.loads(Path(args.out).read_text())
-        print(table(report["summary"], report.get("targets") or {t: TASKS[t]["targets"] for t in report["summary"]}))
+        targets = report.get("targets") or {t: TASKS[t]["targets"] for t in report["summary"]}
+        report["summary"] = summarise(report["runs"], targets, report["references"])
+        print(table(report["summary"], targets))
         print("wrote", ", ".join(plot(report["runs"], report["summary"], Path(args.out).with_suffix(""))))
+        write_json(report, Path(args.out))
         return
     torch.set_num_threads(1)
     start = time.perf_counter()

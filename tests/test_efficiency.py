@@ -24,8 +24,8 @@ def efficiency():
 def _run(method, rule, accuracies, gflops, budget, every=25, schedule="constant"):
     history = [{"step": every * (i + 1), "accuracy": a, "flops": f * 1e9, "seconds": 1.0} for i, (a, f) in
                enumerate(zip(accuracies, gflops, strict=True))]
-    return {"task": "web", "method": method, "seed": 0, "options": {"rule": rule}, "budget": budget,
-            "schedule": schedule, "history": history, "flops_overhead": 0.0, "reference": "web"}
+    return {"task": "web", "method": method, "seed": 0, "options": {"rule": rule, "filter_ratio": 0.8},
+            "budget": budget, "schedule": schedule, "history": history, "flops_overhead": 0.0, "reference": "web"}
 
 
 def test_per_run_measures_both_ways_and_charges_the_reference_only_to_runs_that_read_it(efficiency):
@@ -33,15 +33,20 @@ def test_per_run_measures_both_ways_and_charges_the_reference_only_to_runs_that_
     uniform = _run("uniform", "uniform", [0.10, 0.20, 0.30, 0.40], [1, 2, 3, 4], budget=50)
     jest = _run("jest", "learnability", [0.30, 0.40], [2, 4], budget=50)
     hard = _run("hard", "hard_learner", [0.30, 0.40], [2, 4], budget=50)
-    reference = {"training_flops": 1.5e9, "precompute_flops": 0.5e9}
+    # the cache's pool (0.5 GFLOPs) is not what a run is charged: the forwards over what it read, 320 a step at 1e4
+    reference = {"training_flops": 1.5e9, "precompute_flops": 0.5e9, "forward_flops_per_sample": 1e4}
     row = efficiency.per_run(jest, [uniform], [0.3], reference)
     assert row["uniform_best"] == 0.40 and row["steps_to_uniform_best"] == 50
     assert row["step_speedup_uniform_best"] == 100 / 50 and row["flops_ratio_uniform_best"] == 4 / 4
     # the other way: uniform needs 100 steps for jest's final 0.40, jest took 50
     assert row["uniform_steps_to_final"] == 100 and row["step_speedup_to_final"] == 2.0
     assert row["accuracy_at_budget"] == 0.40 and row["steps_to_0.3"] == 25 and row["step_speedup_0.3"] == 75 / 25
-    assert row["flops_ratio_uniform_best_amortised_1"] == pytest.approx((4 + 2) / 4)  # + all of the offline 2 GFLOPs
-    assert row["flops_ratio_uniform_best_amortised_10"] == pytest.approx((4 + 0.2) / 4)
+    read = 50 * 320 * 1e4 / 1e9  # GFLOPs: the precompute of the 16000 samples read by step 50
+    assert row["flops_ratio_uniform_best_amortised_1"] == pytest.approx((4 + 1.5 + read) / 4)
+    assert row["flops_ratio_uniform_best_amortised_10"] == pytest.approx((4 + (1.5 + read) / 10) / 4)
+    assert row["flops_ratio_0.3_amortised_1"] == pytest.approx((2 + 1.5 + read / 2) / 3)  # step 25: half as much read
+    online = efficiency.per_run(jest, [uniform], [], {**reference, "precompute_flops": 0.0})  # its ledger has them
+    assert online["flops_ratio_uniform_best_amortised_1"] == pytest.approx((4 + 1.5) / 4)
     assert efficiency.per_run(hard, [uniform], [], reference)["flops_ratio_uniform_best_amortised_1"] == 1.0
     own = efficiency.per_run(uniform, [uniform], [], reference)  # uniform at the curated budget: its step 50
     assert own["accuracy_at_budget"] == 0.20 and own["final_accuracy"] == 0.40
@@ -67,7 +72,8 @@ def test_with_a_decaying_lr_uniforms_steps_come_from_its_budgets_not_from_inside
     constant = [{**r, "schedule": "constant"} for r in runs]  # a longer run continues a shorter one: its own curve
     assert efficiency.uniform_reached(constant, 0.40)["step"] == 200
     jest = _run("jest", "learnability", [0.3, 0.45], [2, 4], budget=50, schedule="cosine")
-    row = efficiency.per_run(jest, runs, [], {"training_flops": 0.0, "precompute_flops": 0.0})
+    row = efficiency.per_run(jest, runs, [], {"training_flops": 0.0, "precompute_flops": 0.0,
+                                              "forward_flops_per_sample": 0.0})
     assert row["uniform_best"] == 0.5 and row["uniform_steps_to_final"] == pytest.approx(150)
     assert row["step_speedup_to_final"] == pytest.approx(3.0)
 
