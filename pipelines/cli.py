@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=None,
-                   help="train samples of each dataset (default 20000; web: 500000 of its stream)")
+                   help="train samples of each dataset (default 20000; web: 1000000 of its stream)")
     p.add_argument("--format", choices=["npy", "webdataset", "parquet"], default="npy",
                    help="npy: tar shards of .npy images, what the demo recipes read (default); webdataset: JPEG "
                         "tar shards as img2dataset writes them; parquet: tables of JPEG bytes and columns (the "

@@ -233,14 +233,14 @@ def _key(split: str, i: int) -> str:
     return f"web-{split}-{i:08d}"
 
 
-def make_web(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 500_000, n_curated: int = 24_000,
+def make_web(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 1_000_000, n_curated: int = 24_000,
              n_test: int = 2_400, shard_size: int = 20_000) -> dict:
     """Write the web world's shards under `out_dir/web/` and `out_dir/manifest.json`; return the manifest.
 
     Args:
         n_train: how many samples of the stream to write (a run that trains S steps on superbatches of B reads
-            S·B: give at least that many and no pair is scored twice). The default holds 1500 steps of superbatch
-            320 (480k), the budget at which uniform training starts to learn the numbers.
+            S·B: give at least that many and no pair is scored twice). The default holds 3000 steps of superbatch
+            320 (960k), `recipes/web_jest.yaml`'s run: every run leaves its plateau (the units digit) by then.
         n_curated, n_test: balanced splits (multiples of 600 keep every concept exactly equally often). The
             default curated split gives the reference 40 clean pairs a concept (7200, i.e. 12, left it at half the
             accuracy uniform reaches in 3000 steps).
