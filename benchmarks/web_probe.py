@@ -25,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def marginals(seed: int = 0) -> dict:
     """Each attribute value's share of the stream's concept distribution (exact, before noise), and the share of its
-    occurrences that fall in tail concepts (frequency rank >= 300): whether a rare concept is made of rare parts."""
+    occurrences that fall in tail concepts (`web.TAIL_RANK`): whether a rare concept is made of rare parts."""
     from pipelines import web
 
     p, ranks = web.concept_probabilities(seed), web.concept_ranks(seed)
     attributes = web.concept_attributes(torch.arange(web.N_CONCEPTS))
-    tail = ranks >= web.N_CONCEPTS // 2
-    out: dict = {"tail_mass": float(p[tail].sum()), "head_5pct_mass": float(p[ranks < web.N_CONCEPTS // 20].sum())}
+    tail = ranks >= web.TAIL_RANK
+    head = ranks < round(web.HEAD_SHARE * web.N_CONCEPTS)  # the concepts near-duplicates copy
+    out: dict = {"tail_mass": float(p[tail].sum()), "head_5pct_mass": float(p[head].sum())}
     for name, values in attributes.items():
         share = torch.zeros(int(values.max()) + 1, dtype=p.dtype).index_add_(0, values, p)
         in_tail = torch.zeros_like(share).index_add_(0, values, p * tail) / share

@@ -253,7 +253,8 @@ def scorer_for(recipe: Recipe, cfg: ModelConfig | None = None, *, flexi: FlexiCo
 
 
 def in_memory_batches(samples, batch_size: int = 512) -> list[dict]:
-    """A (small) split collated into batches once, for repeated evaluation."""
+    """A split collated into batches once (caption and noise dropped): test splits for repeated evaluation, and
+    the benchmark's in-memory train split, whose big tensors forked workers share."""
     out, chunk = [], []
     for sample in samples:
         chunk.append({k: v for k, v in sample.items() if k not in ("caption", "noise")})

@@ -55,9 +55,9 @@ from .data import DIGIT_NAMES, JUNK_TEXTS, _field, _image, _npy, _pipeline, _sou
 from .extras import needs_extra
 from .shard_writers import write_tar
 
-__all__ = ["BACKGROUNDS", "BLOCK", "COLOURS", "CONTEXT_LENGTH", "HEAD_SHARE", "N_CONCEPTS", "NOISE", "TEMPLATES",
-           "VERSION", "ZIPF_EXPONENT", "concept_attributes", "concept_caption", "concept_ranks", "concept_prompts",
-           "concept_probabilities", "load_web", "make_web", "web_rows"]
+__all__ = ["BACKGROUNDS", "BLOCK", "COLOURS", "CONTEXT_LENGTH", "HEAD_SHARE", "N_CONCEPTS", "NOISE", "TAIL_RANK",
+           "TEMPLATES", "VERSION", "ZIPF_EXPONENT", "concept_attributes", "concept_caption", "concept_ranks",
+           "concept_prompts", "concept_probabilities", "load_web", "make_web", "web_rows"]
 
 VERSION = 2  # 1: (digit, colour, quadrant, background) concepts, whose easy attributes suppressed the digit
 COLOURS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 0.9, 0.15), "blue": (0.25, 0.4, 1.0),
@@ -67,6 +67,7 @@ N_CONCEPTS = len(DIGIT_NAMES) ** 2 * len(COLOURS)
 ZIPF_EXPONENT = 1.0
 NOISE = {"misaligned": 0.20, "junk": 0.10, "duplicate": 0.15}  # shares of the train stream; the rest is clean
 HEAD_SHARE = 0.05  # near-duplicates copy concepts among the most frequent 5%
+TAIL_RANK = N_CONCEPTS // 2  # the tail: the rarer half of the concepts, frequency rank >= this
 BLOCK = 4096
 CONTEXT_LENGTH = 20  # the longest caption is 13 BPE tokens with start and end
 IMAGE_SIZE = 16
@@ -219,7 +220,7 @@ def _block(split: str, block: int, seed: int, images: torch.Tensor, by_digit: li
     for out, i in enumerate(order.tolist()):
         b = int(base[i])
         duplicate = i >= n_base
-        meta = {"concept": concept_list[b], "rank": rank_list[b], "tail": rank_list[b] >= N_CONCEPTS // 2,
+        meta = {"concept": concept_list[b], "rank": rank_list[b], "tail": rank_list[b] >= TAIL_RANK,
                 **{k: v[b] for k, v in attributes.items()}, "source": source_list[b],
                 "noise": "duplicate" if duplicate else kind[b], "is_duplicate": duplicate,
                 "is_noisy": kind[b] != "clean",  # unlearnable: misaligned or junk (a duplicate copies a clean pair)
