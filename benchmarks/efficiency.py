@@ -16,6 +16,8 @@ selection differs:
   diagonal, i.e. joint with 1 chunk, and in superbatch context; the filter ratio) and ACL as published (a small
   actor and a small reference of its architecture, both scored online, per-example softmax sampling at filter
   0.5, three actor sizes).
+* web_distinct (not in the default --tasks): the web task on the web world whose rare concepts are made of their
+  own parts (`make_web(tail="distinct")`: numbers 50-99, which the head never shows), else the same world.
 
 Methods (`METHODS`): uniform, hard_learner, easy_reference, learnability with independent selection
 (topk, sample), JEST joint selection (16 chunks; pairs and web only: for per-example losses joint is sample),
@@ -39,6 +41,7 @@ reported apart, and added to the runs that read the reference amortised over 1 a
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -107,6 +110,12 @@ TASKS = {
     },
 }
 
+# the web world whose tail is made of its own parts (`make_web(tail="distinct")`: numbers the head never shows), else
+# the same world and the same task: what learnability gains over the offline filter when "already learnt" is not
+# the whole tail too. One knob changed, fixed from that property (web.TAILS) before any method ran on it
+TASKS["web_distinct"] = {**TASKS["web"], "world": "web_distinct"}
+WEB_TAILS = {"web": "shared", "web_distinct": "distinct"}  # world -> make_web's tail
+
 UNIFORM = {"rule": "uniform", "method": "sample", "filter_ratio": 0.0}
 # the image-text tasks' shared arms
 CONTRASTIVE = {
@@ -154,13 +163,14 @@ METHODS = {  # name -> pipeline options over the recipe's selection (filter_rati
         "rho_f0.8": {"rule": "learnability", "method": "topk", "filter_ratio": 0.8},
     },
 }
+METHODS["web_distinct"] = METHODS["web"]
 QUICK = {"seeds": 1, "steps": 100, "ref_steps": 100,
-         "world": {"digits": {"n_train": 4000}, "web": {"n_train": 40_000, "n_curated": 6_000}},
+         "world": {"digits": {"n_train": 4000}, **{w: {"n_train": 40_000, "n_curated": 6_000} for w in WEB_TAILS}},
          "methods": {"pairs": ["uniform", "jest", "acl"], "digits": ["uniform", "rho", "hard_learner"],
-                     "web": ["uniform", "jest", "easy_reference"]}}
+                     **{w: ["uniform", "jest", "easy_reference"] for w in WEB_TAILS}}}
 # the worlds the grid makes (else make_*'s defaults): the web stream holds the longest arm's reads, 3000 steps of
 # superbatch 640 (filter 0.9), so no run scores a pair twice
-WORLDS = {"digits": {"n_train": 20_000}, "web": {"n_train": 2_000_000}}
+WORLDS = {"digits": {"n_train": 20_000}, **{w: {"n_train": 2_000_000} for w in WEB_TAILS}}
 
 
 def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str], *, actor: bool = False,
@@ -466,11 +476,11 @@ def _run_job(args):
 
 
 def world_maker(world: str):
-    """The function that writes a world: `curate data` for digits, `curate data web` for web."""
+    """The function that writes a world: `curate data` for digits, `curate data web [--tail T]` for the web worlds."""
     from pipelines.data import make_digits
     from pipelines.web import make_web
 
-    return {"digits": make_digits, "web": make_web}[world]
+    return functools.partial(make_web, tail=WEB_TAILS[world]) if world in WEB_TAILS else make_digits
 
 
 def check_world(root: Path, world: str, sizes: dict) -> None:
@@ -480,7 +490,10 @@ def check_world(root: Path, world: str, sizes: dict) -> None:
     make = world_maker(world)
     defaults = {k: p.default for k, p in inspect.signature(make).parameters.items() if k.startswith("n_")}
     manifest = json.loads((root / "manifest.json").read_text())
-    datasets = [manifest["web"]] if world == "web" else [manifest[d] for d in ("pairs", "digits")]
+    datasets = [manifest["web"]] if world in WEB_TAILS else [manifest[d] for d in ("pairs", "digits")]
+    if world in WEB_TAILS and (tail := manifest["web"].get("tail", "shared")) != WEB_TAILS[world]:
+        raise SystemExit(f"efficiency: the web world at {root} has a {tail} tail, the {world} grid reads a "
+                         f"{WEB_TAILS[world]} one; pass another --data")
     for name, want in {**defaults, **sizes}.items():
         got = {d["splits"][name[2:]]["count"] for d in datasets}
         if got != {want}:
@@ -537,7 +550,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE",
                         help="recipe override for one task, e.g. pairs.train.lr=3e-3 or digits.train.steps=800")
     parser.add_argument("--data", default="/tmp/curate-bench/data",
-                        help="the worlds' roots: DATA (digits, for pairs and digits) and DATA-web; made if missing")
+                        help="the worlds' roots: DATA (digits, for pairs and digits), DATA-web and DATA-web_distinct; "
+                        "made if missing")
     parser.add_argument("--work", default="/tmp/curate-bench/work", help="references and score caches")
     parser.add_argument("--out", default="benchmarks/results/efficiency.json")
     parser.add_argument("--replot", action="store_true",
@@ -564,7 +578,7 @@ def main() -> None:
             overrides = [f"{task}.train.steps={QUICK['steps']}", f"{task}.reference.steps={QUICK['ref_steps']}",
                          f"{task}.reference.warmup=0", f"{task}.train.warmup=0",
                          *overrides]
-    roots = {"digits": data, "web": data.with_name(data.name + "-web")}
+    roots = {"digits": data, **{w: data.with_name(f"{data.name}-{w}") for w in WEB_TAILS}}
     for world in dict.fromkeys(TASKS[t].get("world", "digits") for t in task_names):
         sizes = (QUICK["world"] if args.quick else WORLDS)[world]
         if (roots[world] / "manifest.json").is_file():

@@ -8,6 +8,7 @@ probe cannot read is one the model has not learnt (the background is a nuisance:
 
     .venv/bin/python benchmarks/web_probe.py --steps 1200     # ~3 min on one thread
     .venv/bin/python benchmarks/web_probe.py --marginals      # how rare each attribute value is (no training)
+    .venv/bin/python benchmarks/web_probe.py --marginals --tail distinct   # in the world whose tail has its own parts
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def marginals(seed: int = 0) -> dict:
+def marginals(seed: int = 0, tail: str = "shared") -> dict:
     """Each attribute value's share of the stream's concept distribution (exact, before noise), and the share of its
     occurrences that fall in tail concepts (`web.TAIL_RANK`): whether a rare concept is made of rare parts."""
     from pipelines import web
 
-    p, ranks = web.concept_probabilities(seed), web.concept_ranks(seed)
+    p, ranks = web.concept_probabilities(seed, tail), web.concept_ranks(seed, tail)
     attributes = web.concept_attributes(torch.arange(web.N_CONCEPTS))
     tail = ranks >= web.TAIL_RANK
     head = ranks < round(web.HEAD_SHARE * web.N_CONCEPTS)  # the concepts near-duplicates copy
@@ -48,9 +49,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, e.g. model.options.patch_size=2")
     parser.add_argument("--marginals", action="store_true", help="print how rare each attribute value is and stop")
+    parser.add_argument("--tail", default="shared", help="with --marginals: the world's tail (shared or distinct)")
     args = parser.parse_args()
     if args.marginals:
-        for name, value in marginals().items():
+        for name, value in marginals(tail=args.tail).items():
             print(name, {k: round(v, 4) for k, v in value.items()} if isinstance(value, dict) else round(value, 4))
         return
     from sklearn.linear_model import LogisticRegression

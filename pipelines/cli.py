@@ -91,12 +91,15 @@ def _data(args) -> None:
                              "--format / --image-size")
         from .web import make_web
 
-        sizes = {k: v for k, v in (("n_train", args.n_train), ("shard_size", args.shard_size)) if v is not None}
-        made = make_web(args.out, seed=args.seed, **sizes)  # make_web's defaults otherwise
+        given = (("n_train", args.n_train), ("shard_size", args.shard_size), ("tail", args.tail))
+        made = make_web(args.out, seed=args.seed, **{k: v for k, v in given if v is not None})  # else its defaults
         splits = made["web"]["splits"]
         print(f"wrote {args.out}: web {'/'.join(str(s['count']) for s in splits.values())} (train/curated/test), "
-              f"{made['web']['concepts']} concepts; train {splits['train']['noise_counts']}")
+              f"{made['web']['concepts']} concepts, {made['web']['tail']} tail; "
+              f"train {splits['train']['noise_counts']}")
         return
+    if args.tail is not None:
+        raise SystemExit("curate data digits: --tail is the web world's; drop it")
     from .data import make_digits
 
     manifest = make_digits(args.out, seed=args.seed, n_train=args.n_train or 20_000, format=args.format,
@@ -177,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                         "last two are the shapes of your own data, for recipes/byo_*.yaml)")
     p.add_argument("--image-size", type=int, default=16, help="side of the square images (default 16)")
     p.add_argument("--shard-size", type=int, default=None, help="samples per shard (default 5000; web: 20000)")
+    p.add_argument("--tail", choices=["shared", "distinct"], default=None,
+                   help="web only: what its rare concepts are made of: the head's digits and colours (shared, the "
+                        "default) or numbers the head never shows (distinct)")
     p.set_defaults(fn=_data)
 
     for name, fn, text in (("train-reference", _train_reference, "train the reference model"),

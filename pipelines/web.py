@@ -23,6 +23,12 @@ checks it before any method runs).
   near-duplicates of a recent clean pair of a head concept (the most frequent 5%: the same caption and the same
   view with faint pixel noise: redundant, not wrong). The rest is clean, and its rarer half of concepts (the
   *tail*) is the learnable value a uniform sampler under-trains.
+- **what the tail is made of** (`tail`, `TAILS`): in the default world ("shared") the ranking is random, so a rare
+  concept is a rare combination of common parts (every digit and colour is at least 3.9% of the stream; at most
+  29% of a value's occurrences are in the tail: `web_probe.py --marginals`), and a learner that has learnt the
+  head has learnt the tail's features. Web data's rare concepts also have rare features; the "distinct" world has
+  that one property and is otherwise the same (the Zipf law, the noise, the splits): its tail is the numbers
+  50-99, whose tens digits (each 2% of the stream) and numbers (0.2% each) the head never shows.
 - **curated** is small, clean and balanced (every concept equally often), for the reference model.
 - **test** is clean and balanced, from source digits neither other split uses; evaluation is zero-shot over all
   600 concept prompts (`concept_prompts`).
@@ -56,7 +62,7 @@ from .extras import needs_extra
 from .shard_writers import write_tar
 
 __all__ = ["BACKGROUNDS", "BLOCK", "COLOURS", "CONTEXT_LENGTH", "HEAD_SHARE", "N_CONCEPTS", "NOISE", "TAIL_RANK",
-           "TEMPLATES", "VERSION", "ZIPF_EXPONENT", "concept_attributes", "concept_caption", "concept_ranks",
+           "TAILS", "TEMPLATES", "VERSION", "ZIPF_EXPONENT", "concept_attributes", "concept_caption", "concept_ranks",
            "concept_prompts", "concept_probabilities", "load_web", "make_web", "web_rows"]
 
 VERSION = 2  # 1: (digit, colour, quadrant, background) concepts, whose easy attributes suppressed the digit
@@ -68,6 +74,10 @@ ZIPF_EXPONENT = 1.0
 NOISE = {"misaligned": 0.20, "junk": 0.10, "duplicate": 0.15}  # shares of the train stream; the rest is clean
 HEAD_SHARE = 0.05  # near-duplicates copy concepts among the most frequent 5%
 TAIL_RANK = N_CONCEPTS // 2  # the tail: the rarer half of the concepts, frequency rank >= this
+# What the tail is made of. "shared": a random ranking of all concepts, so a tail concept's parts (its digits, its
+# colour) are the head's too. "distinct": the tail is the numbers 50-99 (tens digit 5-9, every colour), the head the
+# numbers 0-49, each ranked at random within its half; a tail concept is a number the head never shows.
+TAILS = ("shared", "distinct")
 BLOCK = 4096
 CONTEXT_LENGTH = 20  # the longest caption is 13 BPE tokens with start and end
 IMAGE_SIZE = 16
@@ -100,17 +110,28 @@ def concept_prompts(context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
     return torch.stack([_tokens(concept_caption(c), context_length) for c in range(N_CONCEPTS)])
 
 
-def concept_probabilities(seed: int = 0) -> torch.Tensor:
-    """The train stream's concept distribution: Zipf over a random ranking of the concepts (seeded)."""
+def concept_probabilities(seed: int = 0, tail: str = "shared") -> torch.Tensor:
+    """The train stream's concept distribution: Zipf over a seeded ranking of the concepts; `tail` (`TAILS`) says
+    which concepts the ranking puts in the rarer half."""
+    g = make_generator(seed, "web", "ranks")
+    if tail == "shared":  # any concept at any rank
+        order = torch.randperm(N_CONCEPTS, generator=g)
+    elif tail == "distinct":  # the numbers 0-49 first, 50-99 last, each half in a random order
+        concepts = torch.arange(N_CONCEPTS)
+        head = concepts[concept_attributes(concepts)["tens"] < len(DIGIT_NAMES) // 2]
+        rest = concepts[concept_attributes(concepts)["tens"] >= len(DIGIT_NAMES) // 2]
+        order = torch.cat([head[torch.randperm(len(head), generator=g)], rest[torch.randperm(len(rest), generator=g)]])
+    else:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     rank = torch.empty(N_CONCEPTS, dtype=torch.long)
-    rank[torch.randperm(N_CONCEPTS, generator=make_generator(seed, "web", "ranks"))] = torch.arange(N_CONCEPTS)
+    rank[order] = torch.arange(N_CONCEPTS)
     weights = (rank + 1.0).double() ** -ZIPF_EXPONENT
     return (weights / weights.sum()).float()
 
 
-def concept_ranks(seed: int = 0) -> torch.Tensor:
+def concept_ranks(seed: int = 0, tail: str = "shared") -> torch.Tensor:
     """Each concept's frequency rank in the train stream (0: the most frequent)."""
-    return torch.argsort(torch.argsort(concept_probabilities(seed), descending=True, stable=True), stable=True)
+    return torch.argsort(torch.argsort(concept_probabilities(seed, tail), descending=True, stable=True), stable=True)
 
 
 def _glyph(digits: torch.Tensor, centre_x: float, generator: torch.Generator) -> torch.Tensor:
@@ -160,21 +181,22 @@ def _sources(digit: torch.Tensor, by_digit: list[torch.Tensor], generator: torch
     return torch.cat(by_digit)[starts[digit] + pick]
 
 
-def web_rows(split: str, start: int, stop: int, *, seed: int = 0) -> list[dict]:
-    """Samples [start, stop) of a split as shard rows (`__key__`, `npy`, `txt`, `json`)."""
+def web_rows(split: str, start: int, stop: int, *, seed: int = 0, tail: str = "shared") -> list[dict]:
+    """Samples [start, stop) of a split as shard rows (`__key__`, `npy`, `txt`, `json`); `tail`: see `TAILS`."""
     images, labels, pools = _source_pools(seed)
     by_digit = _by_digit(labels, pools[split])
     rows: list[dict] = []
     for block in range(start // BLOCK, (stop - 1) // BLOCK + 1 if stop > start else start // BLOCK):
-        made = _block(split, block, seed, images, by_digit)
+        made = _block(split, block, seed, tail, images, by_digit)
         rows += made[max(start - block * BLOCK, 0):stop - block * BLOCK]
     return rows
 
 
-def _block(split: str, block: int, seed: int, images: torch.Tensor, by_digit: list[torch.Tensor]) -> list[dict]:
+def _block(split: str, block: int, seed: int, tail: str, images: torch.Tensor,
+           by_digit: list[torch.Tensor]) -> list[dict]:
     g = make_generator(seed, "web", split, block)
     n, first = BLOCK, block * BLOCK
-    probabilities, ranks = concept_probabilities(seed), concept_ranks(seed)
+    probabilities, ranks = concept_probabilities(seed, tail), concept_ranks(seed, tail)
     if split == "train":
         counts = {kind: round(share * n) for kind, share in NOISE.items()}  # exact per block: rates are exact
         n_base = n - counts["duplicate"]
@@ -235,7 +257,7 @@ def _key(split: str, i: int) -> str:
 
 
 def make_web(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 1_000_000, n_curated: int = 24_000,
-             n_test: int = 2_400, shard_size: int = 20_000) -> dict:
+             n_test: int = 2_400, shard_size: int = 20_000, tail: str = "shared") -> dict:
     """Write the web world's shards under `out_dir/web/` and `out_dir/manifest.json`; return the manifest.
 
     Args:
@@ -245,11 +267,16 @@ def make_web(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 1_000_
         n_curated, n_test: balanced splits (multiples of 600 keep every concept exactly equally often). The
             default curated split gives the reference 40 clean pairs a concept (7200, i.e. 12, left it at half the
             accuracy uniform reaches in 3000 steps).
+        tail: what the stream's rare concepts are made of (`TAILS`): "shared", the head's parts (the default world),
+            or "distinct", numbers the head never shows. Only the ranking differs: the balanced splits show the
+            same images and captions either way, their `tail` flags follow the ranking.
     """
     with needs_extra("make_web"):
         import sklearn.datasets  # noqa: F401
         import webdataset  # noqa: F401
     sizes = {"train": n_train, "curated": n_curated, "test": n_test}
+    if tail not in TAILS:
+        raise ValueError(f"make_web: tail must be one of {TAILS}, got {tail!r}")
     for name, n in {**{f"n_{k}": v for k, v in sizes.items()}, "shard_size": shard_size}.items():
         if n < 1:
             raise ValueError(f"make_web: {name} must be a positive int, got {name}={n}")
@@ -262,11 +289,11 @@ def make_web(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 1_000_
         "image_format": "npy uint8 (3, H, W)", "source": "sklearn.datasets.load_digits",
         "source_pools": {k: len(v) for k, v in pools.items()},
         "web": {"version": VERSION, "concepts": N_CONCEPTS, "zipf_exponent": ZIPF_EXPONENT, "noise": NOISE,
-                "head_share": HEAD_SHARE, "context_length": CONTEXT_LENGTH, "fields": ["npy", "txt", "json"],
-                "splits": {}},
+                "head_share": HEAD_SHARE, "tail": tail, "context_length": CONTEXT_LENGTH,
+                "fields": ["npy", "txt", "json"], "splits": {}},
     }
     for split, n in sizes.items():
-        rows = web_rows(split, 0, n, seed=seed)
+        rows = web_rows(split, 0, n, seed=seed, tail=tail)
         shards = write_tar(rows, out / "web", split, shard_size)
         metas = [json.loads(row["json"]) for row in rows]
         kinds: dict[str, int] = {}

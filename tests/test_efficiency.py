@@ -95,6 +95,8 @@ def test_a_world_of_other_sizes_is_refused_by_name_not_reused(efficiency, tmp_pa
     efficiency.check_world(tmp_path, "web", {"n_train": 1200, "n_curated": 600, "n_test": 600})  # the same: used
     with pytest.raises(SystemExit, match=r"has curated \[600\], the grid makes 24000; move it aside"):
         efficiency.check_world(tmp_path, "web", {"n_train": 1200})  # make_web's default curated split is 24000
+    with pytest.raises(SystemExit, match="has a shared tail, the web_distinct grid reads a distinct one"):
+        efficiency.check_world(tmp_path, "web_distinct", {"n_train": 1200, "n_curated": 600, "n_test": 600})
 
 
 def test_the_grids_collated_train_split_trains_the_same_run_as_its_samples_one_by_one(efficiency, tmp_path,

@@ -187,3 +187,67 @@ def test_the_web_recipe_runs_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"learnability", "uniform", "easy_reference"}
     assert summary["uniform"]["noisy_kept"] == pytest.approx(0.3, abs=0.08)  # 10 steps of 64: the stream's rate
+
+
+def _value_shares(tail: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per attribute: each value's share of the stream's concept distribution, and the share of it in tail concepts."""
+    p, ranks = web.concept_probabilities(0, tail), web.concept_ranks(0, tail)
+    attributes = web.concept_attributes(torch.arange(web.N_CONCEPTS))
+    in_tail = p * (ranks >= web.TAIL_RANK)
+    out = {}
+    for name in ("tens", "units", "colour"):
+        values = attributes[name]
+        share = torch.zeros(int(values.max()) + 1, dtype=p.dtype).index_add_(0, values, p)
+        out[name] = share, torch.zeros_like(share).index_add_(0, values, in_tail) / share
+    return out
+
+
+def test_the_shared_tail_is_made_of_the_heads_parts_and_the_distinct_tail_of_its_own():
+    """The one property the two worlds differ in, fixed before any method ran: in "shared" every digit and colour
+    is common and mostly head; in "distinct" the tens digits 5-9 (each about 2% of the stream) are tail only, while
+    the Zipf law (so the tail's mass) is the same."""
+    shared, distinct = _value_shares("shared"), _value_shares("distinct")
+    for share, in_tail in shared.values():
+        assert share.min() > 0.035 and in_tail.max() < 0.3
+    share, in_tail = distinct["tens"]
+    assert torch.equal(in_tail[5:], torch.ones(5, dtype=in_tail.dtype)) and not in_tail[:5].any()
+    assert share[5:].max() < 0.025
+    for name in ("units", "colour"):  # common to head and tail in both worlds
+        assert distinct[name][1].max() < 0.3
+    zipf = web.concept_probabilities(0).sort().values
+    assert torch.equal(web.concept_probabilities(0, "distinct").sort().values, zipf)
+    ranks = web.concept_ranks(0, "distinct")
+    tens = web.concept_attributes(torch.arange(web.N_CONCEPTS))["tens"]
+    assert torch.equal(ranks >= web.TAIL_RANK, tens >= 5)
+    assert not torch.equal(ranks, web.concept_ranks(1, "distinct"))  # each half in a seeded random order
+    with pytest.raises(ValueError, match=r"tail must be one of \('shared', 'distinct'\), got 'rare'"):
+        web.concept_probabilities(0, "rare")
+
+
+def test_the_distinct_tail_world_has_the_declared_rates_and_the_same_balanced_splits():
+    n = 20_000
+    metas = [json.loads(row["json"]) for row in web.web_rows("train", 0, n, seed=0, tail="distinct")]
+    kinds = collections.Counter(meta["noise"] for meta in metas)
+    for kind, rate in web.NOISE.items():
+        assert kinds[kind] / n == pytest.approx(rate, abs=0.003)
+    originals = [meta for meta in metas if not meta["is_duplicate"]]
+    assert all(meta["tail"] == (meta["tens"] >= 5) for meta in metas)
+    tail_mass = float(web.concept_probabilities(0, "distinct")[web.concept_ranks(0, "distinct") >= web.TAIL_RANK].sum())
+    assert sum(meta["tail"] for meta in originals) / len(originals) == pytest.approx(tail_mass, abs=0.01)
+    assert not any(meta["tail"] for meta in metas if meta["is_duplicate"])  # duplicates copy the head
+    for split in ("curated", "test"):  # the same images and captions; the tail flag follows the ranking
+        shared, own = (web.web_rows(split, 0, web.N_CONCEPTS, seed=0, tail=t) for t in web.TAILS)
+        assert [(r["npy"], r["txt"]) for r in shared] == [(r["npy"], r["txt"]) for r in own]
+        assert sum(json.loads(r["json"])["tail"] for r in own) == web.N_CONCEPTS // 2
+
+
+def test_curate_data_web_tail_distinct_writes_that_world_and_says_so(tmp_path, capsys):
+    from pipelines import cli
+
+    assert cli.main(["data", "web", str(tmp_path), "--n-train", "600", "--tail", "distinct"]) in (0, None)
+    assert "distinct tail" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["web"]["tail"] == "distinct"
+    assert manifest["web"]["splits"]["test"]["tail_share"] == 0.5  # balanced: half the concepts are tail
+    with pytest.raises(SystemExit, match="--tail is the web world's; drop it"):
+        cli.main(["data", "digits", str(tmp_path / "d"), "--tail", "distinct"])
