@@ -315,7 +315,7 @@ def per_run(result: dict, uniforms: list[dict], targets: list[float], reference:
            "flops_overhead": result["flops_overhead"], "seconds": h[-1]["seconds"], "uniform_best": u_best,
            "uniform_steps_to_final": u_to_final and u_to_final["step"],
            "step_speedup_to_final": u_to_final and u_to_final["step"] / h[-1]["step"]}
-    for key in ("tail_accuracy", "number_accuracy"):
+    for key in ("tail_accuracy", "number_accuracy", "tens_accuracy", "units_accuracy"):
         if key in h[-1]:
             out[f"final_{key}"] = h[-1][key]
     for key in DIAGNOSTICS:
@@ -393,7 +393,8 @@ def table(summary: dict, targets: dict[str, list[float]]) -> str:
                        ("tail kept", "tail_kept", 3),
                        ("coverage", "label_coverage", 3), ("H chunk 1", "entropy_first_chunk", 3),
                        ("H later", "entropy_later_chunks", 3), ("tail acc", "final_tail_accuracy", 3),
-                       ("number acc", "final_number_accuracy", 3)]
+                       ("number acc", "final_number_accuracy", 3), ("tens acc", "final_tens_accuracy", 3),
+                       ("units acc", "final_units_accuracy", 3)]
         diagnostics = [(n, k, d, 1) for n, k, d in diagnostics
                        if any((row.get(k) or {}).get("mean") is not None for row in rows.values())]
         for title, columns in (("", cols), (" diagnostics", diagnostics)):

@@ -2,7 +2,8 @@
 
 Trained, scored and actor-trained as the pairs task is (open_clip's losses, curate's contrastive scorer); what
 differs is the data and the evaluation: zero-shot over all 600 concept prompts on the balanced test split
-(`accuracy`), how often the predicted concept's number is right whatever its colour (`number_accuracy`), over
+(`accuracy`), how often the predicted concept's number is right whatever its colour (`number_accuracy`), and
+each attribute of it (`tens_accuracy`, `units_accuracy`, `colour_accuracy`: which one a run has not learnt yet), over
 the tail concepts (`tail_accuracy`: the rarer half of the train stream's concepts) and image→text R@1 (`r1`).
 """
 
@@ -43,8 +44,9 @@ class WebTask(PairsTask):
             labels = torch.cat([b["label"] for b in batches]).to(device)
             tail = torch.cat([b["is_tail"] for b in batches]).to(device)  # as the world's seed ranks the concepts
             predicted, r1 = nearest(images, prompts), labels[nearest(images, texts)]
-            number = lambda c: web.concept_attributes(c)["number"]  # noqa: E731
+            said, truth = web.concept_attributes(predicted), web.concept_attributes(labels)
             correct = (predicted == labels).float()
             return {"accuracy": float(correct.mean()),
-                    "number_accuracy": float((number(predicted) == number(labels)).float().mean()),
+                    **{f"{k}_accuracy": float((said[k] == truth[k]).float().mean())
+                       for k in ("number", "tens", "units", "colour")},
                     "tail_accuracy": float(correct[tail].mean()), "r1": float((r1 == labels).float().mean())}
