@@ -1,0 +1,85 @@
+"""What a web run on its plateau has not learnt, and what its trained batches hold.
+
+Runs efficiency.py's web runs (the same `run`, recipe, world and cached reference as its grid) for the given
+methods and seeds and prints, every 500 steps, zero-shot accuracy and each attribute's (tens, units, colour:
+`task_web`'s evaluation), then, over the trained batches of steps [--from, --steps), per pair: how many other
+images of its batch share its tens and colour but not its units (negatives only the units digit tells apart) and
+how many show its very concept.
+
+    .venv/bin/python benchmarks/web_plateau.py --task web_distinct --methods uniform_x1,easy_reference --seeds 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import multiprocessing as mp
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+
+def _efficiency():
+    spec = importlib.util.spec_from_file_location("efficiency", HERE / "efficiency.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["efficiency"] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _run(job):
+    method, seed = job
+    from pipelines import train, web
+
+    labels: list = []
+    count = train._count  # the loop's per-batch tally: the trained batch passes through it
+
+    def tally(totals, batch):
+        labels.append(batch["label"].clone())
+        return count(totals, batch)
+
+    train._count = tally
+    sets = [f"{ARGS.task}.train.steps={ARGS.steps}"]
+    result = EFF.run(ARGS.task, method, seed, ARGS.work, DATA, sets, SAMPLES, TEST)
+    hard, same = [], []
+    for batch in labels[ARGS.start:]:
+        a = web.concept_attributes(batch)
+        shares = (a["tens"][:, None] == a["tens"][None]) & (a["colour"][:, None] == a["colour"][None])
+        hard.append(float((shares & (a["units"][:, None] != a["units"][None])).sum(1).float().mean()))
+        same.append(float(((batch[:, None] == batch[None]).sum(1) - 1).float().mean()))
+    return result, statistics.fmean(hard), statistics.fmean(same)
+
+
+def main() -> None:
+    global ARGS, EFF, DATA, SAMPLES, TEST
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="web_distinct", choices=["web", "web_distinct"])
+    parser.add_argument("--methods", default="uniform_x1,easy_reference,learnability_sample,jest")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--from", dest="start", type=int, default=500, help="first step of the batch statistics")
+    parser.add_argument("--data", default="/tmp/curate-bench/data-2m", help="efficiency.py's --data")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/curate-bench/work-2m"), help="efficiency.py's --work")
+    ARGS = parser.parse_args()
+    EFF = _efficiency()
+    DATA = Path(f"{ARGS.data}-{ARGS.task}")
+    if not (DATA / "manifest.json").is_file():
+        raise SystemExit(f"web_plateau: no world at {DATA}; run efficiency.py --tasks {ARGS.task} first")
+    EFF.check_world(DATA, ARGS.task, EFF.WORLDS[ARGS.task])
+    SAMPLES, TEST = EFF.load_task(ARGS.task, ARGS.work, DATA, [])
+    jobs = [(m, int(s)) for m in ARGS.methods.split(",") for s in ARGS.seeds.split(",")]
+    with mp.get_context("fork").Pool(2) as pool:  # forked after loading: the workers share the samples
+        for result, hard, same in pool.imap(_run, jobs):
+            print(f"{result['method']} seed {result['seed']}: per pair, {hard:.2f} units-only negatives and {same:.2f} "
+                  f"images of its concept (steps {ARGS.start}-{ARGS.steps})")
+            for h in result["history"]:
+                if h["step"] % 500 == 0:
+                    print(f"  step {h['step']:5d}: accuracy {h['accuracy']:.3f}, tens {h['tens_accuracy']:.3f}, "
+                          f"units {h['units_accuracy']:.3f}, colour {h['colour_accuracy']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
