@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--methods", default="uniform_x1,easy_reference,learnability_sample,jest")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel processes (one torch thread each)")
     parser.add_argument("--from", dest="start", type=int, default=500, help="first step of the batch statistics")
     parser.add_argument("--data", default="/tmp/curate-bench/data-2m", help="efficiency.py's --data")
     parser.add_argument("--work", type=Path, default=Path("/tmp/curate-bench/work-2m"), help="efficiency.py's --work")
@@ -71,7 +72,7 @@ def main() -> None:
     EFF.check_world(DATA, ARGS.task, EFF.WORLDS[ARGS.task])
     SAMPLES, TEST = EFF.load_task(ARGS.task, ARGS.work, DATA, [])
     jobs = [(m, int(s)) for m in ARGS.methods.split(",") for s in ARGS.seeds.split(",")]
-    with mp.get_context("fork").Pool(2) as pool:  # forked after loading: the workers share the samples
+    with mp.get_context("fork").Pool(ARGS.jobs) as pool:  # forked after loading: the workers share the samples
         for result, hard, same in pool.imap(_run, jobs):
             print(f"{result['method']} seed {result['seed']}: per pair, {hard:.2f} units-only negatives and {same:.2f} "
                   f"images of its concept (steps {ARGS.start}-{ARGS.steps})")

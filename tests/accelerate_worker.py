@@ -66,6 +66,10 @@ def main(run: str, out: Path) -> None:
         seen = train(accelerator, out, STEPS - SAVE_AT, load=True)
     (out / f"{run}-{accelerator.process_index}.json").write_text(json.dumps(
         {"seen": seen, "world_size": accelerator.num_processes}))
+    # a clean gloo teardown: without it a rank could exit while the other's gloo threads still ran, and once (on a
+    # loaded machine) one aborted with "terminate called without an active exception"
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group
 
 
 if __name__ == "__main__":
