@@ -25,18 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def marginals(seed: int = 0, tail: str = "shared") -> dict:
-    """Each attribute value's share of the stream's concept distribution (exact, before noise), and the share of its
-    occurrences that fall in tail concepts (`web.TAIL_RANK`): whether a rare concept is made of rare parts."""
+    """The tail's and the head's mass, and per attribute the range of its values' shares of the stream and of their
+    occurrences in tail concepts (`web.attribute_shares`)."""
     from pipelines import web
 
     p, ranks = web.concept_probabilities(seed, tail), web.concept_ranks(seed, tail)
-    attributes = web.concept_attributes(torch.arange(web.N_CONCEPTS))
-    tail = ranks >= web.TAIL_RANK
     head = ranks < round(web.HEAD_SHARE * web.N_CONCEPTS)  # the concepts near-duplicates copy
-    out: dict = {"tail_mass": float(p[tail].sum()), "head_5pct_mass": float(p[head].sum())}
-    for name, values in attributes.items():
-        share = torch.zeros(int(values.max()) + 1, dtype=p.dtype).index_add_(0, values, p)
-        in_tail = torch.zeros_like(share).index_add_(0, values, p * tail) / share
+    out: dict = {"tail_mass": float(p[ranks >= web.TAIL_RANK].sum()), "head_5pct_mass": float(p[head].sum())}
+    for name, (share, in_tail) in web.attribute_shares(seed, tail).items():
         out[name] = {"values": len(share), "share_min": float(share.min()), "share_max": float(share.max()),
                      "in_tail_min": float(in_tail.min()), "in_tail_max": float(in_tail.max())}
     return out

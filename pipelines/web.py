@@ -62,8 +62,9 @@ from .extras import needs_extra
 from .shard_writers import write_tar
 
 __all__ = ["BACKGROUNDS", "BLOCK", "COLOURS", "CONTEXT_LENGTH", "HEAD_SHARE", "N_CONCEPTS", "NOISE", "TAIL_RANK",
-           "TAILS", "TEMPLATES", "VERSION", "ZIPF_EXPONENT", "concept_attributes", "concept_caption", "concept_ranks",
-           "concept_prompts", "concept_probabilities", "load_web", "make_web", "web_rows"]
+           "TAILS", "TEMPLATES", "VERSION", "ZIPF_EXPONENT", "attribute_shares", "concept_attributes",
+           "concept_caption", "concept_ranks", "concept_prompts", "concept_probabilities", "load_web", "make_web",
+           "web_rows"]
 
 VERSION = 2  # 1: (digit, colour, quadrant, background) concepts, whose easy attributes suppressed the digit
 COLOURS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 0.9, 0.15), "blue": (0.25, 0.4, 1.0),
@@ -118,8 +119,8 @@ def concept_probabilities(seed: int = 0, tail: str = "shared") -> torch.Tensor:
         order = torch.randperm(N_CONCEPTS, generator=g)
     elif tail == "distinct":  # the numbers 0-49 first, 50-99 last, each half in a random order
         concepts = torch.arange(N_CONCEPTS)
-        head = concepts[concept_attributes(concepts)["tens"] < len(DIGIT_NAMES) // 2]
-        rest = concepts[concept_attributes(concepts)["tens"] >= len(DIGIT_NAMES) // 2]
+        low = concept_attributes(concepts)["tens"] < len(DIGIT_NAMES) // 2
+        head, rest = concepts[low], concepts[~low]
         order = torch.cat([head[torch.randperm(len(head), generator=g)], rest[torch.randperm(len(rest), generator=g)]])
     else:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -132,6 +133,19 @@ def concept_probabilities(seed: int = 0, tail: str = "shared") -> torch.Tensor:
 def concept_ranks(seed: int = 0, tail: str = "shared") -> torch.Tensor:
     """Each concept's frequency rank in the train stream (0: the most frequent)."""
     return torch.argsort(torch.argsort(concept_probabilities(seed, tail), descending=True, stable=True), stable=True)
+
+
+def attribute_shares(seed: int = 0, tail: str = "shared") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per concept attribute (tens, units, number, colour): each value's share of the train stream's concept
+    distribution (exact, before noise), and the share of those occurrences that are tail concepts (`TAIL_RANK`):
+    whether a rare concept is made of rare parts (`TAILS`)."""
+    p, ranks = concept_probabilities(seed, tail), concept_ranks(seed, tail)
+    in_tail = p * (ranks >= TAIL_RANK)
+    out = {}
+    for name, values in concept_attributes(torch.arange(N_CONCEPTS)).items():
+        share = torch.zeros(int(values.max()) + 1, dtype=p.dtype).index_add_(0, values, p)
+        out[name] = share, torch.zeros_like(share).index_add_(0, values, in_tail) / share
+    return out
 
 
 def _glyph(digits: torch.Tensor, centre_x: float, generator: torch.Generator) -> torch.Tensor:

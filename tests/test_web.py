@@ -190,25 +190,13 @@ def test_the_web_recipe_runs_end_to_end(tmp_path):
     assert summary["uniform"]["noisy_kept"] == pytest.approx(0.3, abs=0.08)  # 10 steps of 64: the stream's rate
 
 
-def _value_shares(tail: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per attribute: each value's share of the stream's concept distribution, and the share of it in tail concepts."""
-    p, ranks = web.concept_probabilities(0, tail), web.concept_ranks(0, tail)
-    attributes = web.concept_attributes(torch.arange(web.N_CONCEPTS))
-    in_tail = p * (ranks >= web.TAIL_RANK)
-    out = {}
-    for name in ("tens", "units", "colour"):
-        values = attributes[name]
-        share = torch.zeros(int(values.max()) + 1, dtype=p.dtype).index_add_(0, values, p)
-        out[name] = share, torch.zeros_like(share).index_add_(0, values, in_tail) / share
-    return out
-
-
 def test_the_shared_tail_is_made_of_the_heads_parts_and_the_distinct_tail_of_its_own():
     """The one property the two worlds differ in, fixed before any method ran: in "shared" every digit and colour
     is common and mostly head; in "distinct" the tens digits 5-9 (each about 2% of the stream) are tail only, while
     the Zipf law (so the tail's mass) is the same."""
-    shared, distinct = _value_shares("shared"), _value_shares("distinct")
-    for share, in_tail in shared.values():
+    shared, distinct = web.attribute_shares(0, "shared"), web.attribute_shares(0, "distinct")
+    for name in ("tens", "units", "colour"):
+        share, in_tail = shared[name]
         assert share.min() > 0.035 and in_tail.max() < 0.3
     share, in_tail = distinct["tens"]
     assert torch.equal(in_tail[5:], torch.ones(5, dtype=in_tail.dtype)) and not in_tail[:5].any()
