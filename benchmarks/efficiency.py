@@ -144,6 +144,10 @@ METHODS = {  # name -> pipeline options over the recipe's selection (filter_rati
         "jest_c1_T0": {"rule": "learnability", "method": "joint", "n_chunks": 1, "temperature": 0.0},
         "jest_T0": {"rule": "learnability", "method": "joint", "temperature": 0.0},
         **FILTER_SWEEP,
+        # a quarter of each batch drawn uniformly from the superbatch, the rest by the method (`uniform_share`):
+        # on the distinct-tail world pure selection holds most runs on the units digit's plateau (section 1c)
+        **{f"{name}_u25": {**CONTRASTIVE[name], "uniform_share": 0.25}
+           for name in ("easy_reference", "jest", "learnability_sample")},
         # Flexi-JEST as published: the learner scores at half resolution and trains half of each batch at it
         "flexi_jest": {"rule": "learnability", "method": "joint", "flexi": {"downsample": 2, "train_share": 0.5}},
         # ACL as published (Evans et al. 2023): per-example learnability of a small actor trained online against a

@@ -6,7 +6,11 @@ methods and seeds and prints, every 500 steps, zero-shot accuracy and each attri
 images of its batch share its tens and colour but not its units (negatives only the units digit tells apart) and
 how many show its very concept.
 
+`--uniform-share F` runs the methods with `uniform_share=F` (`curate.JointSelect`): F of each selected batch drawn
+uniformly from the superbatch (the stream's own mix: its head, its repeats, its noise), the rest by the method.
+
     .venv/bin/python benchmarks/web_plateau.py --task web_distinct --methods uniform_x1,easy_reference --seeds 0,1
+    .venv/bin/python benchmarks/web_plateau.py --methods learnability_sample --seeds 0,2,4 --uniform-share 0.25
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ def _efficiency():
     sys.modules["efficiency"] = module
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
+
+
+def _mix_uniform(task: str, methods: list[str], share: float) -> None:
+    for name in methods:
+        EFF.METHODS[task][name] = {**EFF.METHODS[task][name], "uniform_share": share}
 
 
 def _run(job):
@@ -62,6 +71,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel processes (one torch thread each)")
     parser.add_argument("--from", dest="start", type=int, default=500, help="first step of the batch statistics")
+    parser.add_argument("--uniform-share", type=float, default=0.0,
+                        help="this share of each selected batch drawn uniformly from the superbatch")
     parser.add_argument("--data", default="/tmp/curate-bench/data-2m", help="efficiency.py's --data")
     parser.add_argument("--work", type=Path, default=Path("/tmp/curate-bench/work-2m"), help="efficiency.py's --work")
     ARGS = parser.parse_args()
@@ -71,15 +82,20 @@ def main() -> None:
         raise SystemExit(f"web_plateau: no world at {DATA}; run efficiency.py --tasks {ARGS.task} first")
     EFF.check_world(DATA, ARGS.task, EFF.WORLDS[ARGS.task])
     SAMPLES, TEST = EFF.load_task(ARGS.task, ARGS.work, DATA, [])
+    if ARGS.uniform_share:
+        _mix_uniform(ARGS.task, ARGS.methods.split(","), ARGS.uniform_share)
     jobs = [(m, int(s)) for m in ARGS.methods.split(",") for s in ARGS.seeds.split(",")]
     with mp.get_context("fork").Pool(ARGS.jobs) as pool:  # forked after loading: the workers share the samples
         for result, hard, same in pool.imap(_run, jobs):
-            print(f"{result['method']} seed {result['seed']}: per pair, {hard:.2f} units-only negatives and {same:.2f} "
-                  f"images of its concept (steps {ARGS.start}-{ARGS.steps})")
+            mix = f" with {ARGS.uniform_share:.0%} uniform" if ARGS.uniform_share else ""
+            print(f"{result['method']}{mix} seed {result['seed']}: per pair, {hard:.2f} units-only negatives and "
+                  f"{same:.2f} images of its concept (steps {ARGS.start}-{ARGS.steps}); noisy kept "
+                  f"{statistics.fmean(h['noisy_kept'] for h in result['history']):.2f}")
             for h in result["history"]:
                 if h["step"] % 500 == 0:
                     print(f"  step {h['step']:5d}: accuracy {h['accuracy']:.3f}, tens {h['tens_accuracy']:.3f}, "
-                          f"units {h['units_accuracy']:.3f}, colour {h['colour_accuracy']:.3f}")
+                          f"units {h['units_accuracy']:.3f}, colour {h['colour_accuracy']:.3f}, "
+                          f"tail {h['tail_accuracy']:.3f}")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,11 @@ class JointSelect(Stage[BatchDict]):
             round(n·b/B) (at least 1). Default: the size of the first superbatch seen.
         scope: `LocalScope()` (default) or `curate.distributed.GlobalScope(comm)`: select world·b of the
             world·B candidates of all ranks, each rank training on its b.
+        uniform_share: round(share·b) of each batch are drawn uniformly from the superbatch and the rest by the
+            method, conditioned on them (the joint method's gains count them as an earlier chunk). 0 (default)
+            is the published methods. A share keeps some of the stream's own mix (its frequent concepts, and its
+            noise) in every batch: on the benchmark's web world with a distinct tail a quarter freed the runs
+            that pure selection held on a plateau (benchmarks/README.md, section 1c).
 
     Counts are this rank's (its B candidates, its b kept), so summing them over ranks gives the job's totals.
     """
@@ -101,7 +106,7 @@ class JointSelect(Stage[BatchDict]):
 
     def __init__(self, source: BaseNode, batch_size: int, method: str = "joint", n_chunks: int = 16,
                  temperature: float = 1.0, seed: int = 0, superbatch_size: int | None = None,
-                 scope: Scope | None = None):
+                 scope: Scope | None = None, uniform_share: float = 0.0):
         super().__init__(source)
         if method not in METHODS:
             raise ValueError(f"JointSelect: unknown method {method!r}; valid methods are {list(METHODS)}")
@@ -111,11 +116,14 @@ class JointSelect(Stage[BatchDict]):
             raise ValueError(f"JointSelect: n_chunks must be a positive int, got {n_chunks=}")
         if temperature < 0:
             raise ValueError(f"JointSelect: temperature must be >= 0, got {temperature=}")
+        if not 0 <= uniform_share <= 1:
+            raise ValueError(f"JointSelect: uniform_share must be in [0, 1], got {uniform_share=}")
         if superbatch_size is not None and superbatch_size < batch_size:
             raise ValueError(f"JointSelect: batch_size must be smaller than the superbatch, got {batch_size=} "
                              f"{superbatch_size=}")
         self.batch_size, self.method = batch_size, method
         self.n_chunks, self.temperature, self.seed = n_chunks, temperature, seed
+        self.uniform_share = uniform_share
         self.scope: Scope = scope or LocalScope()
         self._full = superbatch_size
         self._epoch = -1
@@ -138,8 +146,20 @@ class JointSelect(Stage[BatchDict]):
 
     def select(self, scored: ScoredSuperbatch, k: int, generator: torch.Generator,
                entropies: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """`k` indices into `scored` and the per-example logits used (for stats); each sampling draw's entropy is
-        appended to `entropies` (none for top-k)."""
+        """`k` indices into `scored` (the uniform share's first) and the per-example logits used (for stats); each
+        sampling draw's entropy is appended to `entropies` (none for top-k)."""
+        n_uniform = round(self.uniform_share * k)
+        if not n_uniform:
+            return self._select(scored, k, generator, entropies, None)
+        given = torch.randperm(scored.size, generator=generator)[:n_uniform]
+        if n_uniform == k:
+            return given, scored.score
+        idx, score = self._select(scored, k - n_uniform, generator, entropies, given)
+        return torch.cat([given.to(idx.device), idx]), score
+
+    def _select(self, scored: ScoredSuperbatch, k: int, generator: torch.Generator,
+                entropies: list[Tensor] | None, given: Tensor | None) -> tuple[Tensor, Tensor]:
+        """`k` indices by the method, none of `given`'s, which the joint method's gains are conditioned on."""
         if self.method == "joint" and scored.contrastive:
             some = scored.learner or scored.reference
             assert some is not None, "a contrastive superbatch has the learner's or the reference's scores"
@@ -155,15 +175,16 @@ class JointSelect(Stage[BatchDict]):
                 gain = SoftmaxGain(learner, reference, scored.rule, *losses)
             first = gain.first()
             idx = joint(gain, k, n_chunks=min(self.n_chunks, k), temperature=self.temperature, generator=generator,
-                        entropies=entropies)
+                        entropies=entropies, given=given)
             return idx, first
         score = scored.score
+        candidates = score if given is None else score.float().index_fill(0, given.to(score.device), float("-inf"))
         if self.method == "topk":
             if scored.learner is None and scored.reference is None:
                 raise ValueError(f"JointSelect: method='topk' with rule={scored.rule.name!r}, which reads no model, "
                                  "would keep the first samples; use method='sample' for uniform selection")
-            return topk(score, k), score
-        return sample(score, k, temperature=self.temperature, generator=generator, entropies=entropies), score
+            return topk(candidates, k), score
+        return sample(candidates, k, temperature=self.temperature, generator=generator, entropies=entropies), score
 
     def next(self) -> BatchDict:
         scored = next(self.source)

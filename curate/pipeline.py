@@ -360,6 +360,7 @@ def pipeline(
     superbatch_size: int | None = None,
     n_chunks: int = 16,
     temperature: float = 1.0,
+    uniform_share: float = 0.0,
     shuffle_buffer: int = 1024,
     collate: Callable | None = None,
     micro_batch_size: int = 1024,
@@ -398,6 +399,8 @@ def pipeline(
             0 keeps everything (a pass-through, e.g. for a uniform baseline).
         superbatch_size: set B directly instead of through filter_ratio (must exceed batch_size).
         n_chunks, temperature: JEST sampler knobs; see `curate.JointSelect`.
+        uniform_share: this share of each batch drawn uniformly from the superbatch, the rest selected
+            (conditioned on them); 0, the default, is the published methods. See `curate.JointSelect`.
         shuffle_buffer: samples per seeded shuffle block (`curate.Shuffle`), rounded up to whole superbatches. A
             block mixes samples across the superbatches it spans, so a buffer of at most one superbatch does
             nothing (selection is over the superbatch's set; its order never matters) and no shuffle runs. 0
@@ -482,6 +485,8 @@ def pipeline(
     options = {"batch_size": batch_size, "superbatch_size": superbatch_size, "method": method, "n_chunks": n_chunks,
                "temperature": temperature, "seed": seed, "rule": rule.name, "selection_scope": selection_scope,
                "shuffle_buffer": shuffle_buffer, "prefetch": prefetch, "drop_last": drop_last}
+    if uniform_share:  # only when set: states saved before the knob existed carry no such key, and still load
+        options["uniform_share"] = uniform_share
     comm.check_same("pipeline configuration", options)  # a rank with other options would silently train differently
     output_of(fields, output)  # bad fields= / output= fail here, before any work
     side = (resolve_learner(learner, prefetch=prefetch, train_model=train_model, train_scorer=train_scorer)
@@ -513,7 +518,7 @@ def pipeline(
                          score_transform=score_transform, count_flops=count_flops)
     scope = GlobalScope(comm) if selection_scope == "global" and world_size > 1 else None
     node = JointSelect(node, batch_size, method, n_chunks=n_chunks, temperature=temperature, seed=seed,
-                       superbatch_size=superbatch_size, scope=scope)
+                       superbatch_size=superbatch_size, scope=scope, uniform_share=uniform_share)
     if side is not None and side.actor is not None:
         assert scorer is not None, "Score requires a scorer when the rule reads the learner"
         node = TrainActor(node, side.actor, scorer, count_flops=count_flops)

@@ -81,21 +81,29 @@ def joint(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     entropies: list[Tensor] | None = None,
+    given: Tensor | None = None,
 ) -> Tensor:
     """JEST joint example selection: k indices drawn chunk by chunk from conditional gains.
 
     Each chunk is a Gumbel-top-k draw from softmax(gain / temperature) over the candidates not yet
     selected. With `n_chunks=1` this is `sample(gain.first(), k)` with the same noise. `entropies`, if
     given, gets each chunk's `sampling_entropy` appended, in chunk order (a diagnostic; the draw is the same).
+    `given`: indices already in the batch (`JointSelect`'s uniform share); the k are drawn conditioned on them,
+    as a chunk drawn before the first, and never repeat them. The k new indices are returned.
     """
     logits = gain.first()
     n = logits.shape[0]
-    _check_k(k, n)
+    taken = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    if given is not None and given.numel():
+        _check_k(k + given.numel(), n)
+        taken[given.to(logits.device)] = True
+        logits = gain.add(given.to(logits.device))
+    else:
+        _check_k(k, n)
     _check_temperature(temperature)
     sizes = chunk_sizes(k, n_chunks)
     # every chunk's noise in one draw and one transfer; row i is what a draw for chunk i alone would give
     noise = _gumbel((len(sizes), n), generator, logits.device) if temperature else None
-    taken = torch.zeros(n, dtype=torch.bool, device=logits.device)
     chunks: list[Tensor] = []
     for i, size in enumerate(sizes):
         masked = logits.float().masked_fill(taken, float("-inf"))

@@ -184,6 +184,7 @@ class SelectionConfig(_Strict):
     filter_ratio: float = Field(0.8, ge=0, lt=1)
     n_chunks: int = Field(16, gt=0)
     temperature: float = Field(1.0, ge=0)
+    uniform_share: float = Field(0.0, ge=0, le=1)
     shuffle_buffer: int = Field(1024, ge=0)
     actor: ActorConfig | None = None
     flexi: FlexiConfig | None = None

@@ -72,3 +72,67 @@ def test_a_superbatch_smaller_than_the_batch_is_refused():
     node = curate.JointSelect(curate.Score(node, rule="uniform"), 5, method="sample")
     with pytest.raises(ValueError, match="batch_size must be smaller than the superbatch"):
         next(iter(curate.Pipeline(node)))
+
+
+def _scored(losses: torch.Tensor) -> curate.ScoredSuperbatch:
+    """A superbatch whose reference losses are `losses`, under easy_reference (score = -loss)."""
+    n = len(losses)
+    batch = {"__key__": [str(i) for i in range(n)], "x": torch.arange(n)}
+    return curate.ScoredSuperbatch(batch, None, curate.ModelScores.of_losses(losses), curate.RULES["easy_reference"], n)
+
+
+@pytest.mark.parametrize("method", ["topk", "sample"])
+def test_a_uniform_share_is_drawn_uniformly_and_the_rest_by_the_method(method):
+    n, k, share = 20, 8, 0.25  # 2 uniform picks, 6 by the method
+    losses = torch.arange(n, dtype=torch.float32)  # easy_reference: sample 0 is the best, 19 the worst
+    scored = _scored(losses)
+    select = curate.JointSelect(None, k, method, temperature=0.0, uniform_share=share)  # type: ignore[arg-type]
+    draws, counts = 4000, torch.zeros(n)
+    for i in range(draws):
+        idx, _ = select.select(scored, k, torch.Generator().manual_seed(i))
+        assert idx.numel() == k and idx.unique().numel() == k
+        uniform, rest = idx[:2], idx[2:]
+        # greedy on the rest: the 6 best of the candidates the uniform picks left
+        best = [j for j in range(n) if j not in uniform.tolist()][:6]
+        assert sorted(rest.tolist()) == best
+        counts[uniform] += 1
+    # each sample is one of the 2 uniform picks with probability 2/20: 5 binomial standard errors
+    p = 2 / n
+    assert ((counts / draws - p).abs() < 5 * (p * (1 - p) / draws) ** 0.5).all(), counts / draws
+    # the worst samples reach a batch only through the uniform share, as often as it draws them
+    assert counts[-1] > 0
+
+
+def test_no_uniform_share_leaves_the_selection_unchanged_and_all_is_uniform():
+    losses = torch.randn(30)
+    plain = curate.JointSelect(None, 6, "sample")  # type: ignore[arg-type]
+    zero = curate.JointSelect(None, 6, "sample", uniform_share=0.0)  # type: ignore[arg-type]
+    whole = curate.JointSelect(None, 6, "sample", uniform_share=1.0)  # type: ignore[arg-type]
+    for seed in range(5):
+        a, _ = plain.select(_scored(losses), 6, torch.Generator().manual_seed(seed))
+        b, _ = zero.select(_scored(losses), 6, torch.Generator().manual_seed(seed))
+        assert a.tolist() == b.tolist()
+        c, _ = whole.select(_scored(losses), 6, torch.Generator().manual_seed(seed))
+        assert c.tolist() == torch.randperm(30, generator=torch.Generator().manual_seed(seed))[:6].tolist()
+
+
+def test_a_uniform_share_outside_zero_to_one_is_refused():
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"uniform_share must be in \[0, 1\]"):
+            curate.pipeline(make_samples(20), rule="uniform", method="sample", batch_size=4, uniform_share=share)
+
+
+def test_a_pipeline_with_a_uniform_share_trains_on_both_and_refuses_a_state_without_it():
+    data = make_samples(400)
+    learner, reference = linear_models()
+    kwargs = dict(learner=learner, reference=reference, scorer=curate.ClassificationScorer(), method="topk",
+                  batch_size=10, filter_ratio=0.8, shuffle_buffer=0)
+    plain, mixed = curate.pipeline(data, **kwargs), curate.pipeline(data, uniform_share=0.5, **kwargs)
+    plain_keys = [b["__key__"] for b in plain]  # top-k: the 10 best of each superbatch, best first
+    mixed_keys = [set(b["__key__"]) for b in mixed]
+    assert len(mixed_keys) == len(plain_keys) == 8 and all(len(m) == 10 for m in mixed_keys)
+    # 5 uniform picks and the 5 best of the rest: the superbatch's 5 best are in the batch either way
+    assert all(set(p[:5]) <= m for p, m in zip(plain_keys, mixed_keys, strict=True))
+    assert sum(m != set(p) for p, m in zip(plain_keys, mixed_keys, strict=True)) >= 6
+    with pytest.raises(ValueError, match="uniform_share"):
+        curate.pipeline(data, uniform_share=0.5, **kwargs).load_state_dict(plain.state_dict())

@@ -187,6 +187,25 @@ def test_joint_prefers_the_jointly_learnable_set():
     assert set_score > max(random_scores)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_joint_given_draws_conditioned_on_them_as_greedy_brute_force(seed):
+    dense = torch.randn(30, 30, generator=_gen(seed))
+    given = torch.tensor([3, 17, 25])
+    picked = joint(DenseGain(dense), 6, n_chunks=6, temperature=0, given=given)
+
+    def score(subset):
+        return dense[subset][:, subset].sum()
+
+    chosen, expected = given.tolist(), []
+    for _ in range(6):  # one greedy pick per chunk: the best marginal gain given everything in the batch so far
+        best = max((j for j in range(30) if j not in chosen), key=lambda j: score(chosen + [j]) - score(chosen))
+        chosen.append(best)
+        expected.append(best)
+    assert picked.tolist() == expected
+    with pytest.raises(ValueError, match="cannot keep 31 of 30"):  # the given count towards the batch
+        joint(DenseGain(dense), 28, n_chunks=4, given=given)
+
+
 def test_bad_selection_sizes():
     with pytest.raises(ValueError, match="cannot keep 11 of 10"):
         topk(torch.zeros(10), 11)
