@@ -121,3 +121,18 @@ def test_the_learners_warmup_follows_the_step_count_so_a_resumed_run_matches_an_
     assert _without_timing(resumed) == [{**r, "run": "halves"} for r in _without_timing(whole)]
     cold = run_one(recipe, "cold", options, progress=False, checkpoint=False)  # and the warmup changes the run
     assert _without_timing(cold) != [{**r, "run": "cold"} for r in _without_timing(whole)]
+
+
+def test_a_recipes_uniform_share_reaches_every_selected_run(recipe):
+    shared = recipe.model_copy(update={"selection": recipe.selection.model_copy(update={"uniform_share": 0.5}),
+                                       "compare": ["uniform", "easy_reference"]})
+    runs = plan_runs(shared)
+    assert runs["learnability"]["uniform_share"] == runs["easy_reference"]["uniform_share"] == 0.5
+    assert "uniform_share" not in runs["uniform"]
+    samples = [{k: v for k, v in s.items() if k not in ("caption", "noise")} for s in tasks.load_split(recipe, "train")]
+    mixed = run_one(shared, "mixed", runs["easy_reference"], progress=False, source=samples, checkpoint=False)
+    plain = run_one(recipe, "plain", {**runs["easy_reference"], "uniform_share": 0.0}, progress=False,
+                    source=samples, checkpoint=False)
+    # the reference's easiest quarter holds few flipped labels; half of each batch drawn uniformly holds ~30% of them
+    noisy = [sum(r["noisy_kept"] for r in history) / len(history) for history in (mixed, plain)]
+    assert noisy[0] > noisy[1] + 0.05, noisy
