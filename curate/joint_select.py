@@ -146,45 +146,53 @@ class JointSelect(Stage[BatchDict]):
 
     def select(self, scored: ScoredSuperbatch, k: int, generator: torch.Generator,
                entropies: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """`k` indices into `scored` (the uniform share's first) and the per-example logits used (for stats); each
-        sampling draw's entropy is appended to `entropies` (none for top-k)."""
-        n_uniform = round(self.uniform_share * k)
-        if not n_uniform:
-            return self._select(scored, k, generator, entropies, None)
-        given = torch.randperm(scored.size, generator=generator)[:n_uniform]
-        if n_uniform == k:
-            return given, scored.score
-        idx, score = self._select(scored, k - n_uniform, generator, entropies, given)
-        return torch.cat([given.to(idx.device), idx]), score
+        """`k` indices into `scored` and the per-example logits used (for stats); each sampling draw's entropy is
+        appended to `entropies` (none for top-k). With a uniform share, each rank's b of them (its slice of the
+        k = world·b, `Scope.share`) are round(share·b) uniform picks, then the method's."""
+        if self.method == "topk" and scored.learner is None and scored.reference is None:
+            raise ValueError(f"JointSelect: method='topk' with rule={scored.rule.name!r}, which reads no model, "
+                             "would keep the first samples; use method='sample' for uniform selection")
+        gain, score = self._gain(scored)
+        ranks = self.scope.world_size
+        per_rank = round(self.uniform_share * (k // ranks))
+        if not per_rank:
+            return self._pick(scored, gain, score, k, generator, entropies, None), score
+        given = torch.randperm(scored.size, generator=generator)[:per_rank * ranks]
+        rest = k - len(given)
+        if not rest:
+            return given, score
+        picked = self._pick(scored, gain, score, rest, generator, entropies, given).to(given.device)
+        # rank r trains on positions [r·b, (r+1)·b): each slice gets its uniform picks, then its selected ones
+        return torch.cat([given.view(ranks, -1), picked.view(ranks, -1)], dim=1).flatten(), score
 
-    def _select(self, scored: ScoredSuperbatch, k: int, generator: torch.Generator,
-                entropies: list[Tensor] | None, given: Tensor | None) -> tuple[Tensor, Tensor]:
-        """`k` indices by the method, none of `given`'s, which the joint method's gains are conditioned on."""
-        if self.method == "joint" and scored.contrastive:
-            some = scored.learner or scored.reference
-            assert some is not None, "a contrastive superbatch has the learner's or the reference's scores"
-            kind = some.kind
-            # contrastive ModelScores hold the embeddings the gains read, which their Optional fields cannot say
-            learner = cast("_Embeddings | None", scored.learner)
-            reference = cast("_Embeddings | None", scored.reference)
-            gain: Gain
-            if kind == "sigmoid":
-                gain = SigmoidGain(learner, reference, scored.rule)
-            else:
-                losses = (None if s is None else s.loss for s in (scored.learner, scored.reference))
-                gain = SoftmaxGain(learner, reference, scored.rule, *losses)
-            first = gain.first()
-            idx = joint(gain, k, n_chunks=min(self.n_chunks, k), temperature=self.temperature, generator=generator,
-                        entropies=entropies, given=given)
-            return idx, first
-        score = scored.score
+    def _gain(self, scored: ScoredSuperbatch) -> tuple[Gain | None, Tensor]:
+        """The joint method's conditional gain over a contrastive superbatch (else None), and the per-example
+        logits the method selects by: the gain's first chunk's, or the rule's scores."""
+        if not (self.method == "joint" and scored.contrastive):
+            return None, scored.score
+        some = scored.learner or scored.reference
+        assert some is not None, "a contrastive superbatch has the learner's or the reference's scores"
+        # contrastive ModelScores hold the embeddings the gains read, which their Optional fields cannot say
+        learner = cast("_Embeddings | None", scored.learner)
+        reference = cast("_Embeddings | None", scored.reference)
+        gain: Gain
+        if some.kind == "sigmoid":
+            gain = SigmoidGain(learner, reference, scored.rule)
+        else:
+            losses = (None if s is None else s.loss for s in (scored.learner, scored.reference))
+            gain = SoftmaxGain(learner, reference, scored.rule, *losses)
+        return gain, gain.first()
+
+    def _pick(self, scored: ScoredSuperbatch, gain: Gain | None, score: Tensor, k: int, generator: torch.Generator,
+              entropies: list[Tensor] | None, given: Tensor | None) -> Tensor:
+        """`k` indices by the method, none of `given`'s (which the joint method's gains are conditioned on)."""
+        if gain is not None:
+            return joint(gain, k, n_chunks=min(self.n_chunks, k), temperature=self.temperature, generator=generator,
+                         entropies=entropies, given=given)
         candidates = score if given is None else score.float().index_fill(0, given.to(score.device), float("-inf"))
         if self.method == "topk":
-            if scored.learner is None and scored.reference is None:
-                raise ValueError(f"JointSelect: method='topk' with rule={scored.rule.name!r}, which reads no model, "
-                                 "would keep the first samples; use method='sample' for uniform selection")
-            return topk(candidates, k), score
-        return sample(candidates, k, temperature=self.temperature, generator=generator, entropies=entropies), score
+            return topk(candidates, k)
+        return sample(candidates, k, temperature=self.temperature, generator=generator, entropies=entropies)
 
     def next(self) -> BatchDict:
         scored = next(self.source)

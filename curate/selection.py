@@ -94,14 +94,14 @@ def joint(
     logits = gain.first()
     n = logits.shape[0]
     taken = torch.zeros(n, dtype=torch.bool, device=logits.device)
-    if given is not None and given.numel():
-        _check_k(k + given.numel(), n)
-        taken[given.to(logits.device)] = True
-        logits = gain.add(given.to(logits.device))
-    else:
-        _check_k(k, n)
+    _check_k(k + (0 if given is None else given.numel()), n)
     _check_temperature(temperature)
     sizes = chunk_sizes(k, n_chunks)
+    if given is not None and given.numel():
+        given = given.to(logits.device)
+        taken[given] = True
+        for part in given.split(sizes[0]):  # in pieces of a chunk's size: a gain's memory grows with the piece
+            logits = gain.add(part)
     # every chunk's noise in one draw and one transfer; row i is what a draw for chunk i alone would give
     noise = _gumbel((len(sizes), n), generator, logits.device) if temperature else None
     chunks: list[Tensor] = []

@@ -136,3 +136,59 @@ def test_a_pipeline_with_a_uniform_share_trains_on_both_and_refuses_a_state_with
     assert sum(m != set(p) for p, m in zip(plain_keys, mixed_keys, strict=True)) >= 6
     with pytest.raises(ValueError, match="uniform_share"):
         curate.pipeline(data, uniform_share=0.5, **kwargs).load_state_dict(plain.state_dict())
+
+
+class _TwoRanks(curate.LocalScope):
+    """The selection's view of a 2-rank global scope: rank r trains on positions [r·b, (r+1)·b) of its picks."""
+
+    world_size = 2
+
+
+def test_with_a_global_scope_every_rank_gets_its_own_uniform_share():
+    n, b = 20, 4  # per rank: 2 uniform picks and 2 by top-k
+    losses = torch.arange(n, dtype=torch.float32)
+    select = curate.JointSelect(None, b, "topk", uniform_share=0.5, scope=_TwoRanks())  # type: ignore[arg-type]
+    for seed in range(20):
+        idx, _ = select.select(_scored(losses), 2 * b, torch.Generator().manual_seed(seed))
+        given = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:4].tolist()
+        best = [j for j in range(n) if j not in given][:4]
+        ranks = idx.view(2, b).tolist()
+        assert [r[:2] for r in ranks] == [given[:2], given[2:]]
+        assert ranks[0][2:] + ranks[1][2:] == best
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_a_joint_uniform_share_conditions_the_gains_as_one_chunk_of_any_size(kind):
+    from curate.scorers import ModelScores
+    from curate.selection import SigmoidGain, SoftmaxGain, joint
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    v = torch.nn.functional.normalize(u + torch.randn(40, 8, generator=g), dim=1)
+    scores = ModelScores(kind, u, v, 6.0, -3.0 if kind == "sigmoid" else 0.0)
+    rule = curate.RULES["hard_learner"]
+
+    def gain():
+        if kind == "sigmoid":
+            return SigmoidGain(scores, None, rule)
+        return SoftmaxGain(scores, None, rule, scores.loss, None)
+
+    given = torch.tensor([5, 9, 13, 21, 30, 33, 38])  # more than a chunk (2): added in pieces
+    whole = gain()
+    after = whole.add(given)  # the same set added in one piece
+    picked = joint(gain(), 6, n_chunks=3, temperature=0.0, given=given)
+    expected = joint(_Given(whole, after, given), 6, n_chunks=3, temperature=0.0)
+    assert picked.tolist() == expected.tolist() and not set(picked.tolist()) & set(given.tolist())
+
+
+class _Given:
+    """`gain` after `given` was added in one piece (its logits `after`), with `given` masked out."""
+
+    def __init__(self, gain, after, given):
+        self.gain, self.after, self.taken = gain, after, torch.isin(torch.arange(len(after)), given)
+
+    def first(self):
+        return self.after.masked_fill(self.taken, float("-inf"))
+
+    def add(self, chunk):
+        return self.gain.add(chunk).masked_fill(self.taken, float("-inf"))
