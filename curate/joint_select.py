@@ -90,9 +90,10 @@ class JointSelect(Stage[BatchDict]):
             world·B candidates of all ranks, each rank training on its b.
         uniform_share: round(share·b) of each batch are drawn uniformly from the superbatch and the rest by the
             method, conditioned on them (the joint method's gains count them as an earlier chunk). 0 (default)
-            is the published methods. A share keeps some of the stream's own mix (its frequent concepts, and its
-            noise) in every batch: on the benchmark's web world with a distinct tail a quarter freed the runs
-            that pure selection held on a plateau (benchmarks/README.md, section 1c).
+            is the published methods. A share keeps every sample's chance of a place above share·b/B and some
+            of the stream's own mix (its frequent concepts, its noise) in every batch; on the benchmark's web
+            world with a distinct tail a quarter changed no method's mean beyond the seeds' spread
+            (benchmarks/README.md, section 1c).
 
     Counts are this rank's (its B candidates, its b kept), so summing them over ranks gives the job's totals.
     """
