@@ -145,7 +145,7 @@ METHODS = {  # name -> pipeline options over the recipe's selection (filter_rati
         "jest_T0": {"rule": "learnability", "method": "joint", "temperature": 0.0},
         **FILTER_SWEEP,
         # a quarter of each batch drawn uniformly from the superbatch, the rest by the method (`uniform_share`):
-        # on the distinct-tail world pure selection holds most runs on the units digit's plateau (section 1c)
+        # whether the stream's own mix frees runs that selection holds on the units plateau (section 1c: it does not)
         **{f"{name}_u25": {**CONTRASTIVE[name], "uniform_share": 0.25}
            for name in ("easy_reference", "jest", "learnability_sample")},
         # Flexi-JEST as published: the learner scores at half resolution and trains half of each batch at it

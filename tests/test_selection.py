@@ -206,6 +206,37 @@ def test_joint_given_draws_conditioned_on_them_as_greedy_brute_force(seed):
         joint(DenseGain(dense), 28, n_chunks=4, given=given)
 
 
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_joint_adds_a_given_set_larger_than_a_chunk_in_pieces_as_at_once(kind):
+    scores = _scores(kind, n=40, d=8, scale=6.0, bias=-3.0)
+    rule = get_rule("hard_learner")
+
+    def gain():
+        if kind == "sigmoid":
+            return SigmoidGain(scores, None, rule)
+        return SoftmaxGain(scores, None, rule, scores.loss, None)
+
+    given = torch.tensor([5, 9, 13, 21, 30, 33, 38])  # more than a chunk (2): added in pieces
+    whole = gain()
+    after = whole.add(given)  # the same set added in one piece
+    picked = joint(gain(), 6, n_chunks=3, temperature=0.0, given=given)
+    expected = joint(_Given(whole, after, given), 6, n_chunks=3, temperature=0.0)
+    assert picked.tolist() == expected.tolist() and not set(picked.tolist()) & set(given.tolist())
+
+
+class _Given:
+    """`gain` after `given` was added in one piece (its logits `after`), with `given` masked out."""
+
+    def __init__(self, gain, after, given):
+        self.gain, self.after, self.taken = gain, after, torch.isin(torch.arange(len(after)), given)
+
+    def first(self):
+        return self.after.masked_fill(self.taken, float("-inf"))
+
+    def add(self, chunk):
+        return self.gain.add(chunk).masked_fill(self.taken, float("-inf"))
+
+
 def test_bad_selection_sizes():
     with pytest.raises(ValueError, match="cannot keep 11 of 10"):
         topk(torch.zeros(10), 11)
