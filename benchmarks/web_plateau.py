@@ -51,7 +51,7 @@ def _run(job):
         return count(totals, batch)
 
     train._count = tally
-    sets = [f"{ARGS.task}.train.steps={ARGS.steps}"]
+    sets = [f"{ARGS.task}.train.steps={ARGS.steps}", *ARGS.set]
     result = EFF.run(ARGS.task, method, seed, ARGS.work, DATA, sets, SAMPLES, TEST)
     hard, same = [], []
     for batch in labels[ARGS.start:]:
@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--from", dest="start", type=int, default=500, help="first step of the batch statistics")
     parser.add_argument("--uniform-share", type=float, default=0.0,
                         help="this share of each selected batch drawn uniformly from the superbatch")
+    parser.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE",
+                        help="efficiency.py's --set: a recipe override (the learner's batch size or lr)")
     parser.add_argument("--data", default="/tmp/curate-bench/data-2m", help="efficiency.py's --data")
     parser.add_argument("--work", type=Path, default=Path("/tmp/curate-bench/work-2m"), help="efficiency.py's --work")
     ARGS = parser.parse_args()

@@ -230,6 +230,20 @@ def test_the_distinct_tail_world_has_the_declared_rates_and_the_same_balanced_sp
         assert sum(json.loads(r["json"])["tail"] for r in own) == web.N_CONCEPTS // 2
 
 
+def test_curate_data_web_accepts_exactly_the_worlds_tails(tmp_path, capsys):
+    """The CLI spells `--tail`'s choices out (it imports no torch, so not `web.TAILS`): each of the world's tails
+    makes that world, and a name the world does not know is refused before anything is written."""
+    from pipelines import cli
+
+    for tail in web.TAILS:
+        assert cli.main(["data", "web", str(tmp_path / tail), "--n-train", "50", "--tail", tail]) in (0, None)
+        assert json.loads((tmp_path / tail / "manifest.json").read_text())["web"]["tail"] == tail
+    with pytest.raises(SystemExit):
+        cli.main(["data", "web", str(tmp_path / "other"), "--n-train", "50", "--tail", "other"])
+    assert "invalid choice: 'other'" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
 def test_curate_data_web_tail_distinct_writes_that_world_and_says_so(tmp_path, capsys):
     from pipelines import cli
 
