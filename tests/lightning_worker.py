@@ -67,6 +67,10 @@ def main(run: str, out: Path, sized: str, ckpt: str | None) -> None:
     stats = datamodule.pipe.stats()
     (out / f"{run}-{trainer.global_rank}.json").write_text(json.dumps(
         {"seen": module.seen, "score_lag_steps": stats["score_lag_steps"], "rank_split": stats["rank_split"]}))
+    # a clean gloo teardown (as accelerate_worker's): Lightning's fit leaves the process group up, and once a rank
+    # exited while the other's gloo threads still ran and aborted with "terminate called without an active exception"
+    trainer.strategy.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
