@@ -58,6 +58,10 @@ GLOBAL_CASES = {
                           models=lambda: (tiny_clip("softmax", seed=0), tiny_clip("softmax", seed=1)),
                           scorer=lambda: curate.ContrastiveScorer(loss="softmax"),
                           options=dict(method="joint", batch_size=4, superbatch_size=16, n_chunks=3, shuffle_buffer=0)),
+    # half of each rank's batch uniform (`uniform_share`): each rank gets its own uniform picks, then its top-k slice
+    "topk_uniform_share": dict(data=lambda: make_samples(240), models=linear_models, scorer=curate.ClassificationScorer,
+                               options=dict(method="topk", batch_size=4, superbatch_size=20, shuffle_buffer=16,
+                                            uniform_share=0.5)),
 }
 TRAIN = dict(batch_size=5, superbatch_size=20, steps=8, lr=0.5)
 

@@ -302,6 +302,14 @@ def _merge(parts: list[dict]) -> dict:
             for k, v in parts[0].items()}
 
 
+def _global_order(b: int, share: float, world_size: int = 2) -> list[int]:
+    """Where each rank's picks sit in one process's batch of world_size·b: with a uniform share, one process puts
+    all world_size·k uniform picks first (k = round(share·b)), a rank its own k and then its slice of the rest."""
+    k, rest = round(share * b), world_size * round(share * b)
+    return [i for r in range(world_size) for i in [*range(r * k, (r + 1) * k),
+                                                   *range(rest + r * (b - k), rest + (r + 1) * (b - k))]]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", list(GLOBAL_CASES))
@@ -319,6 +327,9 @@ def test_global_selection_equals_one_process_selecting_over_the_concatenated_sup
                                   batch_size=2 * b, superbatch_size=2 * big_b, micro_batch_size=big_b,
                                   **{**options, "shuffle_buffer": 0}))
     assert len(single) == steps
+    order = _global_order(b, options.get("uniform_share", 0.0))  # the identity without a share
+    single = [{k: v[order] if isinstance(v, torch.Tensor) else [v[i] for i in order] for k, v in batch.items()}
+              for batch in single]
     exchanged = 0
     for step in range(steps):
         parts = [run["batches"][step] for run in runs]
