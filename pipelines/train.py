@@ -109,6 +109,10 @@ def distributed_session(recipe: Recipe) -> Iterator[Comm]:
         comm = Comm(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, recipe.distributed.timeout_s)
         comm.check_same("recipe", _flatten(recipe.model_dump(mode="json")))
         yield comm
+        # on success only (a failed rank must not wait): no rank tears gloo down while another's collectives still
+        # run; one once aborted at exit with "terminate called without an active exception"
+        if started:
+            dist.barrier()
     except (RuntimeError, OSError) as error:  # DDP's all-reduce on the default group: name the rank that stalled
         if not peer_failure(error):
             raise
