@@ -451,7 +451,7 @@ class GlobalScope:
 
     def gather(self, scored: ScoredSuperbatch) -> ScoredSuperbatch:
         return ScoredSuperbatch({}, _gather(scored.learner, self.comm), _gather(scored.reference, self.comm),
-                                scored.rule, scored.size * self.world_size)
+                                scored.rule, scored.size * self.world_size, uniform=scored.uniform)
 
     def share(self, scored: ScoredSuperbatch, idx: Tensor, score: Tensor) -> Share:
         rank, n = self.comm.rank, scored.size

@@ -98,7 +98,8 @@ class JointSelect(Stage[BatchDict]):
     Counts are this rank's (its B candidates, its b kept), so summing them over ranks gives the job's totals.
     """
 
-    counters = {"superbatches": Counter(), "seen": Counter(), "kept": Counter(), "_score_sum": Counter(initial=0.0),
+    counters = {"superbatches": Counter(), "seen": Counter(), "kept": Counter(), "warmup_batches": Counter(),
+                "_warmup_seen": Counter(), "_warmup_kept": Counter(), "_score_sum": Counter(initial=0.0),
                 "_kept_score_sum": Counter(initial=0.0), "_last_quantiles": Counter(LAST, []),
                 # the sampling distributions' normalised entropy (`sampling_entropy`): the first chunk's and the
                 # later chunks' summed over superbatches, and the last superbatch's chunk by chunk
@@ -150,6 +151,8 @@ class JointSelect(Stage[BatchDict]):
         """`k` indices into `scored` and the per-example logits used (for stats); each sampling draw's entropy is
         appended to `entropies` (none for top-k). With a uniform share, each rank's b of them (its slice of the
         k = world·b, `Scope.share`) are round(share·b) uniform picks, then the method's."""
+        if scored.uniform:  # the selection warmup: nothing was scored
+            return torch.randperm(scored.size, generator=generator)[:k], scored.score
         if self.method == "topk" and scored.learner is None and scored.reference is None:
             raise ValueError(f"JointSelect: method='topk' with rule={scored.rule.name!r}, which reads no model, "
                              "would keep the first samples; use method='sample' for uniform selection")
@@ -209,6 +212,11 @@ class JointSelect(Stage[BatchDict]):
         c["superbatches"] += 1
         c["seen"] += scored.size
         c["kept"] += len(share.kept)
+        if scored.uniform:  # no scores to summarise
+            c["warmup_batches"] += 1
+            c["_warmup_seen"] += scored.size
+            c["_warmup_kept"] += len(share.kept)
+            return share.batch
         c["_score_sum"] += float(share.own.sum())
         c["_kept_score_sum"] += float(share.kept.sum())
         c["_last_quantiles"] = np.quantile(score.numpy(), _QUANTILES).tolist()  # torch.quantile: ~10x the overhead
@@ -227,9 +235,10 @@ class JointSelect(Stage[BatchDict]):
     def derive(totals: dict) -> dict:
         seen, kept = totals["seen"], totals["kept"]
         out = {"kept_fraction": kept / seen if seen else 0.0}
-        if seen:
-            out["score_mean"] = totals["_score_sum"] / seen
-            out["kept_score_mean"] = totals["_kept_score_sum"] / kept
+        scored, kept_scored = seen - totals["_warmup_seen"], kept - totals["_warmup_kept"]  # the warmup's had none
+        if scored:
+            out["score_mean"] = totals["_score_sum"] / scored
+            out["kept_score_mean"] = totals["_kept_score_sum"] / kept_scored
             out["score_quantiles"] = dict(zip((f"q{int(q * 100)}" for q in _QUANTILES), totals["_last_quantiles"],
                                               strict=True))
         if totals["_last_chunk_entropy"]:  # a sampled selection (not top-k): how peaked its draws are

@@ -361,6 +361,7 @@ def pipeline(
     n_chunks: int = 16,
     temperature: float = 1.0,
     uniform_share: float = 0.0,
+    selection_warmup: int = 0,
     shuffle_buffer: int = 1024,
     collate: Callable | None = None,
     micro_batch_size: int = 1024,
@@ -401,6 +402,11 @@ def pipeline(
         n_chunks, temperature: JEST sampler knobs; see `curate.JointSelect`.
         uniform_share: this share of each batch drawn uniformly from the superbatch, the rest selected
             (conditioned on them); 0, the default, is the published methods. See `curate.JointSelect`.
+        selection_warmup: the first N batches of the run (per rank, counted over epochs and resumes) are drawn
+            uniformly from their superbatches, with nothing scored (no scoring FLOPs); selection starts at batch N.
+            0, the default, is the published methods, which select from the first step. Selection from a learner
+            that knows nothing can fix it on the features the first selected batches teach (benchmarks/README.md,
+            section 1e); a warmup lets it learn the stream's shared features first, at uniform training's cost.
         shuffle_buffer: samples per seeded shuffle block (`curate.Shuffle`), rounded up to whole superbatches. A
             block mixes samples across the superbatches it spans, so a buffer of at most one superbatch does
             nothing (selection is over the superbatch's set; its order never matters) and no shuffle runs. 0
@@ -464,6 +470,9 @@ def pipeline(
                          f"{superbatch_size=} {batch_size=}; use filter_ratio=0 to keep everything")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"pipeline: batch_size must be a positive int, got {batch_size=}")
+    if not isinstance(selection_warmup, int) or selection_warmup < 0:
+        raise ValueError(f"pipeline: selection_warmup must be a non-negative int (batches drawn uniformly before "
+                         f"selection starts), got {selection_warmup=}")
     if prefetch not in (0, 1):
         raise ValueError(f"pipeline: prefetch must be 0 or 1, got {prefetch=}; each further superbatch "
                          "prepared ahead would be scored with weights one more step stale")
@@ -487,6 +496,8 @@ def pipeline(
                "shuffle_buffer": shuffle_buffer, "prefetch": prefetch, "drop_last": drop_last}
     if uniform_share:  # only when set: states saved before the knob existed carry no such key, and still load
         options["uniform_share"] = uniform_share
+    if selection_warmup:
+        options["selection_warmup"] = selection_warmup
     comm.check_same("pipeline configuration", options)  # a rank with other options would silently train differently
     output_of(fields, output)  # bad fields= / output= fail here, before any work
     side = (resolve_learner(learner, prefetch=prefetch, train_model=train_model, train_scorer=train_scorer)
@@ -515,7 +526,7 @@ def pipeline(
     if device.type != "cpu":
         node = ToDevice(node, device)
     node = score = Score(node, side, reference, scorer, rule, micro_batch_size=micro_batch_size,
-                         score_transform=score_transform, count_flops=count_flops)
+                         score_transform=score_transform, count_flops=count_flops, warmup=selection_warmup)
     scope = GlobalScope(comm) if selection_scope == "global" and world_size > 1 else None
     node = JointSelect(node, batch_size, method, n_chunks=n_chunks, temperature=temperature, seed=seed,
                        superbatch_size=superbatch_size, scope=scope, uniform_share=uniform_share)

@@ -22,13 +22,15 @@ __all__ = ["Score", "ScoredSuperbatch"]
 
 @dataclass
 class ScoredSuperbatch:
-    """A superbatch with what selection needs: both models' scores and the rule that combines them."""
+    """A superbatch with what selection needs: both models' scores and the rule that combines them. `uniform`: a
+    superbatch of the selection warmup, not scored, whose batch is drawn uniformly (`Score`'s `warmup`)."""
 
     batch: BatchDict
     learner: ModelScores | None
     reference: ModelScores | None
     rule: Rule
     size: int
+    uniform: bool = False
 
     @property
     def score(self) -> Tensor:
@@ -68,7 +70,10 @@ class Score(Stage[ScoredSuperbatch]):
             are trained on as they came), e.g. downsampled images for cheaper scoring (Flexi-JEST):
             `lambda batch: {**batch, "image": F.avg_pool2d(batch["image"], 2)}`. It may change each
             sample but must keep all of them, in order, and the fields a ScoreCache reads (`__key__`).
-        count_flops: measure each model's forward FLOPs on the first superbatch (`curate.flops`).
+        count_flops: measure each model's forward FLOPs on the first superbatch scored (`curate.flops`).
+        warmup: the first `warmup` superbatches of the run (counted over epochs and resumes) are not scored: they
+            pass on marked `uniform`, and `JointSelect` draws their batches uniformly. Selection then starts from
+            a learner that has seen the stream's own mix (see `curate.pipeline`'s `selection_warmup`).
 
     Non-finite losses or embeddings raise a ValueError naming the samples' keys: a NaN score would
     otherwise silently decide what is trained on.
@@ -79,7 +84,8 @@ class Score(Stage[ScoredSuperbatch]):
 
     def __init__(self, source: BaseNode, learner=None, reference=None, scorer: Scorer | None = None,
                  rule: str | Rule | RuleFn = "learnability", micro_batch_size: int = 1024,
-                 score_transform: Callable[[BatchDict], BatchDict] | None = None, count_flops: bool = True):
+                 score_transform: Callable[[BatchDict], BatchDict] | None = None, count_flops: bool = True,
+                 warmup: int = 0):
         super().__init__(source)
         self.rule = as_rule(rule, learner=learner is not None, reference=reference is not None)
         if self.rule.uses_learner and learner is None:
@@ -98,6 +104,8 @@ class Score(Stage[ScoredSuperbatch]):
             raise ValueError(f"Score: micro_batch_size must be a positive int, got {micro_batch_size=}")
         if score_transform is not None and not callable(score_transform):
             raise TypeError(f"Score: score_transform must be a function batch -> batch, got {score_transform!r}")
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"Score: warmup must be a non-negative int (superbatches not scored), got {warmup=}")
         # a model the rule does not read is never scored
         self.learner: LearnerSide | None = resolve_learner(learner) if self.rule.uses_learner else None
         self.reference: ScoreProvider | None = (as_provider(reference, "reference") if self.rule.uses_reference
@@ -105,11 +113,15 @@ class Score(Stage[ScoredSuperbatch]):
         self.scorer, self.micro_batch_size = scorer, micro_batch_size
         self.score_transform, self.count_flops = score_transform, count_flops
         self.ledger = FlopLedger()
+        self.warmup = warmup
+        self._superbatches = 0  # of the run, over epochs: a new epoch's reset(None) keeps it
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
         if initial_state is not None:
             self.ledger.load(initial_state["ledger"])
+            # states saved before the warmup existed carry no count; they load only into warmup=0 (the config hash)
+            self._superbatches = initial_state.get("superbatches", 0)
 
     def _scores(self, role: str, provider: ScoreProvider | None, batch: BatchDict, n: int) -> ModelScores | None:
         if provider is None:
@@ -138,8 +150,11 @@ class Score(Stage[ScoredSuperbatch]):
     def next(self) -> ScoredSuperbatch:
         batch = next(self.source)
         self._check_keys(batch)
-        start = time.perf_counter()
+        self._superbatches += 1
         n = batch_size_of(batch)
+        if self._superbatches <= self.warmup:
+            return ScoredSuperbatch(batch, None, None, self.rule, n, uniform=True)
+        start = time.perf_counter()
         scoring = batch if self.score_transform is None else self._transform(self.score_transform, batch, n)
         side = self.learner
         learner = self._scores(side.role, side.provider, scoring, n) if side is not None else None
@@ -174,13 +189,15 @@ class Score(Stage[ScoredSuperbatch]):
             )
 
     def get_state(self) -> dict:
-        return {**super().get_state(), "ledger": self.ledger.state()}
+        return {**super().get_state(), "ledger": self.ledger.state(), "superbatches": self._superbatches}
 
     @property
     def measures_training_forward(self) -> bool:
         """The learner's scoring forward is the training forward (a live learner, scored on the batch as it is
-        trained): the ledger's training FLOPs per sample are its measured scoring FLOPs."""
-        return self.learner is not None and self.learner.scores_training_forward and self.score_transform is None
+        trained): the ledger's training FLOPs per sample are its measured scoring FLOPs. Not with a warmup, whose
+        batches are trained before that forward is first measured."""
+        return (self.learner is not None and self.learner.scores_training_forward and self.score_transform is None
+                and not self.warmup)
 
     def stats(self) -> dict:
         out = super().stats()

@@ -63,14 +63,18 @@ class Stage(BaseNode[T], Generic[T]):
         super().__init__()
         # typed as always there: only a Source, the start of a chain, has none (and never reads it)
         self.source: BaseNode = cast(BaseNode, source)
-        self.counts: dict[str, Any] = {name: copy.deepcopy(c.initial) for name, c in self.counters.items()}
+        self.counts: dict[str, Any] = self._fresh_counts()
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
         if self.source is not None:
             self.source.reset(None if initial_state is None else initial_state[self.SOURCE_KEY])
         if initial_state is not None and self.counters:
-            self.counts = copy.deepcopy(initial_state[self.COUNTS_KEY])
+            # a counter added since the state was saved starts from its initial value
+            self.counts = self._fresh_counts() | copy.deepcopy(initial_state[self.COUNTS_KEY])
+
+    def _fresh_counts(self) -> dict[str, Any]:
+        return {name: copy.deepcopy(c.initial) for name, c in self.counters.items()}
 
     def get_state(self) -> dict:
         state: dict[str, Any] = {}

@@ -185,6 +185,7 @@ class SelectionConfig(_Strict):
     n_chunks: int = Field(16, gt=0)
     temperature: float = Field(1.0, ge=0)
     uniform_share: float = Field(0.0, ge=0, le=1)
+    warmup: int = Field(0, ge=0)  # curate.pipeline's selection_warmup
     shuffle_buffer: int = Field(1024, ge=0)
     actor: ActorConfig | None = None
     flexi: FlexiConfig | None = None

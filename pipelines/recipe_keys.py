@@ -76,6 +76,8 @@ KEYS: dict[str, str] = {
     "selection.temperature": "sample / joint: softmax temperature over scores (0: greedy; default 1)",
     "selection.uniform_share": "share of each batch drawn uniformly from the superbatch, the rest selected "
                                "(default 0: the published methods)",
+    "selection.warmup": "the first N training steps take uniform batches from their superbatches, nothing scored; "
+                        "selection starts at step N (default 0: the published methods)",
     "selection.shuffle_buffer": "samples shuffled ahead of the superbatch (default 1024; 0: none)",
     "selection.actor.model": "ACL: a small proxy model, as model.*, trained online and scoring for the learner",
     "selection.actor.lr": "ACL: the actor's learning rate (default 0.001)",

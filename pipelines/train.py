@@ -46,7 +46,7 @@ def plan_runs(recipe: Recipe) -> dict[str, dict]:
     """Run name → pipeline options: the recipe's own selection, then each baseline in `compare`."""
     sel = recipe.selection
     main = {"rule": sel.rule, "method": sel.method, "filter_ratio": sel.filter_ratio, "n_chunks": sel.n_chunks,
-            "temperature": sel.temperature, "uniform_share": sel.uniform_share}
+            "temperature": sel.temperature, "uniform_share": sel.uniform_share, "selection_warmup": sel.warmup}
     runs = {sel.rule if sel.rule != "rho" else "learnability": main}
     for rule in recipe.compare:
         if rule == "uniform":  # the baseline: data as it comes, no superbatch to score

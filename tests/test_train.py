@@ -136,3 +136,16 @@ def test_a_recipes_uniform_share_reaches_every_selected_run(recipe):
     # the reference's easiest quarter holds few flipped labels; half of each batch drawn uniformly holds ~30% of them
     noisy = [sum(r["noisy_kept"] for r in history) / len(history) for history in (mixed, plain)]
     assert noisy[0] > noisy[1] + 0.05, noisy
+
+
+def test_a_recipes_selection_warmup_reaches_every_selected_run_and_trains_its_first_steps_uniformly(recipe):
+    warm = recipe.model_copy(update={"selection": recipe.selection.model_copy(update={"warmup": 5}),
+                                     "compare": ["uniform"]})
+    runs = plan_runs(warm)
+    assert runs["learnability"]["selection_warmup"] == 5 and "selection_warmup" not in runs["uniform"]
+    history = run_one(warm, "warm", runs["learnability"], progress=False, checkpoint=False)
+    last = history[-1]["pipeline"]
+    assert last["warmup_batches"] == 5 and last["kept"] == 12 * 8
+    plain = run_one(recipe, "plain", plan_runs(recipe)["learnability"], progress=False, checkpoint=False)
+    # 7 of the 12 superbatches scored: the scoring FLOPs are 7/12 of the plain run's
+    assert last["scoring_flops"] == pytest.approx(plain[-1]["pipeline"]["scoring_flops"] * 7 / 12)
