@@ -303,12 +303,24 @@ RESUMABLE_CHANGES = ("train.steps", "train.out", "prepare", "compare", "distribu
 
 
 def recipe_changes(saved: dict, recipe: Recipe) -> list[str]:
-    """'key: old → new' for each dotted recipe key that differs from the checkpoint's (RESUMABLE_CHANGES aside)."""
-    old, new = _flatten(saved), _flatten(recipe.model_dump(mode="json"))
+    """'key: old → new' for each dotted recipe key that differs from the checkpoint's (RESUMABLE_CHANGES aside).
+
+    A key added to the recipe since the checkpoint was written counts at its default, which is what curate did
+    before the key existed (a new knob's default keeps the old behaviour)."""
+    old, new = _flatten(_with_defaults(saved)), _flatten(recipe.model_dump(mode="json"))
     free = [k for k in RESUMABLE_CHANGES if not (k == "train.steps" and new.get("train.schedule") == "cosine")]
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>")
                   and not any(k == f or k.startswith(f"{f}.") for f in free))
     return [f"{k}: {_shown(old, k)} → {_shown(new, k)}" for k in keys]
+
+
+def _with_defaults(saved: dict) -> dict:
+    """The saved recipe with the keys it lacks at their defaults; as saved if it no longer validates (a key since
+    removed, or a relative path checked from another directory), so every difference is still shown."""
+    try:
+        return Recipe.model_validate(saved).model_dump(mode="json")
+    except ValueError:  # pydantic's ValidationError
+        return saved
 
 
 def _shown(flat: dict, key: str) -> str:

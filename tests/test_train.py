@@ -149,3 +149,16 @@ def test_a_recipes_selection_warmup_reaches_every_selected_run_and_trains_its_fi
     plain = run_one(recipe, "plain", plan_runs(recipe)["learnability"], progress=False, checkpoint=False)
     # 7 of the 12 superbatches scored: the scoring FLOPs are 7/12 of the plain run's
     assert last["scoring_flops"] == pytest.approx(plain[-1]["pipeline"]["scoring_flops"] * 7 / 12)
+
+
+def test_a_checkpoint_written_before_a_recipe_key_existed_resumes_while_the_key_keeps_its_default(recipe):
+    from pipelines.train import recipe_changes
+
+    older = recipe.model_dump(mode="json")
+    del older["selection"]["warmup"], older["selection"]["uniform_share"]  # knobs added since 0.1
+    assert recipe_changes(older, recipe) == []
+    warm = recipe.model_copy(update={"selection": recipe.selection.model_copy(update={"warmup": 5})})
+    assert recipe_changes(older, warm) == ["selection.warmup: 0 → 5"]
+    older["selection"]["knob_since_removed"] = 1  # no longer validates: compared as saved, every difference shown
+    assert recipe_changes(older, warm) == ["selection.knob_since_removed: 1 → (unset)",
+                                           "selection.uniform_share: (unset) → 0.0", "selection.warmup: (unset) → 5"]
