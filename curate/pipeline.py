@@ -404,9 +404,10 @@ def pipeline(
             (conditioned on them); 0, the default, is the published methods. See `curate.JointSelect`.
         selection_warmup: the first N batches of the run (per rank, counted over epochs and resumes) are drawn
             uniformly from their superbatches, with nothing scored (no scoring FLOPs); selection starts at batch N.
-            0, the default, is the published methods, which select from the first step. Selection from a learner
-            that knows nothing can fix it on the features the first selected batches teach (benchmarks/README.md,
-            section 1e); a warmup lets it learn the stream's shared features first, at uniform training's cost.
+            0, the default, is the published methods, which select from the first step. What a small learner
+            learns first decides whether selection stalls it on a feature uniform learns; a warmup changes that in
+            either direction (benchmarks/README.md, section 1e: a third of the budget freed most stalled runs on
+            one world and halved selection's gain on another). Try it where curated runs stall and uniform does not.
         shuffle_buffer: samples per seeded shuffle block (`curate.Shuffle`), rounded up to whole superbatches. A
             block mixes samples across the superbatches it spans, so a buffer of at most one superbatch does
             nothing (selection is over the superbatch's set; its order never matters) and no shuffle runs. 0
