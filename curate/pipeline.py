@@ -404,6 +404,7 @@ def pipeline(
             (conditioned on them); 0, the default, is the published methods. See `curate.JointSelect`.
         selection_warmup: the first N batches of the run (per rank, counted over epochs and resumes) are drawn
             uniformly from their superbatches, with nothing scored (no scoring FLOPs); selection starts at batch N.
+            A fresh pipeline given `set_epoch(e)` (open_clip's resume) counts e epochs' batches as done.
             0, the default, is the published methods, which select from the first step. What a small learner
             learns first decides whether selection stalls it on a feature uniform learns; a warmup changes that in
             either direction (benchmarks/README.md, section 1e: a third of the budget freed most stalled runs on
@@ -544,6 +545,7 @@ def pipeline(
         batches_per_epoch = lengths.batches_per_epoch(
             lengths.source_samples(source), superbatch_size, rank=rank, world_size=world_size,
             split_here=split_here, lockstep=comm.group is not None, drop_last=drop_last)
+    score.superbatches_per_epoch = batches_per_epoch  # one superbatch per batch: the warmup counts set_epoch's epochs
     config = {**options, "stages": [stage_name(n) for n in chain(node)]}
     return Pipeline(node, comm, output=output_of(fields, output), config=config, batches_per_epoch=batches_per_epoch)
 

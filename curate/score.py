@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from .scorers import ModelScores, ScoreProvider, Scorer
 from .stage import LAST, MAX, SUM, Counter, Stage
 
 __all__ = ["Score", "ScoredSuperbatch"]
+
+log = logging.getLogger("curate.score")
 
 
 @dataclass
@@ -115,6 +118,7 @@ class Score(Stage[ScoredSuperbatch]):
         self.ledger = FlopLedger()
         self.warmup = warmup
         self._superbatches = 0  # of the run, over epochs: a new epoch's reset(None) keeps it
+        self.superbatches_per_epoch: int | None = None  # set by curate.pipeline when it knows the epoch's length
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
@@ -122,6 +126,17 @@ class Score(Stage[ScoredSuperbatch]):
             self.ledger.load(initial_state["ledger"])
             # states saved before the warmup existed carry no count; they load only into warmup=0 (the config hash)
             self._superbatches = initial_state.get("superbatches", 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A run that starts at `epoch` without a state (open_clip's resume) has trained `epoch` whole epochs
+        before: the warmup counts them, when the epoch's length is known (else it counts from here, logged)."""
+        super().set_epoch(epoch)
+        if self.superbatches_per_epoch is not None:
+            self._superbatches = max(self._superbatches, epoch * self.superbatches_per_epoch)
+        elif self.warmup and epoch and not self._superbatches:
+            log.warning("Score: set_epoch(%d) without a state and an epoch of unknown length: the selection warmup "
+                        "of %d batches starts again; give the pipeline batches_per_epoch= to count the epochs before",
+                        epoch, self.warmup)
 
     def _scores(self, role: str, provider: ScoreProvider | None, batch: BatchDict, n: int) -> ModelScores | None:
         if provider is None:

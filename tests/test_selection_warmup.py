@@ -53,6 +53,20 @@ def test_warmup_is_counted_over_epochs():
     warm = [[batch["__key__"] for batch in again] for _ in range(3)]
     assert warm[0] != epochs[0] and warm[1][0] != epochs[1][0]
     assert warm[1][1] == epochs[1][1] and warm[2] == epochs[2]
+    for e in (1, 2):  # open_clip's resume: a fresh pipeline told its epoch counts the epochs before as trained
+        fresh = _pipeline(data, 3)
+        fresh.set_epoch(e)
+        assert [batch["__key__"] for batch in fresh] == warm[e]
+
+
+def test_set_epoch_on_a_source_of_unknown_length_restarts_the_warmup_and_says_so(caplog):
+    data = make_samples(100)
+    fresh = _pipeline(iter(data), 3)
+    with caplog.at_level("WARNING", logger="curate.score"):
+        fresh.set_epoch(1)
+        list(fresh)
+    assert "selection warmup of 3 batches starts again" in caplog.text and "batches_per_epoch=" in caplog.text
+    assert fresh.stats()["warmup_batches"] == 2
 
 
 def test_a_run_resumed_inside_or_after_the_warmup_continues_as_the_uninterrupted_one():
