@@ -243,7 +243,8 @@ class JointSelect(Stage[BatchDict]):
                                               strict=True))
         if totals["_last_chunk_entropy"]:  # a sampled selection (not top-k): how peaked its draws are
             later = totals["_later_chunks"]
-            out["chunk_entropy"] = {"first": totals["_first_entropy_sum"] / totals["superbatches"],
+            sampled = totals["superbatches"] - totals["warmup_batches"]  # the warmup's draws are not the method's
+            out["chunk_entropy"] = {"first": totals["_first_entropy_sum"] / sampled,
                                     "later": totals["_later_entropy_sum"] / later if later else None,
                                     "last_superbatch": totals["_last_chunk_entropy"]}
         return out

@@ -78,6 +78,9 @@ class Pipeline(Loader):
         given = config if config is not None else {"stages": [stage_name(node) for node in self.chain]}
         self.config = json.loads(json.dumps(given, sort_keys=True, default=str))  # plain values, as a state holds
         self.batches_per_epoch = batches_per_epoch
+        for node in self.chain:
+            if isinstance(node, Score):  # one superbatch per batch: a warmup counts the epochs set_epoch skips
+                node.superbatches_per_epoch = batches_per_epoch
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (what frameworks size progress bars and schedules by); a TypeError when
@@ -404,7 +407,7 @@ def pipeline(
             (conditioned on them); 0, the default, is the published methods. See `curate.JointSelect`.
         selection_warmup: the first N batches of the run (per rank, counted over epochs and resumes) are drawn
             uniformly from their superbatches, with nothing scored (no scoring FLOPs); selection starts at batch N.
-            A fresh pipeline given `set_epoch(e)` (open_clip's resume) counts e epochs' batches as done.
+            A fresh pipeline given `set_epoch(e)` (open_clip's resume) counts e epochs of `len()` batches as done.
             0, the default, is the published methods, which select from the first step. What a small learner
             learns first decides whether selection stalls it on a feature uniform learns; a warmup changes that in
             either direction (benchmarks/README.md, section 1e: a third of the budget freed most stalled runs on
@@ -545,7 +548,11 @@ def pipeline(
         batches_per_epoch = lengths.batches_per_epoch(
             lengths.source_samples(source), superbatch_size, rank=rank, world_size=world_size,
             split_here=split_here, lockstep=comm.group is not None, drop_last=drop_last)
-    score.superbatches_per_epoch = batches_per_epoch  # one superbatch per batch: the warmup counts set_epoch's epochs
+    if comm.group is not None and world_size > 1:  # in step, every rank yields the fewest rank's full superbatches; a
+        # source split unevenly before curate gives each rank its own count here (and a warmup counted from it
+        # would mark a superbatch unscored on one rank and scored on another)
+        counts = comm.gather_object(batches_per_epoch)
+        batches_per_epoch = None if None in counts else min(counts)
     config = {**options, "stages": [stage_name(n) for n in chain(node)]}
     return Pipeline(node, comm, output=output_of(fields, output), config=config, batches_per_epoch=batches_per_epoch)
 

@@ -118,22 +118,28 @@ class Score(Stage[ScoredSuperbatch]):
         self.ledger = FlopLedger()
         self.warmup = warmup
         self._superbatches = 0  # of the run, over epochs: a new epoch's reset(None) keeps it
-        self.superbatches_per_epoch: int | None = None  # set by curate.pipeline when it knows the epoch's length
+        self.superbatches_per_epoch: int | None = None  # set by Pipeline when it knows the epoch's length
+        self._fresh = True  # nothing drawn and no state loaded: set_epoch may count the epochs before as trained
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
         if initial_state is not None:
+            self._fresh = False
             self.ledger.load(initial_state["ledger"])
             # states saved before the warmup existed carry no count; they load only into warmup=0 (the config hash)
             self._superbatches = initial_state.get("superbatches", 0)
 
     def set_epoch(self, epoch: int) -> None:
-        """A run that starts at `epoch` without a state (open_clip's resume) has trained `epoch` whole epochs
-        before: the warmup counts them, when the epoch's length is known (else it counts from here, logged)."""
+        """A fresh pipeline (nothing drawn, no state loaded) started at `epoch` (open_clip's resume) has trained
+        `epoch` whole epochs before: the warmup counts them, when the epoch's length is known (else it counts from
+        here, logged). A pipeline already under way keeps its own count: an epoch the loop cut short counts only
+        the batches it drew."""
         super().set_epoch(epoch)
+        if not (self._fresh and self.warmup and epoch):
+            return
         if self.superbatches_per_epoch is not None:
-            self._superbatches = max(self._superbatches, epoch * self.superbatches_per_epoch)
-        elif self.warmup and epoch and not self._superbatches:
+            self._superbatches = epoch * self.superbatches_per_epoch
+        else:
             log.warning("Score: set_epoch(%d) without a state and an epoch of unknown length: the selection warmup "
                         "of %d batches starts again; give the pipeline batches_per_epoch= to count the epochs before",
                         epoch, self.warmup)
@@ -165,6 +171,7 @@ class Score(Stage[ScoredSuperbatch]):
     def next(self) -> ScoredSuperbatch:
         batch = next(self.source)
         self._check_keys(batch)
+        self._fresh = False
         self._superbatches += 1
         n = batch_size_of(batch)
         if self._superbatches <= self.warmup:

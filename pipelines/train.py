@@ -316,7 +316,7 @@ def recipe_changes(saved: dict, recipe: Recipe) -> list[str]:
 
 def _with_defaults(saved: dict) -> dict:
     """The saved recipe with the keys it lacks at their defaults; as saved if it no longer validates (a key since
-    removed, or a relative path checked from another directory), so every difference is still shown."""
+    removed or a value no longer allowed), so every difference is still shown."""
     try:
         return Recipe.model_validate(saved).model_dump(mode="json")
     except ValueError:  # pydantic's ValidationError

@@ -124,6 +124,16 @@ def scenario_library(out: dict, digits: str) -> None:
     second = build()
     second.load_state_dict(torch.load(buffer, weights_only=True))
     out["resume"] = {"full": full, "resumed": head + [b["__key__"] for b in second]}
+    # 6. a selection warmup under a global scope, over sources split unevenly before curate (150 and 100 samples:
+    # 3 and 2 superbatches of 50), resumed by set_epoch(1) alone: every rank must count the same warmup
+    rank = dist.get_rank()
+    mine = [{**s, "__key__": f"r{rank}-{s['__key__']}"} for s in make_samples(150 - 50 * rank, seed=rank)]
+    learner, reference = linear_models()
+    p = curate.pipeline(mine, learner=learner, reference=reference, scorer=curate.ClassificationScorer(),
+                        method="topk", batch_size=10, superbatch_size=50, shuffle_buffer=0, seed=3,
+                        selection_scope="global", rank_split="none", selection_warmup=3)
+    p.set_epoch(1)
+    out["warmup"] = {"len": len(p), "batches": [b["__key__"] for b in p], "stats": p.stats()}
 
 
 def _error(fn) -> str | None:

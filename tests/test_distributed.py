@@ -381,6 +381,18 @@ def test_global_pipeline_resumes_mid_epoch_exactly(library):
         assert out["resume"]["resumed"] == out["resume"]["full"]
 
 
+@pytest.mark.slow
+def test_a_global_warmup_over_unevenly_split_sources_is_counted_alike_on_every_rank(library):
+    # in step, both ranks yield the shorter rank's 2 superbatches; set_epoch(1) counts one epoch of 2 as warmed
+    # up, so each rank draws its 3rd warmup batch and then selects (with counts apart, ranks stalled in a collective)
+    for out in library:
+        warmup = out["warmup"]
+        assert warmup["len"] == 2 and len(warmup["batches"]) == 2 and warmup["stats"]["warmup_batches"] == 1
+        assert all(len(keys) == 10 for keys in warmup["batches"])
+    kept = [k for out in library for keys in out["warmup"]["batches"] for k in keys]
+    assert len(set(kept)) == 40 and {k[:2] for k in kept} == {"r0", "r1"}  # one global selection, no repeats
+
+
 # ---------------------------------------------------------------- torchrun: bad input
 
 

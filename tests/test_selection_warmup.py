@@ -59,6 +59,15 @@ def test_warmup_is_counted_over_epochs():
         assert [batch["__key__"] for batch in fresh] == warm[e]
 
 
+def test_a_loop_that_cuts_its_epochs_short_still_gets_the_whole_warmup():
+    p = _pipeline(make_samples(200), 5)  # 4 batches per epoch; the loop takes 2 of each, calling set_epoch as open_clip
+    for epoch in range(3):
+        p.set_epoch(epoch)
+        it = iter(p)
+        next(it), next(it)
+    assert p.stats()["warmup_batches"] == 5 and p.stats()["superbatches"] == 6
+
+
 def test_set_epoch_on_a_source_of_unknown_length_restarts_the_warmup_and_says_so(caplog):
     data = make_samples(100)
     fresh = _pipeline(iter(data), 3)
@@ -97,6 +106,14 @@ def test_scoring_flops_count_only_scored_superbatches_and_training_flops_every_b
     assert stats["kept_score_mean"] == pytest.approx(tail.stats()["kept_score_mean"])
 
 
+def test_the_sampling_entropy_is_over_the_sampled_superbatches():
+    data = make_samples(400)
+    warm, tail = _pipeline(data, 3, method="sample"), _pipeline(data[3 * B:], method="sample")
+    list(warm), list(tail)
+    # other seeds (the tail's superbatch 0 is the warm run's 3) draw other samples from the same distributions
+    assert warm.stats()["chunk_entropy"]["first"] == pytest.approx(tail.stats()["chunk_entropy"]["first"])
+
+
 def test_a_global_scope_warmup_draws_every_ranks_batch_from_the_whole_superbatch():
     class TwoRanks(curate.LocalScope):
         world_size = 2
@@ -121,9 +138,11 @@ def test_a_bad_warmup_and_a_state_of_another_warmup_are_refused():
 
 
 def _without(state, names: set[str]):
-    """`state` with these keys removed wherever they are: a state saved before they existed."""
+    """`state` with these keys removed wherever they are, and Score's superbatch count (its state is the one with a
+    ledger): a state saved before they existed."""
     if isinstance(state, dict):
-        return {k: _without(v, names) for k, v in state.items() if k not in names}
+        drop = names | ({"superbatches"} if "ledger" in state else set())
+        return {k: _without(v, names) for k, v in state.items() if k not in drop}
     return state
 
 
