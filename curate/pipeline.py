@@ -548,7 +548,7 @@ def pipeline(
         batches_per_epoch = lengths.batches_per_epoch(
             lengths.source_samples(source), superbatch_size, rank=rank, world_size=world_size,
             split_here=split_here, lockstep=comm.group is not None, drop_last=drop_last)
-    if comm.group is not None and world_size > 1:  # in step, every rank yields the fewest rank's full superbatches; a
+    if comm.group is not None:  # in step, every rank yields the fewest rank's full superbatches; a
         # source split unevenly before curate gives each rank its own count here (and a warmup counted from it
         # would mark a superbatch unscored on one rank and scored on another)
         counts = comm.gather_object(batches_per_epoch)
