@@ -151,9 +151,12 @@ class Comm:
     Build it with `Comm.create`; all collectives are blocking and every rank must make them in the same order.
     """
 
-    def __init__(self, rank: int, world_size: int, group=None, timeout: float | None = None):
+    def __init__(self, rank: int, world_size: int, group=None, timeout: float | None = None, *,
+                 owns_group: bool = False):
         self.rank, self.world_size, self.group = rank, world_size, group
         self.timeout = timeout  # seconds a collective waits for the other ranks (None: the group's, unknown)
+        self.owns_group = owns_group  # made by `create`: `close` destroys it; a group passed in is the caller's
+        self.closed = False
 
     @classmethod
     def create(cls, rank: int, world_size: int, *, need_group: bool = False, timeout: float | None = None) -> Comm:
@@ -177,7 +180,15 @@ class Comm:
         # new_group would otherwise take torch's 30-minute default, whatever init_process_group was given: a
         # stalled rank then hung the job for half an hour (issue 13)
         group = dist.new_group(backend="gloo", timeout=None if seconds is None else timedelta(seconds=seconds))
-        return cls(rank, world_size, group, seconds)  # collective: every rank builds its pipeline
+        return cls(rank, world_size, group, seconds, owns_group=True)  # collective: every rank builds its pipeline
+
+    def close(self) -> None:
+        """Destroy the group `create` made (a local call, no collective): each gloo group holds a socket to every
+        other rank, so a job that builds a pipeline per epoch or per run would otherwise run out of file
+        descriptors. Call it once nothing is in flight on the group; afterwards this Comm makes no collectives."""
+        if self.owns_group and not self.closed and dist.is_initialized():
+            dist.destroy_process_group(self.group)
+        self.closed = True
 
     def gather_tensor(self, tensor: Tensor) -> Tensor:
         """Every rank's `tensor` (same shape everywhere) concatenated along dim 0 in rank order."""
@@ -220,6 +231,9 @@ class Comm:
 
     @contextmanager
     def _collective(self, what: str) -> Iterator[None]:
+        if self.closed:  # its group is gone; with group=None torch would run the call on the default group
+            raise RuntimeError(f"pipeline's {what}: the pipeline was closed (close(), or the end of its `with` "
+                               "block), which released its process group; build a new pipeline to go on")
         try:
             yield
         except (RuntimeError, OSError) as error:  # gloo: a RuntimeError on a timeout or a lost peer

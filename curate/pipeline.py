@@ -78,6 +78,7 @@ class Pipeline(Loader):
         given = config if config is not None else {"stages": [stage_name(node) for node in self.chain]}
         self.config = json.loads(json.dumps(given, sort_keys=True, default=str))  # plain values, as a state holds
         self.batches_per_epoch = batches_per_epoch
+        self._closed = False
         for node in self.chain:
             if isinstance(node, Score):  # one superbatch per batch: a warmup counts the epochs set_epoch skips
                 node.superbatches_per_epoch = batches_per_epoch
@@ -120,6 +121,9 @@ class Pipeline(Loader):
         the epoch's last batch (the loop's `for` then ends that epoch, as it would have), the next epoch when it was
         taken after the epoch's StopIteration. (torchdata's Loader goes on into the next epoch in both cases, which
         shifts the loop's epoch count by one.)"""
+        if self._closed:
+            raise RuntimeError("Pipeline: iterated after close() (or after its `with` block): its background thread, "
+                               "DataLoader workers and process group are stopped; build a new pipeline to go on")
         it = self._epoch()
         return it if self.output is None else _Output(it, self.output)
 
@@ -226,13 +230,21 @@ class Pipeline(Loader):
         return out
 
     def close(self) -> None:
-        """Stop what the chain runs in the background (a prefetch thread, then DataLoader workers) now; the pipeline
-        cannot be iterated afterwards. Also on leaving `with curate.pipeline(...) as batches:`."""
+        """Stop what the chain runs in the background (a prefetch thread, then DataLoader workers) now and, in a
+        job of several ranks, release the process group the pipeline made; the pipeline cannot be iterated
+        afterwards (`stats()` still reads its counts; `global_stats()` needs the group: call it before). Also on
+        leaving `with curate.pipeline(...) as batches:`. Calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         for node in reversed(self.chain):
             close = getattr(node, "close", None)
             if callable(close):
                 close()
         self._it = None  # torchdata's Loader and its iterator refer to each other: a cycle only the GC would free
+        # last, once the prefetch thread's collective in flight has finished (above); destroying is local to
+        # this rank, no collective
+        self.comm.close()
 
     def __enter__(self) -> Pipeline:
         return self

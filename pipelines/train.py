@@ -233,63 +233,67 @@ def run_one(recipe: Recipe, name: str, options: dict, *, resume: bool = False, p
         **options,
         **_sizes(recipe, options, comm.world_size),
     )
-    if comm.rank == 0 and test is None:
-        test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
-    step, history, tally, seconds = 0, [], _new_tally(), 0.0
-    checkpoint_path = out / "checkpoint.pt"
-    state = load_checkpoint(checkpoint_path) if resume and comm.rank == 0 and checkpoint_path.is_file() else None
-    state = comm.broadcast_object(state)  # rank 0 reads: other nodes need not share its file system
-    if state is not None:
-        _check_recipe(state, recipe, checkpoint_path, resume_anyway)
-        if state.get("world_size", 1) != comm.world_size:
-            raise ValueError(f"--resume: {checkpoint_path} was written by {state.get('world_size', 1)} processes, "
-                             f"this run has {comm.world_size}; resume with the same number of processes")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["pipelines"][comm.rank] if "pipelines" in state else state["pipeline"])
-        step, history, tally, seconds = (state[k] for k in ("step", "history", "tally", "seconds"))
-    bar = show_progress(tc.steps, name, "step", initial=step, enabled=progress and comm.rank == 0,
-                        per_step=tc.batch_size)
-    # a checkpoint taken after an epoch's last batch resumes at that epoch's end: its first iter() is empty
-    it, yielded = iter(batches), int(state is not None)
-    model.train()
-    start = time.perf_counter() - seconds
-    while step < tc.steps:
-        try:
-            batch = next(it)
-        except StopIteration:  # next epoch
-            if not yielded:
-                raise RuntimeError(f"train: run {name!r} got no batches from its data; check data.root "
-                                   "(or data.train)") from None
-            it, yielded = iter(batches), 0
-            continue
-        yielded += 1
-        optimizer.zero_grad(set_to_none=True)
-        loss = forward(batch)
-        loss.backward()
-        for group in optimizer.param_groups:  # from the step count alone, so a resumed run follows the same lr
-            group["lr"] = tc.lr * lr_factor(step, tc.steps, tc.warmup, tc.schedule)
-        optimizer.step()
-        step += 1
-        _count(tally, batch)
-        bar.update(1)
-        if step % tc.eval_every == 0 or step == tc.steps:
-            record = _record(name, step, loss.item(), tally, batches, task, model, test, cfg, device, comm, start)
-            record = comm.broadcast_object(record)  # every rank keeps rank 0's history
-            history.append(record)
-            tally = _new_tally()
-            bar.set_postfix(acc=f"{record['accuracy']:.3f}")
-            states = comm.gather_object(batches.state_dict()) if checkpoint else None  # every rank's, to resume each
-            if comm.rank == 0:
-                if checkpoint:
-                    _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "pipeline": states[0], "pipelines": states, "world_size": comm.world_size,
-                                  "step": step, "history": history, "tally": tally,
-                                  "seconds": record["seconds"], "recipe": recipe.model_dump(mode="json")},
-                                 checkpoint_path)
-                _write_jsonl(out / "metrics.jsonl", history)
-    bar.close()
-    return history
+    try:  # the pipeline's background thread, DataLoader workers and process group end with the run, also on an error
+        if comm.rank == 0 and test is None:
+            test = tasks.in_memory_batches(tasks.load_split(recipe, "test"))
+        step, history, tally, seconds = 0, [], _new_tally(), 0.0
+        checkpoint_path = out / "checkpoint.pt"
+        state = load_checkpoint(checkpoint_path) if resume and comm.rank == 0 and checkpoint_path.is_file() else None
+        state = comm.broadcast_object(state)  # rank 0 reads: other nodes need not share its file system
+        if state is not None:
+            _check_recipe(state, recipe, checkpoint_path, resume_anyway)
+            if state.get("world_size", 1) != comm.world_size:
+                raise ValueError(f"--resume: {checkpoint_path} was written by {state.get('world_size', 1)} processes, "
+                                 f"this run has {comm.world_size}; resume with the same number of processes")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            batches.load_state_dict(state["pipelines"][comm.rank] if "pipelines" in state else state["pipeline"])
+            step, history, tally, seconds = (state[k] for k in ("step", "history", "tally", "seconds"))
+        bar = show_progress(tc.steps, name, "step", initial=step, enabled=progress and comm.rank == 0,
+                            per_step=tc.batch_size)
+        # a checkpoint taken after an epoch's last batch resumes at that epoch's end: its first iter() is empty
+        it, yielded = iter(batches), int(state is not None)
+        model.train()
+        start = time.perf_counter() - seconds
+        while step < tc.steps:
+            try:
+                batch = next(it)
+            except StopIteration:  # next epoch
+                if not yielded:
+                    raise RuntimeError(f"train: run {name!r} got no batches from its data; check data.root "
+                                       "(or data.train)") from None
+                it, yielded = iter(batches), 0
+                continue
+            yielded += 1
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward(batch)
+            loss.backward()
+            for group in optimizer.param_groups:  # from the step count alone, so a resumed run follows the same lr
+                group["lr"] = tc.lr * lr_factor(step, tc.steps, tc.warmup, tc.schedule)
+            optimizer.step()
+            step += 1
+            _count(tally, batch)
+            bar.update(1)
+            if step % tc.eval_every == 0 or step == tc.steps:
+                record = _record(name, step, loss.item(), tally, batches, task, model, test, cfg, device, comm, start)
+                record = comm.broadcast_object(record)  # every rank keeps rank 0's history
+                history.append(record)
+                tally = _new_tally()
+                bar.set_postfix(acc=f"{record['accuracy']:.3f}")
+                # every rank's state, to resume each
+                states = comm.gather_object(batches.state_dict()) if checkpoint else None
+                if comm.rank == 0:
+                    if checkpoint:
+                        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "pipeline": states[0], "pipelines": states, "world_size": comm.world_size,
+                                      "step": step, "history": history, "tally": tally,
+                                      "seconds": record["seconds"], "recipe": recipe.model_dump(mode="json")},
+                                     checkpoint_path)
+                    _write_jsonl(out / "metrics.jsonl", history)
+        bar.close()
+        return history
+    finally:
+        batches.close()
 
 
 # Recipe keys a run may resume under changed, because they leave the trajectory up to and after the checkpoint

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -134,6 +135,16 @@ def scenario_library(out: dict, digits: str) -> None:
                         selection_scope="global", rank_split="none", selection_warmup=3)
     p.set_epoch(1)
     out["warmup"] = {"len": len(p), "batches": [b["__key__"] for b in p], "stats": p.stats()}
+    # 7. closing releases the process group each pipeline makes (a gloo group holds a socket to every other rank):
+    # a job that builds a pipeline per epoch or per run keeps its open files flat
+    open_files = []
+    for _ in range(6):
+        with curate.pipeline(make_samples(40), rule="uniform", method="sample", filter_ratio=0.0, batch_size=10,
+                             shuffle_buffer=0, prefetch=1) as p:
+            keys = [b["__key__"] for b in p]
+        open_files.append(len(os.listdir("/proc/self/fd")))
+    out["close"] = {"open_files": open_files, "keys": keys, "kept": p.stats()["kept"],
+                    "iter": _error(lambda: iter(p)), "global_stats": _error(p.global_stats)}
 
 
 def _error(fn) -> str | None:

@@ -393,6 +393,14 @@ def test_a_global_warmup_over_unevenly_split_sources_is_counted_alike_on_every_r
     assert len(set(kept)) == 40 and {k[:2] for k in kept} == {"r0", "r1"}  # one global selection, no repeats
 
 
+def test_closing_a_pipeline_releases_its_process_group(library):
+    for out in library:
+        close = out["close"]
+        assert close["open_files"][1:] == close["open_files"][:-1]  # without the release: 5 more files per pipeline
+        assert len(close["keys"]) == 2 and close["kept"] == 20  # each rank's 20 samples, read before the release
+        assert "was closed" in close["global_stats"] and "after close()" in close["iter"]
+
+
 # ---------------------------------------------------------------- torchrun: bad input
 
 

@@ -336,3 +336,7 @@ def test_close_stops_dataloader_workers_now():
         workers = batches.stages["source"]._it._workers
         assert all(w.is_alive() for w in workers)
     assert not any(w.is_alive() for w in workers)
+    batches.close()  # again: nothing to do
+    assert batches.stats()["superbatches"] == 1  # the counts stay readable
+    with pytest.raises(RuntimeError, match="after close"):
+        iter(batches)
