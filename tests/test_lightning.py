@@ -85,3 +85,23 @@ def test_the_readmes_lightning_lines_fit_and_checkpoint(tmp_path, monkeypatch):
     (last,) = [p for p in tmp_path.rglob("*.ckpt") if "step=10" in p.name]
     saved = torch.load(last, map_location="cpu", weights_only=True)["CuratedDataModule"]
     assert saved["world_size"] == 1 and saved["ranks"][0]["trained"] == 10 % 3  # 3 batches an epoch (700 / 320)
+
+
+def test_a_pipeline_built_again_closes_the_one_it_replaces(tmp_path):
+    from .lightning_worker import Classifier
+
+    built = []
+
+    def build(module):
+        built.append(curate.pipeline(make_samples(64), learner=module.net, scorer=curate.ClassificationScorer(),
+                                     rule="hard_learner", batch_size=8, superbatch_size=32, shuffle_buffer=0))
+        return built[-1]
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, reload_dataloaders_every_n_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(Classifier(), datamodule=CuratedDataModule(build))
+    assert len(built) == 3
+    for old in built[:-1]:
+        with pytest.raises(RuntimeError, match="after close"):
+            iter(old)
+    assert next(iter(built[-1]))["input"].shape[0] == 8  # the one in use stays open

@@ -100,6 +100,8 @@ class CuratedDataModule(pl.LightningDataModule):
             self.test_dataloader = test_dataloader  # type: ignore[method-assign]
 
     def train_dataloader(self) -> _CountingLoader:
+        if self.pipe is not None:  # called again (`reload_dataloaders_every_n_epochs`, a second fit): the new
+            self.pipe.close()  # pipeline replaces it; its thread, workers and process group end now
         pipe = self.build(self.trainer.lightning_module)  # type: ignore[union-attr]
         if not isinstance(pipe, Pipeline):
             raise TypeError(f"CuratedDataModule: build must return a curate.Pipeline (what curate.pipeline returns), "
