@@ -186,8 +186,15 @@ class Comm:
         """Destroy the group `create` made (a local call, no collective): each gloo group holds a socket to every
         other rank, so a job that builds a pipeline per epoch or per run would otherwise run out of file
         descriptors. Call it once nothing is in flight on the group; afterwards this Comm makes no collectives."""
-        if self.owns_group and not self.closed and dist.is_initialized():
-            dist.destroy_process_group(self.group)
+        if self.owns_group and not self.closed:
+            if dist.is_initialized():
+                try:
+                    dist.destroy_process_group(self.group)
+                except ValueError:  # the default group was set up again since: this group went with the old one
+                    pass
+            # gloo frees the group's sockets only with its last reference (its shutdown does nothing), and a
+            # closed pipeline may be kept (a list of runs, a framework's loader): drop ours
+            self.group = None
         self.closed = True
 
     def gather_tensor(self, tensor: Tensor) -> Tensor:

@@ -164,9 +164,7 @@ class Pipeline(Loader):
                     f"Pipeline.set_epoch({epoch}): the loaded state is {'after the end of' if stopped else 'in'} "
                     f"epoch {at}, so the next epoch it can give is {at + stopped}; pass the epoch of the "
                     "checkpoint (or load the checkpoint of the epoch you resume)")
-        for node in self.chain:
-            if isinstance(node, Prefetch):  # its thread may be in the middle of an upstream next(): let it finish
-                node.wait()
+        self.wait_background()  # its thread may be in the middle of an upstream next(): let it finish
         for node in self.chain:
             if isinstance(node, Stage):
                 node.set_epoch(epoch)
@@ -252,16 +250,26 @@ class Pipeline(Loader):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def wait_background(self) -> None:
+        """Block until the superbatch being prepared in the background (`prefetch`) is ready; it is kept for the next
+        batch. Under DDP its thread may be in a collective on the pipeline's group, so every collective made on
+        that group from the loop's thread (`global_stats()`, a framework gathering the ranks' states) waits for it
+        first: two collectives in flight on one group would pair up wrongly across ranks."""
+        for node in self.chain:
+            if isinstance(node, Prefetch):
+                node.wait()
+
     def global_stats(self) -> dict:
         """`stats()` totalled over all ranks, each figure merged as its stage declares (counts and FLOPs summed,
         seconds the slowest rank's, snapshots rank 0's), so rank 0 can report the job's FLOP ledger. A
         collective: every rank must call it at the same point. With one process (or ranks not kept in step)
         it is `stats()`."""
+        if self._closed:
+            raise RuntimeError("Pipeline.global_stats: the pipeline was closed (close(), or the end of its `with` "
+                               "block), which released its process group; call global_stats() before closing")
         if self.comm.group is None:
             return self.stats()
-        for node in self.chain:
-            if isinstance(node, Prefetch):  # its thread may be in a collective on the same group: let it finish
-                node.wait()
+        self.wait_background()
         out = self._with_read_ahead(chain_stats(self.chain, self.comm.gather_object(local_stats(self.chain))))
         out["world_size"] = self.comm.world_size
         return out

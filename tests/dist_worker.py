@@ -137,11 +137,12 @@ def scenario_library(out: dict, digits: str) -> None:
     out["warmup"] = {"len": len(p), "batches": [b["__key__"] for b in p], "stats": p.stats()}
     # 7. closing releases the process group each pipeline makes (a gloo group holds a socket to every other rank):
     # a job that builds a pipeline per epoch or per run keeps its open files flat
-    open_files = []
+    open_files, kept = [], []
     for _ in range(6):
         with curate.pipeline(make_samples(40), rule="uniform", method="sample", filter_ratio=0.0, batch_size=10,
                              shuffle_buffer=0, prefetch=1) as p:
             keys = [b["__key__"] for b in p]
+        kept.append(p)  # a closed pipeline still referenced (a list of runs, a framework's loader) holds no sockets
         open_files.append(len(os.listdir("/proc/self/fd")))
     out["close"] = {"open_files": open_files, "keys": keys, "kept": p.stats()["kept"],
                     "iter": _error(lambda: iter(p)), "global_stats": _error(p.global_stats)}

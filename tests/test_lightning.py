@@ -105,3 +105,20 @@ def test_a_pipeline_built_again_closes_the_one_it_replaces(tmp_path):
         with pytest.raises(RuntimeError, match="after close"):
             iter(old)
     assert next(iter(built[-1]))["input"].shape[0] == 8  # the one in use stays open
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_rebuilt_every_epoch_with_prefetch_checkpoints_and_keeps_open_files_flat(tmp_path):
+    # the ranks' states are gathered on the pipeline's group while its prefetch thread may be in a collective on
+    # it (without waiting for that, both ranks timed out in the gather); every epoch closes the old pipeline
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tests" / "lightning_reload_worker.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in range(2):
+        out = json.loads((tmp_path / f"reload-{rank}.json").read_text())
+        assert out["steps"] == 6 * 12  # 200 samples per rank, superbatch 16 (filter 0.5): 12 batches an epoch
+        assert len(out["open_files"]) == 6 and len(set(out["open_files"])) == 1  # before the release: +5 an epoch
+    assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == 14  # every 5 steps of 72

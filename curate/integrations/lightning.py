@@ -126,6 +126,7 @@ class CuratedDataModule(pl.LightningDataModule):
         trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[union-attr]
         mine = self._loader.state_after(trained)
         assert self.pipe is not None
+        self.pipe.wait_background()  # a prefetch thread's collective on the same group would pair up wrongly
         states = self.pipe.comm.gather_object(mine)  # the pipeline's own group and timeout; [mine] in one process
         return {"world_size": len(states), "ranks": states}
 
