@@ -156,7 +156,7 @@ class Comm:
         self.rank, self.world_size, self.group = rank, world_size, group
         self.timeout = timeout  # seconds a collective waits for the other ranks (None: the group's, unknown)
         self.owns_group = owns_group  # made by `create`: `close` destroys it; a group passed in is the caller's
-        self.closed = False
+        self.closed = False  # its own group destroyed by `close`
 
     @classmethod
     def create(cls, rank: int, world_size: int, *, need_group: bool = False, timeout: float | None = None) -> Comm:
@@ -185,16 +185,19 @@ class Comm:
     def close(self) -> None:
         """Destroy the group `create` made (a local call, no collective): each gloo group holds a socket to every
         other rank, so a job that builds a pipeline per epoch or per run would otherwise run out of file
-        descriptors. Call it once nothing is in flight on the group; afterwards this Comm makes no collectives."""
-        if self.owns_group and not self.closed:
-            if dist.is_initialized():
-                try:
-                    dist.destroy_process_group(self.group)
-                except ValueError:  # the default group was set up again since: this group went with the old one
-                    pass
-            # gloo frees the group's sockets only with its last reference (its shutdown does nothing), and a
-            # closed pipeline may be kept (a list of runs, a framework's loader): drop ours
-            self.group = None
+        descriptors. Call it once nothing is in flight on the group; afterwards this Comm makes no collectives.
+        A group passed in is the caller's (it may serve other pipelines, or the job): it stays, and so do its
+        collectives."""
+        if not self.owns_group or self.closed:
+            return
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group(self.group)
+            except ValueError:  # the default group was set up again since: this group went with the old one
+                pass
+        # gloo frees the group's sockets only with its last reference (its shutdown does nothing), and a closed
+        # pipeline may be kept (a list of runs, a framework's loader): drop ours
+        self.group = None
         self.closed = True
 
     def gather_tensor(self, tensor: Tensor) -> Tensor:
