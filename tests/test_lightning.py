@@ -19,14 +19,18 @@ from .conftest import linear_models, make_samples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "lightning_worker.py"
+RELOAD_WORKER = ROOT / "tests" / "lightning_reload_worker.py"
 
 
-def _fit(run: str, out: Path, sized: str, ckpt: Path | None = None) -> list[dict]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), run,
-               str(out), sized, *([str(ckpt)] if ckpt else [])]
+def _torchrun(worker: Path, *args: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _fit(run: str, out: Path, sized: str, ckpt: Path | None = None) -> list[dict]:
+    _torchrun(WORKER, run, str(out), sized, *([str(ckpt)] if ckpt else []))
     return [json.loads((out / f"{run}-{rank}.json").read_text()) for rank in range(2)]
 
 
@@ -112,11 +116,7 @@ def test_a_pipeline_built_again_closes_the_one_it_replaces(tmp_path):
 def test_ddp_rebuilt_every_epoch_with_prefetch_checkpoints_and_keeps_open_files_flat(tmp_path):
     # the ranks' states are gathered on the pipeline's group while its prefetch thread may be in a collective on
     # it (without waiting for that, both ranks timed out in the gather); every epoch closes the old pipeline
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "lightning_reload_worker.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _torchrun(RELOAD_WORKER, str(tmp_path))
     for rank in range(2):
         out = json.loads((tmp_path / f"reload-{rank}.json").read_text())
         assert out["steps"] == 6 * 12  # 200 samples per rank, superbatch 16 (filter 0.5): 12 batches an epoch
