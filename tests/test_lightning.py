@@ -111,6 +111,28 @@ def test_a_pipeline_built_again_closes_the_one_it_replaces(tmp_path):
     assert next(iter(built[-1]))["input"].shape[0] == 8  # the one in use stays open
 
 
+def test_a_rebuild_that_raises_leaves_the_pipeline_it_would_replace_open(tmp_path):
+    from .lightning_worker import Classifier
+
+    built = []
+
+    def build(module):
+        if built:
+            raise OSError("the shards are gone")
+        built.append(curate.pipeline(make_samples(64), learner=module.net, scorer=curate.ClassificationScorer(),
+                                     rule="hard_learner", batch_size=8, superbatch_size=32, shuffle_buffer=0))
+        return built[-1]
+
+    dm = CuratedDataModule(build)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, reload_dataloaders_every_n_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(OSError, match="shards are gone"):
+        trainer.fit(Classifier(), datamodule=dm)
+    assert dm.pipe is built[0]
+    assert dm.state_dict()["ranks"][0]["state"]  # the state of the batches trained, still there to checkpoint
+    assert next(iter(dm.pipe))["input"].shape[0] == 8  # not closed by the rebuild that never came
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ddp_rebuilt_every_epoch_with_prefetch_checkpoints_and_keeps_open_files_flat(tmp_path):

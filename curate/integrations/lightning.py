@@ -100,12 +100,15 @@ class CuratedDataModule(pl.LightningDataModule):
             self.test_dataloader = test_dataloader  # type: ignore[method-assign]
 
     def train_dataloader(self) -> _CountingLoader:
-        if self.pipe is not None:  # called again (`reload_dataloaders_every_n_epochs`, a second fit): the new
-            self.pipe.close()  # pipeline replaces it; its thread, workers and process group end now
         pipe = self.build(self.trainer.lightning_module)  # type: ignore[union-attr]
         if not isinstance(pipe, Pipeline):
             raise TypeError(f"CuratedDataModule: build must return a curate.Pipeline (what curate.pipeline returns), "
                             f"got {type(pipe).__name__}")
+        # called again (`reload_dataloaders_every_n_epochs`, a second fit): the new pipeline replaces the old one,
+        # whose thread, workers and process group end now. Closed only once the new one is built, so that a build
+        # that raises leaves the old pipeline and its state as they were
+        if self.pipe is not None:
+            self.pipe.close()
         pipe.read_ahead = 0 if pipe.batches_per_epoch is not None else _READ_AHEAD
         self.pipe, self._loader = pipe, _CountingLoader(pipe)
         if self._pending is not None:
