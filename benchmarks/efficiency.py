@@ -189,8 +189,8 @@ def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str
     `selection.actor` (scoring in the learner's place, against the cached reference). `acl`: ACL as published,
     the actor's architecture with these options both as the online actor and as the reference, which is scored
     online (no cache: its forward is in the ledger). `flexi`: `selection.flexi` (Flexi-JEST). One reference (and
-    cache) per configuration, shared by every method and seed, under `work` in a folder named by a hash of what
-    makes it, so a change retrains."""
+    cache) per reference configuration, shared by every method, seed and learner, under `work` in a folder named
+    by a hash of what makes it, so a change to it retrains."""
     from pipelines.recipe import parse_recipe
 
     recipe = TASKS[task]["recipe"]
@@ -206,7 +206,12 @@ def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str
     text = yaml.safe_dump({"name": f"efficiency-{task}", **recipe})
     own = [o.split(".", 1)[1] for o in overrides if o.startswith(f"{task}.")]  # "pairs.train.lr=3e-3"
     recipe = parse_recipe(text, f"efficiency:{task}", [f"data.root={data}", *own])
-    made_of = json.dumps([str(data), recipe.reference.model_dump(), recipe.model.model_dump()], sort_keys=True)
+    # what the reference and its cache are made of: the world and the reference's own configuration, its model
+    # resolved (the learner's when `reference.model` is unset) and the weight decay it trains with (`train`'s),
+    # so that changing only the learner reuses them
+    reference = {**recipe.reference.model_dump(), "model": recipe.reference_model.model_dump(),
+                 "weight_decay": recipe.train.weight_decay}
+    made_of = json.dumps([str(data), reference], sort_keys=True)
     tag = f"{task}-{hashlib.sha256(made_of.encode()).hexdigest()[:10]}"
     ov = [f"train.seed={seed}", f"train.out={work}/runs/{task}-s{seed}", "train.device=cpu",
           f"reference.path={work}/reference/{tag}", f"cache.path={'null' if acl else f'{work}/cache/{tag}'}"]

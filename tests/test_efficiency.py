@@ -117,3 +117,16 @@ def test_the_grids_collated_train_split_trains_the_same_run_as_its_samples_one_b
             for source in (samples, chunked)]  # learner scores and the joint sampler over shuffled superbatches
     histories = [[{k: v for k, v in r.items() if k != "seconds"} for r in run["history"]] for run in runs]
     assert len(histories[0]) == 2 and histories[0] == histories[1]
+
+
+def test_the_reference_folder_is_named_by_the_reference_alone(efficiency, tmp_path):
+    def folder(*overrides):
+        return efficiency.recipe_for("web", 0, tmp_path, tmp_path / "data", list(overrides)).reference_path
+
+    named = ["web.reference.model.kind=tiny_clip", "web.reference.model.loss=sigmoid"]
+    assert folder(*named) == folder(*named, "web.model.options.heads=4")  # only the learner changed: reused
+    assert folder(*named) != folder(*named, "web.reference.lr=1e-3")
+    assert folder(*named) != folder(*named, "web.reference.model.options.heads=4")
+    assert folder(*named) != folder(*named, "web.train.weight_decay=0.1")  # the reference trains with it too
+    assert folder() != folder("web.model.options.heads=4")  # unset, the reference's model is the learner's
+    assert folder() == folder(*named)  # the same reference, named or resolved from the learner's
