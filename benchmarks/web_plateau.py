@@ -2,9 +2,9 @@
 
 Runs efficiency.py's web runs (the same `run`, recipe, world and cached reference as its grid) for the given
 methods and seeds and prints, every 500 steps, zero-shot accuracy and each attribute's (tens, units, colour:
-`task_web`'s evaluation), then, over the trained batches of steps [--from, --steps), per pair: how many other
-images of its batch share its tens and colour but not its units (negatives only the units digit tells apart) and
-how many show its very concept.
+`task_web`'s evaluation) and the learner's sigmoid logit scale and bias, then, over the trained batches of steps
+[--from, --steps), per pair: how many other images of its batch share its tens and colour but not its units
+(negatives only the units digit tells apart) and how many show its very concept.
 
 `--uniform-share F` runs the methods with `uniform_share=F` (`curate.JointSelect`): F of each selected batch drawn
 uniformly from the superbatch (the stream's own mix: its head, its repeats, its noise), the rest by the method.
@@ -51,6 +51,16 @@ def _run(job):
         return count(totals, batch)
 
     train._count = tally
+    from pipelines.task_web import WebTask
+
+    evaluate = WebTask.evaluate
+
+    def with_logits(self, model, *args):  # the learner's sigmoid temperature and bias beside its accuracy
+        bias = getattr(model, "logit_bias", None)
+        return {**evaluate(self, model, *args), "logit_scale": model.logit_scale.exp().item(),
+                "logit_bias": None if bias is None else bias.item()}
+
+    WebTask.evaluate = with_logits
     sets = [f"{ARGS.task}.train.steps={ARGS.steps}", *ARGS.set]
     result = EFF.run(ARGS.task, method, seed, ARGS.work, DATA, sets, SAMPLES, TEST)
     hard, same = [], []
@@ -99,7 +109,8 @@ def main() -> None:
                 if h["step"] % 500 == 0:
                     print(f"  step {h['step']:5d}: accuracy {h['accuracy']:.3f}, tens {h['tens_accuracy']:.3f}, "
                           f"units {h['units_accuracy']:.3f}, colour {h['colour_accuracy']:.3f}, "
-                          f"tail {h['tail_accuracy']:.3f}")
+                          f"tail {h['tail_accuracy']:.3f}, logit scale {h['logit_scale']:.2f}, "
+                          f"bias {h['logit_bias']:.2f}")
 
 
 if __name__ == "__main__":
