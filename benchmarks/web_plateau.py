@@ -22,6 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
@@ -58,7 +60,7 @@ def _run(job):
     def with_logits(self, model, *args):  # the learner's sigmoid temperature and bias beside its accuracy
         bias = getattr(model, "logit_bias", None)
         return {**evaluate(self, model, *args), "logit_scale": model.logit_scale.exp().item(),
-                "logit_bias": None if bias is None else bias.item()}
+                "logit_bias": None if bias is None else bias.item(), **_learnability_map(model)}
 
     WebTask.evaluate = with_logits
     sets = [f"{ARGS.task}.train.steps={ARGS.steps}", *ARGS.set]
@@ -72,8 +74,48 @@ def _run(job):
     return result, statistics.fmean(hard), statistics.fmean(same)
 
 
+# which pairs and which negatives the learnability score (learner loss - reference loss) rewards, per pair
+_GROUPS = ("head", "tail", "noisy", "duplicate")
+_NEGATIVES = {"units_only": ("tens", "colour"), "tens_only": ("units", "colour"), "colour_only": ("tens", "units")}
+
+
+@torch.no_grad()
+def _learnability_map(learner) -> dict:
+    """Learnability on a fixed superbatch of the stream (its first PROBE rows) at the learner's state: the mean
+    over the positive pairs of each kind of sample, and over the clean negatives that differ from their image in
+    one attribute only (`units_only`: same tens and colour), against all clean negatives (`negative`)."""
+    from curate.losses import sigmoid_pair_losses
+    from pipelines import web
+    from pipelines.models import eval_mode
+
+    if not ARGS.map:
+        return {}
+    probe = {k: v[:ARGS.map] for k, v in SAMPLES[0].items() if isinstance(v, torch.Tensor)}
+    losses = []
+    for model in (learner, REFERENCE):
+        with eval_mode(model):
+            u = model.encode_image(probe["image"], normalize=True)
+            v = model.encode_text(probe["text"], normalize=True)
+            losses.append(sigmoid_pair_losses(u, v, model.logit_scale.exp(), model.logit_bias))
+    gain = losses[0] - losses[1]
+    diagonal = gain.diagonal()
+    noisy, duplicate = probe["is_noisy"].bool(), probe["is_duplicate"].bool()
+    clean = ~noisy & ~duplicate
+    kinds = {"head": clean & ~probe["is_tail"].bool(), "tail": clean & probe["is_tail"].bool(), "noisy": noisy,
+             "duplicate": duplicate}
+    out = {f"gain_{k}": float(diagonal[m].mean()) for k, m in kinds.items()}
+    a = web.concept_attributes(probe["label"])
+    both = (clean[:, None] & clean[None]) & ~torch.eye(len(clean), dtype=torch.bool)
+    out["gain_negative"] = float(gain[both].mean())
+    for name, (same_1, same_2) in _NEGATIVES.items():
+        differs = next(k for k in ("tens", "units", "colour") if k not in (same_1, same_2))
+        mask = both & (a[same_1][:, None] == a[same_1][None]) & (a[same_2][:, None] == a[same_2][None])
+        out[f"gain_{name}"] = float(gain[mask & (a[differs][:, None] != a[differs][None])].mean())
+    return out
+
+
 def main() -> None:
-    global ARGS, EFF, DATA, SAMPLES, TEST
+    global ARGS, EFF, DATA, SAMPLES, TEST, REFERENCE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="web_distinct", choices=["web", "web_distinct"])
     parser.add_argument("--methods", default="uniform_x1,easy_reference,learnability_sample,jest")
@@ -83,6 +125,9 @@ def main() -> None:
     parser.add_argument("--from", dest="start", type=int, default=500, help="first step of the batch statistics")
     parser.add_argument("--uniform-share", type=float, default=0.0,
                         help="this share of each selected batch drawn uniformly from the superbatch")
+    parser.add_argument("--map", type=int, default=0, metavar="N",
+                        help="at each evaluation, the learnability of the stream's first N pairs by kind of sample "
+                             "and of negative (a superbatch's worth: 640 at batch 128)")
     parser.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE",
                         help="efficiency.py's --set: a recipe override (the learner's batch size or lr)")
     parser.add_argument("--data", default="/tmp/curate-bench/data-2m", help="efficiency.py's --data")
@@ -94,6 +139,11 @@ def main() -> None:
         raise SystemExit(f"web_plateau: no world at {DATA}; run efficiency.py --tasks {ARGS.task} first")
     EFF.check_world(DATA, ARGS.task, EFF.WORLDS[ARGS.task])
     SAMPLES, TEST = EFF.load_task(ARGS.task, ARGS.work, DATA, [])
+    if ARGS.map:
+        from pipelines import tasks
+
+        recipe = EFF.recipe_for(ARGS.task, 0, ARGS.work, DATA, ARGS.set)
+        REFERENCE = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)[0]
     if ARGS.uniform_share:
         _mix_uniform(ARGS.task, ARGS.methods.split(","), ARGS.uniform_share)
     jobs = [(m, int(s)) for m in ARGS.methods.split(",") for s in ARGS.seeds.split(",")]
@@ -106,11 +156,15 @@ def main() -> None:
                   f"{same:.2f} images of its concept (steps {ARGS.start}-{ARGS.steps}); noisy kept "
                   f"{statistics.fmean(h['noisy_kept'] for h in result['history']):.2f}")
             for h in result["history"]:
-                if h["step"] % 500 == 0:
+                if h["step"] % 500 == 0 or h is result["history"][-1]:
                     print(f"  step {h['step']:5d}: accuracy {h['accuracy']:.3f}, tens {h['tens_accuracy']:.3f}, "
                           f"units {h['units_accuracy']:.3f}, colour {h['colour_accuracy']:.3f}, "
                           f"tail {h['tail_accuracy']:.3f}, logit scale {h['logit_scale']:.2f}, "
                           f"bias {h['logit_bias']:.2f}")
+                    if ARGS.map:
+                        print("    learnability, positives: " + ", ".join(
+                            f"{k} {h[f'gain_{k}']:.2f}" for k in _GROUPS) + "; negatives: " + ", ".join(
+                            f"{k} {h[f'gain_{k}']:.3f}" for k in ("negative", *_NEGATIVES)))
 
 
 if __name__ == "__main__":
