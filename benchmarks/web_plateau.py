@@ -114,6 +114,11 @@ def _learnability_map(learner) -> dict:
     return out
 
 
+def _rows(batch: dict, keep: torch.Tensor) -> dict:
+    index = keep.nonzero().flatten().tolist()
+    return {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in index] for k, v in batch.items()}
+
+
 def main() -> None:
     global ARGS, EFF, DATA, SAMPLES, TEST, REFERENCE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,6 +133,10 @@ def main() -> None:
     parser.add_argument("--map", type=int, default=0, metavar="N",
                         help="at each evaluation, the learnability of the stream's first N pairs by kind of sample "
                              "and of negative (a superbatch's worth: 640 at batch 128)")
+    parser.add_argument("--drop-noisy", action="store_true",
+                        help="remove the stream's noisy pairs (an intervention: does the noise a rule keeps hold it?)")
+    parser.add_argument("--drop-share", type=float, default=0.0,
+                        help="remove this share of the stream's pairs at random (--drop-noisy's control: 0.3)")
     parser.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE",
                         help="efficiency.py's --set: a recipe override (the learner's batch size or lr)")
     parser.add_argument("--data", default="/tmp/curate-bench/data-2m", help="efficiency.py's --data")
@@ -139,6 +148,12 @@ def main() -> None:
         raise SystemExit(f"web_plateau: no world at {DATA}; run efficiency.py --tasks {ARGS.task} first")
     EFF.check_world(DATA, ARGS.task, EFF.WORLDS[ARGS.task])
     SAMPLES, TEST = EFF.load_task(ARGS.task, ARGS.work, DATA, [])
+    if ARGS.drop_noisy:  # an intervention: the stream without its noisy pairs, in the same order otherwise
+        SAMPLES = [_rows(chunk, ~chunk["is_noisy"].bool()) for chunk in SAMPLES]
+    if ARGS.drop_share:  # its control: as many rows dropped at random, so the order changes as much, noise kept
+        g = torch.Generator().manual_seed(0)
+        SAMPLES = [_rows(chunk, torch.rand(len(chunk["label"]), generator=g) >= ARGS.drop_share)
+                   for chunk in SAMPLES]
     if ARGS.map:
         from pipelines import tasks
 
