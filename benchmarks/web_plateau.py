@@ -74,43 +74,48 @@ def _run(job):
     return result, statistics.fmean(hard), statistics.fmean(same)
 
 
-# which pairs and which negatives the learnability score (learner loss - reference loss) rewards, per pair
+# which pairs and which negatives the learnability score (learner loss - reference loss) rewards, per pair; a
+# negative kind is named by the one attribute in which it differs from the pair's image
 _GROUPS = ("head", "tail", "noisy", "duplicate")
-_NEGATIVES = {"units_only": ("tens", "colour"), "tens_only": ("units", "colour"), "colour_only": ("tens", "units")}
+_NEGATIVES = {"units_only": "units", "tens_only": "tens", "colour_only": "colour"}
+
+
+def _pair_losses(model, probe: dict) -> torch.Tensor:
+    from curate.losses import sigmoid_pair_losses
+    from pipelines.models import eval_mode
+
+    with eval_mode(model):
+        u = model.encode_image(probe["image"], normalize=True)
+        v = model.encode_text(probe["text"], normalize=True)
+        return sigmoid_pair_losses(u, v, model.logit_scale.exp(), model.logit_bias)
 
 
 @torch.no_grad()
 def _learnability_map(learner) -> dict:
-    """Learnability on a fixed superbatch of the stream (its first PROBE rows) at the learner's state: the mean
-    over the positive pairs of each kind of sample, and over the clean negatives that differ from their image in
-    one attribute only (`units_only`: same tens and colour), against all clean negatives (`negative`)."""
-    from curate.losses import sigmoid_pair_losses
+    """Learnability on a fixed superbatch of the stream (PROBE: its first --map rows) at the learner's state,
+    against the reference's losses on it (REFERENCE_LOSSES, computed once): the mean over the positive pairs of
+    each kind of sample, and over the clean negatives that differ from their image in one attribute only
+    (`units_only`: same tens and colour), against all clean negatives (`negative`)."""
     from pipelines import web
-    from pipelines.models import eval_mode
 
     if not ARGS.map:
         return {}
-    probe = {k: v[:ARGS.map] for k, v in SAMPLES[0].items() if isinstance(v, torch.Tensor)}
-    losses = []
-    for model in (learner, REFERENCE):
-        with eval_mode(model):
-            u = model.encode_image(probe["image"], normalize=True)
-            v = model.encode_text(probe["text"], normalize=True)
-            losses.append(sigmoid_pair_losses(u, v, model.logit_scale.exp(), model.logit_bias))
-    gain = losses[0] - losses[1]
+    gain = _pair_losses(learner, PROBE) - REFERENCE_LOSSES
     diagonal = gain.diagonal()
-    noisy, duplicate = probe["is_noisy"].bool(), probe["is_duplicate"].bool()
+    noisy, duplicate = PROBE["is_noisy"].bool(), PROBE["is_duplicate"].bool()
     clean = ~noisy & ~duplicate
-    kinds = {"head": clean & ~probe["is_tail"].bool(), "tail": clean & probe["is_tail"].bool(), "noisy": noisy,
+    kinds = {"head": clean & ~PROBE["is_tail"].bool(), "tail": clean & PROBE["is_tail"].bool(), "noisy": noisy,
              "duplicate": duplicate}
     out = {f"gain_{k}": float(diagonal[m].mean()) for k, m in kinds.items()}
-    a = web.concept_attributes(probe["label"])
+    same = {k: v[:, None] == v[None] for k, v in web.concept_attributes(PROBE["label"]).items()}
     both = (clean[:, None] & clean[None]) & ~torch.eye(len(clean), dtype=torch.bool)
     out["gain_negative"] = float(gain[both].mean())
-    for name, (same_1, same_2) in _NEGATIVES.items():
-        differs = next(k for k in ("tens", "units", "colour") if k not in (same_1, same_2))
-        mask = both & (a[same_1][:, None] == a[same_1][None]) & (a[same_2][:, None] == a[same_2][None])
-        out[f"gain_{name}"] = float(gain[mask & (a[differs][:, None] != a[differs][None])].mean())
+    for name, differs in _NEGATIVES.items():
+        mask = both & ~same[differs]
+        for shared in _NEGATIVES.values():
+            if shared != differs:
+                mask &= same[shared]
+        out[f"gain_{name}"] = float(gain[mask].mean())
     return out
 
 
@@ -120,7 +125,7 @@ def _rows(batch: dict, keep: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    global ARGS, EFF, DATA, SAMPLES, TEST, REFERENCE
+    global ARGS, EFF, DATA, SAMPLES, TEST, PROBE, REFERENCE_LOSSES
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="web_distinct", choices=["web", "web_distinct"])
     parser.add_argument("--methods", default="uniform_x1,easy_reference,learnability_sample,jest")
@@ -158,7 +163,10 @@ def main() -> None:
         from pipelines import tasks
 
         recipe = EFF.recipe_for(ARGS.task, 0, ARGS.work, DATA, ARGS.set)
-        REFERENCE = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)[0]
+        reference = tasks.load_model(recipe.reference_path, recipe, recipe.reference_model)[0]
+        PROBE = {k: v[:ARGS.map] for k, v in SAMPLES[0].items() if isinstance(v, torch.Tensor)}
+        with torch.no_grad():
+            REFERENCE_LOSSES = _pair_losses(reference, PROBE)
     if ARGS.uniform_share:
         _mix_uniform(ARGS.task, ARGS.methods.split(","), ARGS.uniform_share)
     jobs = [(m, int(s)) for m in ARGS.methods.split(",") for s in ARGS.seeds.split(",")]
