@@ -73,7 +73,8 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
         require_ray()
     fs, root = filesystem(recipe.cache.path, recipe.data.storage_options)
     fs.invalidate_cache(root)  # s3fs caches listings; parts another process wrote must show up
-    done = {posixpath.basename(path) for path in fs.glob(f"{root.rstrip('/')}/part-*.parquet")}
+    listed = _names(fs, root)  # one listing (on S3 a request) gives the parts and the claims killed writers left
+    done = {name for name in listed if name.startswith("part-") and name.endswith(".parquet")}
     check = _Check(recipe, provenance(recipe), time.time() if overwrite else None)
     states = {index: check(part_path(recipe, index)) if posixpath.basename(part_path(recipe, index)) in done
               else "missing" for index, _, _ in mine}
@@ -86,7 +87,7 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
     with Claims(fs, claim_timeout_s, log) as claims:
         # a writer killed between writing its part and releasing the claim leaves the claim of a whole part, which
         # no later run would claim again: clear it unless its owner is still live
-        left = {posixpath.basename(path) for path in fs.glob(f"{root.rstrip('/')}/.part-*.parquet.claim")}
+        left = {name for name in listed if name.startswith(".part-") and name.endswith(".parquet.claim")}
         for index, state in states.items():
             part = part_path(recipe, index)
             if state == "current" and posixpath.basename(Claims.path(part)) in left and claims.acquire(part):
@@ -123,6 +124,14 @@ def precompute(recipe: Recipe, *, rank: int = 0, world_size: int = 1, backend: s
         f"→ {recipe.cache.path}" + (f"; skipped shards are listed in {report_path(recipe, rank, world_size)}"
                                     if failed else ""))
     return summary
+
+
+def _names(fs, root: str) -> set[str]:
+    """The names directly under `root`; none where it does not exist yet (a first run)."""
+    try:
+        return {posixpath.basename(path.rstrip("/")) for path in fs.ls(root, detail=False)}
+    except FileNotFoundError:
+        return set()
 
 
 class _Check:

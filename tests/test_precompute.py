@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -210,8 +211,13 @@ def test_shards_and_cache_on_s3(digits, tmp_path, s3):
     assert scan(local.cache.path).drop("file").collect().sort("__key__").equals(
         scan("s3://bucket/cache", options).drop("file").collect().sort("__key__"))  # Polars' own S3 reader
     fs.rm("bucket/cache/part-00005.parquet")  # resume on S3: only the missing part is written
+    # and the claim a writer killed after writing part 2 left is cleared (the one listing finds dot-files too)
+    fs.pipe_file("bucket/cache/.part-00002.parquet.claim", json.dumps(
+        {"host": socket.gethostname(), "pid": 2 ** 22 + 1, "started": None, "token": "x"}).encode())
     again = precompute(recipe, log=lambda *_: None)
     assert again["parts_written"] == 1 and again["parts_existing"] == 7
+    fs.invalidate_cache()
+    assert not fs.exists("bucket/cache/.part-00002.parquet.claim")
 
 
 # --- Ray Data backend ---
