@@ -6,6 +6,10 @@ methods and seeds and prints, every 500 steps, zero-shot accuracy and each attri
 [--from, --steps), per pair: how many other images of its batch share its tens and colour but not its units
 (negatives only the units digit tells apart) and how many show its very concept.
 
+`--drop-noisy` removes the stream's noisy pairs by the world's labels (an oracle); `--drop-share F`, its control, a
+random share F; `--aligned-share F` keeps the share F that the cached reference finds best aligned
+(`curate.alignment_filter`, what `curate curate-set --aligned-share F` does), the oracle's deployable form.
+
 `--uniform-share F` runs the methods with `uniform_share=F` (`curate.JointSelect`): F of each selected batch drawn
 uniformly from the superbatch (the stream's own mix: its head, its repeats, its noise), the rest by the method.
 
@@ -124,6 +128,25 @@ def _rows(batch: dict, keep: torch.Tensor) -> dict:
     return {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in index] for k, v in batch.items()}
 
 
+def _aligned(samples: list[dict], recipe, share: float) -> list[dict]:
+    """The stream's rows that `curate.alignment_filter` keeps on the recipe's cache, in the same order; prints
+    what the filter dropped by kind of sample (the world's labels, which the filter never reads)."""
+    from curate.cache import ScoreCache
+    from curate.curation import alignment_filter
+
+    cache = ScoreCache.open(recipe.cache.path)
+    result = alignment_filter(cache.keys.to_list(), cache.image_emb, cache.text_emb, share=share)
+    kept = set(result.kept_keys)
+    out = [_rows(chunk, torch.tensor([key in kept for key in chunk["__key__"]])) for chunk in samples]
+    for name, rows in (("stream", samples), ("kept", out)):
+        flags = {k: torch.cat([c[k] for c in rows]).float() for k in ("is_noisy", "is_duplicate", "is_tail")}
+        clean = (1 - flags["is_noisy"]) * (1 - flags["is_duplicate"])
+        print(f"{name}: {len(flags['is_noisy'])} pairs, noisy {flags['is_noisy'].mean():.3f}, duplicate "
+              f"{flags['is_duplicate'].mean():.3f}, clean tail {(clean * flags['is_tail']).mean():.3f}", flush=True)
+    print(f"aligned share {share}: image-text cosine cutoff {result.cutoff:.3f}", flush=True)
+    return out
+
+
 def main() -> None:
     global ARGS, EFF, DATA, SAMPLES, TEST, PROBE, REFERENCE_LOSSES
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,6 +165,9 @@ def main() -> None:
                         help="remove the stream's noisy pairs (an intervention: does the noise a rule keeps hold it?)")
     parser.add_argument("--drop-share", type=float, default=0.0,
                         help="remove this share of the stream's pairs at random (--drop-noisy's control: 0.3)")
+    parser.add_argument("--aligned-share", type=float, default=0.0, metavar="F",
+                        help="train on the share F of the stream whose cached reference image and text embeddings "
+                             "agree best (curate.alignment_filter, as `curate curate-set --aligned-share F`)")
     parser.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE",
                         help="efficiency.py's --set: a recipe override (the learner's batch size or lr)")
     parser.add_argument("--data", default="/tmp/curate-bench/data-2m", help="efficiency.py's --data")
@@ -159,6 +185,8 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         SAMPLES = [_rows(chunk, torch.rand(len(chunk["label"]), generator=g) >= ARGS.drop_share)
                    for chunk in SAMPLES]
+    if ARGS.aligned_share:  # the offline filter a user runs with curate-set, applied to the stream's keys
+        SAMPLES = _aligned(SAMPLES, EFF.recipe_for(ARGS.task, 0, ARGS.work, DATA, ARGS.set), ARGS.aligned_share)
     if ARGS.map:
         from pipelines import tasks
 

@@ -15,7 +15,7 @@ from .cache import (
     model_hash,
     write_part,
 )
-from .curation import DedupResult, balance, read_keys, semantic_dedup, write_keys
+from .curation import AlignmentResult, DedupResult, alignment_filter, balance, read_keys, semantic_dedup, write_keys
 from .distributed import GlobalScope, Lockstep, RankSplit, RankStalledError, Shards, local_sizes, resolve_world
 from .flops import TrainingFlops, forward_flops
 from .joint_select import METHODS, JointSelect, LocalScope
@@ -46,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Actor",
+    "AlignmentResult",
     "Batch",
     "ClassificationScorer",
     "ContrastiveScorer",
@@ -88,6 +89,7 @@ __all__ = [
     "TrainingFlops",
     "Unbatch",
     "WeightSync",
+    "alignment_filter",
     "balance",
     "concat_batches",
     "cross_entropy_losses",

@@ -1,4 +1,4 @@
-"""Offline curation over embeddings: semantic dedup (SemDeDup) and cluster-balanced sampling.
+"""Offline curation over embeddings: alignment filtering, semantic dedup (SemDeDup), cluster-balanced sampling.
 
 Both work on `(keys, embeddings)`: one stable `__key__` per row and an (N, d) array of any float dtype
 (numpy, a CPU torch tensor, a ScoreCache's embedding column). The result is a key list; `write_keys` stores
@@ -33,12 +33,65 @@ import polars as pl
 from .files import atomic_write
 from .seeding import derive_seed
 
-__all__ = ["DedupResult", "balance", "read_keys", "semantic_dedup", "write_keys"]
+__all__ = ["AlignmentResult", "DedupResult", "alignment_filter", "balance", "read_keys", "semantic_dedup",
+           "write_keys"]
 
 KEY = "__key__"
 # Identical rows have cosine 1 ± a few float32 ulps; the slack lets threshold=1.0 mean "exact duplicates".
 _ROUNDING = 1e-5
 _CHUNK = 1 << 16  # rows normalised at a time (float64 scratch of 64K × d)
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    """What `alignment_filter` decided for every input row; the arrays are aligned with `keys`.
+
+    Args:
+        keys: the input keys, in input order.
+        alignment: cosine similarity of each row's image and text embedding, float32 (N,).
+        kept: boolean mask (N,) of the rows kept.
+        cutoff: the lowest alignment kept (NaN when nothing is kept).
+    """
+
+    keys: list[str]
+    alignment: np.ndarray
+    kept: np.ndarray
+    cutoff: float
+
+    @property
+    def kept_keys(self) -> list[str]:
+        return [self.keys[i] for i in np.flatnonzero(self.kept)]
+
+
+def alignment_filter(keys: Sequence[str], image, text, *, share: float) -> AlignmentResult:
+    """Keeps the `share` of rows whose image and text embeddings agree best (highest cosine similarity).
+
+    This is the CLIP-score filter of web-scale pretraining sets (DataComp, Gadre et al. 2023), with the reference
+    model as the scorer: misaligned captions and junk alt-text score low under any reference that has learnt
+    the task. For a sigmoid reference the pair's own loss -log σ(t·cos + b) falls as the cosine rises, so the
+    rows kept are those with the lowest reference loss on their own pair: `easy_reference`'s offline form,
+    applied once to the dataset instead of to every superbatch. A share rather than a cosine threshold, because
+    a threshold depends on the reference (its temperature, how far it trained) and a share does not.
+
+    Args:
+        keys: one unique `__key__` per row.
+        image, text: (N, d) array-likes of the same shape; normalised here, so any scale works.
+        share: the fraction of rows kept, in (0, 1]: round(share·N) of them. Ties at the cutoff keep the
+            earlier row, so the result depends only on the inputs.
+    """
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+        raise ValueError(f"alignment_filter: share is the fraction of rows kept, in (0, 1], got {share=}")
+    keys, u = _normalised("alignment_filter", keys, image)
+    _, v = _normalised("alignment_filter", keys, text)
+    if u.shape != v.shape:
+        raise ValueError(f"alignment_filter: image and text embeddings must have the same shape (one pair per row), "
+                         f"got {u.shape} and {v.shape}")
+    alignment = np.einsum("ij,ij->i", u, v)
+    order = np.argsort(-alignment, kind="stable")
+    kept = np.zeros(len(keys), bool)
+    kept[order[: round(share * len(keys))]] = True
+    cutoff = float(alignment[kept].min()) if kept.any() else float("nan")
+    return AlignmentResult(keys, alignment, kept, cutoff)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
     curate data web OUT [--n-train N]   make the long-tailed compositional web world (pipelines/web.py)
     curate train-reference RECIPE       train the reference on the curated split
     curate precompute RECIPE            reference scores → Parquet cache
-    curate curate-set RECIPE            reference embeddings → dedup → balance → curated key list
+    curate curate-set RECIPE            reference embeddings → align → dedup → balance → curated key list
     curate run RECIPE [--compare RULE ...] [--resume | --resume-anyway] [--set key=value ...]
     curate inspect CACHE                summarise a score cache, histogram PNG
 
@@ -142,7 +142,7 @@ def _curate_set(args) -> None:
     from .curate_set import curate_set
 
     # the flags are shorthands for --set curation.*=..., so the recipe validates them
-    for flag in ("embedding", "n_clusters", "threshold", "per_cluster"):
+    for flag in ("aligned_share", "embedding", "n_clusters", "threshold", "per_cluster"):
         if getattr(args, flag) is not None:
             args.set = [*(args.set or []), f"curation.{flag}={getattr(args, flag)}"]
     curate_set(_recipe(args), seed=args.seed)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, fn, text in (("train-reference", _train_reference, "train the reference model"),
                            ("precompute", _precompute, "reference scores → Parquet cache"),
-                           ("curate-set", _curate_set, "reference embeddings → dedup → balance → curated keys"),
+                           ("curate-set", _curate_set, "reference embeddings → align → dedup → balance → curated keys"),
                            ("run", _run, "train with curated batches")):
         p = commands.add_parser(name, help=text, description=text, **keys)
         p.add_argument("recipe", type=Path)
@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                            help="a shard that cannot be read whole: fail (default), or skip it and record it "
                                 "in precompute_report.json")
         if name == "curate-set":
+            p.add_argument("--aligned-share", type=float, default=None, metavar="F",
+                           help="first keep only this share of the samples whose reference image and text "
+                                "embeddings agree best (a CLIP-score filter; default: curation.aligned_share, all)")
             p.add_argument("--embedding", choices=["image", "text", "both"], default=None,
                            help="which reference embedding to compare (default: curation.embedding, image)")
             p.add_argument("--n-clusters", type=int, default=None, help="k-means clusters (default: √N)")

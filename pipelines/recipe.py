@@ -207,8 +207,10 @@ class SelectionConfig(_Strict):
 
 
 class CurationConfig(_Strict):
-    """Offline curation (`curate curate-set`): dedup + cluster balance of the reference's embeddings."""
+    """Offline curation (`curate curate-set`): alignment filter, dedup and cluster balance of the reference's
+    embeddings."""
 
+    aligned_share: float | None = Field(None, gt=0, le=1)  # keep this share best aligned (image·text); None: all
     embedding: Literal["image", "text", "both"] = "image"
     n_clusters: int | None = Field(None, gt=0)  # default round(√N)
     threshold: float = Field(0.95, ge=0, le=1)  # cosine at or above which two samples are duplicates

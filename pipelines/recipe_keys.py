@@ -85,6 +85,8 @@ KEYS: dict[str, str] = {
     "selection.flexi.train_share": "Flexi-JEST: share of each batch the learner trains at that resolution "
                                    "(default 0.5)",
     # curation
+    "curation.aligned_share": "`curate curate-set` first keeps only this share of samples, those whose reference "
+                              "image and text embeddings agree best (a CLIP-score filter; default: all)",
     "curation.embedding": "`curate curate-set` compares reference embeddings of: image (default) | text | both",
     "curation.n_clusters": "k-means clusters (default: round(sqrt(N)))",
     "curation.threshold": "cosine at or above which two samples are duplicates (default 0.95)",

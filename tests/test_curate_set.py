@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 
 import curate
 from curate.cache import ScoreCache, write_part
@@ -78,7 +79,7 @@ def test_without_cap_and_on_text_or_both_embeddings(tmp_path):
     recipe = load_recipe(RECIPE, [f"cache.path={tmp_path / 'cache'}", f"train.out={tmp_path}"])
     report = curate_set(recipe, embedding="text", n_clusters=4, log=lambda *_: None)
     # the text vectors were not copied: no duplicates there, and no cap: everything is kept
-    assert report["removed"] == {"duplicate": 0, "balance": 0} and report["kept"] == N + COPIES
+    assert report["removed"] == {"misaligned": 0, "duplicate": 0, "balance": 0} and report["kept"] == N + COPIES
     # "both": cosine is the mean of the image (≈ 0.998 for copies) and text cosines; brute force says which
     # copies reach 0.6 (no two unrelated rows come near: their mean cosines stay below 0.55 here)
     report = curate_set(recipe, embedding="both", threshold=0.6, out=tmp_path / "both", log=lambda *_: None)
@@ -92,6 +93,46 @@ def test_without_cap_and_on_text_or_both_embeddings(tmp_path):
     expected = {c for c, cos in joint.items() if cos >= 0.6 and cluster[c] == cluster[planted[c]]}  # SemDeDup
     removed = set(decisions.filter(pl.col("reason") == "duplicate")["__key__"])
     assert removed == expected and 0 < len(expected) < COPIES
+
+
+def test_the_least_aligned_go_first_and_the_rest_are_deduplicated(tmp_path, capsys):
+    """--aligned-share: the samples whose reference image and text embeddings agree least are dropped before
+    dedup (a CLIP-score filter); which ones is checked against the cosines computed here, brute force."""
+    rng = np.random.default_rng(1)
+    n, bad = 400, 100
+    image = rng.standard_normal((n, 32)).astype(np.float32)
+    image[350:] = image[:50] + 0.01 * rng.standard_normal((50, 32)).astype(np.float32)  # 50 near-copies
+    text = image + 0.4 * rng.standard_normal((n, 32)).astype(np.float32)  # captions that match their image
+    misaligned = rng.choice(n, bad, replace=False)
+    text[misaligned] = rng.standard_normal((bad, 32)).astype(np.float32)  # captions of something else
+    keys = [f"s{i:05d}" for i in range(n)]
+    write_part(str(tmp_path / "cache" / "part-00000.parquet"), keys, image_emb=image, text_emb=text, logit_scale=2.3,
+               logit_bias=-10.0, metadata={"reference_hash": "planted", "scorer": "test", "dataset": "planted"})
+    args = ["curate-set", str(RECIPE), "--set", f"cache.path={tmp_path / 'cache'}", "--set", f"train.out={tmp_path}",
+            "--aligned-share", "0.75"]
+    assert main(args) == 0
+    assert "100 least aligned (image-text cosine < " in capsys.readouterr().out
+    cosine = np.einsum("ij,ij->i", image / np.linalg.norm(image, axis=1, keepdims=True),
+                       text / np.linalg.norm(text, axis=1, keepdims=True))
+    best = {keys[i] for i in np.argsort(-cosine)[:300]}
+    assert best == set(keys) - {keys[i] for i in misaligned}  # the planted ones are the least aligned here
+    decisions = pl.read_parquet(tmp_path / "curate_set_decisions.parquet")
+    assert decisions["__key__"].to_list() == keys  # one row per input, in input order
+    np.testing.assert_allclose(decisions["alignment"].to_numpy(), cosine, atol=1e-5)
+    dropped = decisions.filter(pl.col("reason") == "misaligned")
+    assert set(dropped["__key__"]) == set(keys) - best and dropped["cluster"].null_count() == bad
+    # dedup ran on the aligned 300 alone: every near-copy whose original and itself were both kept is removed
+    copies = {keys[350 + j]: keys[j] for j in range(50) if keys[350 + j] in best and keys[j] in best}
+    duplicates = decisions.filter(pl.col("reason") == "duplicate")
+    assert dict(zip(duplicates["__key__"], duplicates["duplicate_of"], strict=True)) == copies and copies
+    report = json.loads((tmp_path / "curate_set_report.json").read_text())
+    assert report["removed"] == {"misaligned": bad, "duplicate": len(copies), "balance": 0}
+    assert report["kept"] == 300 - len(copies) == len(read_keys(tmp_path / "curated_keys.parquet"))
+    assert report["n_clusters"] == round(300 ** 0.5)  # √ of the samples clustered
+    assert report["alignment_cutoff"] == pytest.approx(float(np.sort(cosine)[bad]), abs=1e-5)
+    assert set(read_keys(tmp_path / "curated_keys.parquet")) == best - set(copies)
+    assert main([*args[:-1], "0"]) == 2
+    assert "curation.aligned_share: Input should be greater than 0, got 0" in capsys.readouterr().err
 
 
 def test_bad_input_is_named(tmp_path, capsys):

@@ -5,6 +5,7 @@ Data is made here: scikit-learn's bundled 8×8 digits (shipped in the package) a
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from curate.cache import ScoreCache, write_part
-from curate.curation import DedupResult, balance, read_keys, semantic_dedup, write_keys
+from curate.curation import DedupResult, alignment_filter, balance, read_keys, semantic_dedup, write_keys
 
 TOL = 1e-5  # the rounding slack semantic_dedup documents: duplicates have cos ≥ threshold - 1e-5
 
@@ -263,6 +264,35 @@ def test_read_keys_needs_key_column(tmp_path) -> None:
         read_keys(tmp_path / "x.parquet")
 
 
+# ---- alignment filter ----
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(-3, 3), st.integers(1, 3)), min_size=1, max_size=40),
+       st.floats(0.01, 1.0))
+def test_alignment_filter_matches_brute_force(rows: list[tuple[int, int, int]], share: float) -> None:
+    """Small integer vectors, so that many rows tie: the kept rows are round(share·N) of highest cosine (cosines
+    computed here one row at a time in float64; rows whose cosines differ by float32 rounding may go either way),
+    and among identical rows the earlier is kept."""
+    image = np.array([[1.0, 0.0, float(z)] for _, _, z in rows])
+    text = np.array([[float(x), float(y), 1.0] for x, y, _ in rows])
+    keys = [f"k{i:03d}" for i in range(len(rows))]
+    result = alignment_filter(keys, image, text, share=share)
+    cos = np.array([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(image, text, strict=True)])
+    np.testing.assert_allclose(result.alignment, cos, atol=1e-6)
+    k = round(share * len(rows))
+    assert result.kept.sum() == k and result.kept_keys == [keys[i] for i in np.flatnonzero(result.kept)]
+    if 0 < k < len(rows):
+        assert cos[result.kept].min() >= cos[~result.kept].max() - 1e-6
+    for i, j in itertools.combinations(range(len(rows)), 2):  # identical rows: the earlier one first
+        if rows[i] == rows[j] and result.kept[j]:
+            assert result.kept[i]
+    if k:
+        assert result.cutoff == result.alignment[result.kept].min()
+    else:  # round(share·N) is 0: nothing kept, and no cutoff
+        assert np.isnan(result.cutoff)
+
+
 # ---- bad input ----
 
 GOOD = np.eye(4, dtype=np.float32)
@@ -317,6 +347,20 @@ def test_balance_argument_errors() -> None:
         balance(KEYS, GOOD, per_cluster=1, n_clusters=9)
     with pytest.raises(ValueError, match="3 keys for 4 rows"):
         balance(KEYS[:3], np.zeros(4, int), per_cluster=1)
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    ((KEYS, np.eye(4), np.eye(4), 0.0), r"share=0\.0"),
+    ((KEYS, np.eye(4), np.eye(4), 1.5), r"share=1\.5"),
+    ((KEYS, np.eye(4), np.eye(4), True), "share=True"),
+    ((KEYS, np.eye(4), np.ones((4, 3)), 0.5), r"same shape.*\(4, 4\) and \(4, 3\)"),
+    ((KEYS, np.eye(4), np.eye(4)[:3], 0.5), "3 keys for 4 rows|4 keys for 3 rows"),
+    ((KEYS, np.eye(4), np.eye(4) * [[1], [0], [1], [1]], 0.5), r"all zero.*\['b'\]"),
+])  # fmt: skip
+def test_alignment_filter_errors(args, match) -> None:
+    keys, image, text, share = args
+    with pytest.raises(ValueError, match=match):
+        alignment_filter(keys, image, text, share=share)
 
 
 @pytest.mark.slow
