@@ -46,6 +46,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -154,6 +155,12 @@ METHODS = {  # name -> pipeline options over the recipe's selection (filter_rati
         # selection from step 0 holds most distinct-tail seeds on, and what it costs where selection works (§1e)
         **{f"{name}_w{w}": {**CONTRASTIVE[name], "selection_warmup": w}
            for name in ("easy_reference", "jest", "learnability_sample") for w in (500, 1000)},
+        # the offline alignment filter first (`curate.alignment_filter`, as `curate curate-set --aligned-share`: the
+        # 70% of the stream whose cached reference image and text embeddings agree best, a run trains on them through
+        # `curation.train_on_curated`), then the method. 0.7 is 1 - the world's declared noise share (20% misaligned
+        # + 10% junk), so it drops as many pairs as `web_plateau.py --drop-noisy`'s oracle, chosen by the reference
+        **{f"{name}_a70": {**CONTRASTIVE[name], "aligned_share": 0.7}
+           for name in ("easy_reference", "jest", "learnability_sample")},
         # Flexi-JEST as published: the learner scores at half resolution and trains half of each batch at it
         "flexi_jest": {"rule": "learnability", "method": "joint", "flexi": {"downsample": 2, "train_share": 0.5}},
         # ACL as published (Evans et al. 2023): per-example learnability of a small actor trained online against a
@@ -184,13 +191,15 @@ WORLDS = {"digits": {"n_train": 20_000}, **{w: {"n_train": 2_000_000} for w in W
 
 
 def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str], *, actor: bool = False,
-               acl: dict | None = None, flexi: dict | None = None, steps_factor: int = 1):
+               acl: dict | None = None, flexi: dict | None = None, steps_factor: int = 1,
+               aligned_share: float | None = None):
     """The task's recipe for `seed`, `steps_factor` times its training steps. `actor`: the task's proxy in
     `selection.actor` (scoring in the learner's place, against the cached reference). `acl`: ACL as published,
     the actor's architecture with these options both as the online actor and as the reference, which is scored
-    online (no cache: its forward is in the ledger). `flexi`: `selection.flexi` (Flexi-JEST). One reference (and
-    cache) per reference configuration, shared by every method, seed and learner, under `work` in a folder named
-    by a hash of what makes it, so a change to it retrains."""
+    online (no cache: its forward is in the ledger). `flexi`: `selection.flexi` (Flexi-JEST). `aligned_share`: the
+    run trains only on `aligned_keys`' list (`curation.train_on_curated`, in a run folder of its own). One
+    reference (and cache) per reference configuration, shared by every method, seed and learner, under `work` in
+    a folder named by a hash of what makes it, so a change to it retrains."""
     from pipelines.recipe import parse_recipe
 
     recipe = TASKS[task]["recipe"]
@@ -213,10 +222,27 @@ def recipe_for(task: str, seed: int, work: Path, data: Path, overrides: list[str
                  "weight_decay": recipe.train.weight_decay}
     made_of = json.dumps([str(data), reference], sort_keys=True)
     tag = f"{task}-{hashlib.sha256(made_of.encode()).hexdigest()[:10]}"
-    ov = [f"train.seed={seed}", f"train.out={work}/runs/{task}-s{seed}", "train.device=cpu",
+    run = f"{task}-s{seed}" + (f"-a{aligned_share}" if aligned_share else "")
+    ov = [f"train.seed={seed}", f"train.out={work}/runs/{run}", "train.device=cpu",
+          *(["curation.train_on_curated=true"] if aligned_share else []),
           f"reference.path={work}/reference/{tag}", f"cache.path={'null' if acl else f'{work}/cache/{tag}'}"]
     steps = [f"train.steps={recipe.train.steps * steps_factor}"] if steps_factor != 1 else []
     return parse_recipe(text, f"efficiency:{task}", [f"data.root={data}", *ov, *own, *steps])
+
+
+def aligned_keys(task: str, share: float, work: Path, data: Path, overrides: list[str]) -> Path:
+    """The key list of the `share` of the task's stream that its cached reference finds best aligned
+    (`curate.alignment_filter` over the cache, written with `curate.write_keys`), made once beside the cache."""
+    from curate.cache import ScoreCache
+    from curate.curation import alignment_filter, write_keys
+
+    recipe = recipe_for(task, 0, work, data, overrides)
+    path = Path(f"{recipe.cache.path}-aligned{share}.parquet")
+    if not path.is_file():
+        cache = ScoreCache.open(recipe.cache.path)
+        result = alignment_filter(cache.keys.to_list(), cache.image_emb, cache.text_emb, share=share)
+        write_keys(path, result.kept_keys, metadata={"aligned_share": share, "cutoff": result.cutoff})
+    return path
 
 
 def prepare(task: str, seed: int, work: Path, data: Path, overrides: list[str], acl: dict | None = None) -> dict:
@@ -251,8 +277,13 @@ def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list
 
     options = dict(METHODS[task][name])
     actor, acl, flexi = options.pop("actor", False), options.pop("acl", None), options.pop("flexi", None)
+    aligned = options.pop("aligned_share", None)
     factor = options.pop("steps_factor", TASKS[task].get("uniform_steps_factor", 1) if name == "uniform" else 1)
-    recipe = recipe_for(task, seed, work, data, overrides, actor=actor, acl=acl, flexi=flexi, steps_factor=factor)
+    recipe = recipe_for(task, seed, work, data, overrides, actor=actor, acl=acl, flexi=flexi, steps_factor=factor,
+                        aligned_share=aligned)
+    if aligned:  # where `curate run` reads the key list `curate curate-set` writes
+        recipe.out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(aligned_keys(task, aligned, work, data, overrides), recipe.curated_keys_path)
     sel = recipe.selection
     options = {"filter_ratio": sel.filter_ratio, "n_chunks": sel.n_chunks, "temperature": sel.temperature, **options}
     records = run_one(recipe, name, options, progress=False, test=test, source=samples, checkpoint=False)
@@ -268,7 +299,7 @@ def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list
                         "chunk_entropy": stats.get("chunk_entropy", {}).get("last_superbatch")})
     stats = records[-1]["pipeline"]  # the last evaluation is at the last step
     return {"task": task, "method": name, "seed": seed,
-            "options": {**options, "actor": actor, "acl": acl, "flexi": flexi},
+            "options": {**options, "actor": actor, "acl": acl, "flexi": flexi, "aligned_share": aligned},
             "reference": reference_key(task, name),
             "budget": recipe.train.steps // factor, "schedule": recipe.train.schedule, "history": history,
             "superbatch": curate.superbatch_size_for(recipe.train.batch_size, options["filter_ratio"]),
@@ -637,6 +668,10 @@ def main() -> None:
     print(f"references ready ({time.perf_counter() - start:.0f}s)", flush=True)
     targets = {t: TASKS[t]["targets"] + [round(f * references[t]["test"]["accuracy"], 4)
                                          for f in TASKS[t].get("reference_targets", [])] for t in task_names}
+    aligned = [(t, share, work, roots[t], overrides) for t in task_names
+               for share in {METHODS[t][m]["aligned_share"] for m in methods[t] if "aligned_share" in METHODS[t][m]}]
+    with ctx.Pool(1) as pool:  # once, before the runs; in a child: Polars' threads in this process would deadlock
+        pool.starmap(aligned_keys, aligned)  # the workers forked from it
     for task in task_names:
         _SHARED[task] = load_task(task, work, roots[task], overrides)
     done = {(r["task"], r["method"], r["seed"]) for r in prior}

@@ -131,20 +131,27 @@ def _rows(batch: dict, keep: torch.Tensor) -> dict:
 def _aligned(samples: list[dict], recipe, share: float) -> list[dict]:
     """The stream's rows that `curate.alignment_filter` keeps on the recipe's cache, in the same order; prints
     what the filter dropped by kind of sample (the world's labels, which the filter never reads)."""
-    from curate.cache import ScoreCache
-    from curate.curation import alignment_filter
-
-    cache = ScoreCache.open(recipe.cache.path)
-    result = alignment_filter(cache.keys.to_list(), cache.image_emb, cache.text_emb, share=share)
-    kept = set(result.kept_keys)
+    # in a child process: Polars' threads in this one would deadlock the workers forked from it
+    with mp.get_context("fork").Pool(1) as pool:
+        kept_keys, cutoff = pool.apply(_alignment, (recipe.cache.path, share))
+    kept = set(kept_keys)
     out = [_rows(chunk, torch.tensor([key in kept for key in chunk["__key__"]])) for chunk in samples]
     for name, rows in (("stream", samples), ("kept", out)):
         flags = {k: torch.cat([c[k] for c in rows]).float() for k in ("is_noisy", "is_duplicate", "is_tail")}
         clean = (1 - flags["is_noisy"]) * (1 - flags["is_duplicate"])
         print(f"{name}: {len(flags['is_noisy'])} pairs, noisy {flags['is_noisy'].mean():.3f}, duplicate "
               f"{flags['is_duplicate'].mean():.3f}, clean tail {(clean * flags['is_tail']).mean():.3f}", flush=True)
-    print(f"aligned share {share}: image-text cosine cutoff {result.cutoff:.3f}", flush=True)
+    print(f"aligned share {share}: image-text cosine cutoff {cutoff:.3f}", flush=True)
     return out
+
+
+def _alignment(cache_path: str, share: float) -> tuple[list[str], float]:
+    from curate.cache import ScoreCache
+    from curate.curation import alignment_filter
+
+    cache = ScoreCache.open(cache_path)
+    result = alignment_filter(cache.keys.to_list(), cache.image_emb, cache.text_emb, share=share)
+    return result.kept_keys, result.cutoff
 
 
 def main() -> None:

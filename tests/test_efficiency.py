@@ -130,3 +130,30 @@ def test_the_reference_folder_is_named_by_the_reference_alone(efficiency, tmp_pa
     assert folder(*named) != folder(*named, "web.train.weight_decay=0.1")  # the reference trains with it too
     assert folder() != folder("web.model.options.heads=4")  # unset, the reference's model is the learner's
     assert folder() == folder(*named)  # the same reference, named or resolved from the learner's
+
+
+def test_an_aligned_arm_trains_only_on_the_pairs_the_reference_finds_best_aligned(efficiency, tmp_path, monkeypatch):
+    """`*_a70`: the key list is `curate.alignment_filter`'s over the cached reference's embeddings, and the run
+    reads it through `curation.train_on_curated` (the pipeline's KeepKeys): every trained pair is on it."""
+    from curate.cache import ScoreCache
+    from curate.curation import alignment_filter, read_keys
+    from pipelines import train
+    from pipelines.web import make_web
+
+    make_web(tmp_path / "web", n_train=3000, n_curated=600, n_test=600, shard_size=1000)
+    sets = ["web.train.steps=6", "web.train.eval_every=3", "web.train.warmup=0", "web.reference.steps=20",
+            "web.reference.warmup=0"]
+    efficiency.prepare("web", 0, tmp_path / "work", tmp_path / "web", sets)
+    path = efficiency.aligned_keys("web", 0.7, tmp_path / "work", tmp_path / "web", sets)
+    recipe = efficiency.recipe_for("web", 0, tmp_path / "work", tmp_path / "web", sets, aligned_share=0.7)
+    assert recipe.curation.train_on_curated and recipe.out != efficiency.recipe_for(
+        "web", 0, tmp_path / "work", tmp_path / "web", sets).out  # its own run folder: no other arm reads the list
+    cache = ScoreCache.open(recipe.cache.path)
+    expected = alignment_filter(cache.keys.to_list(), cache.image_emb, cache.text_emb, share=0.7).kept_keys
+    assert read_keys(path) == sorted(expected) and len(expected) == 2100
+    trained: list[str] = []
+    count = train._count
+    monkeypatch.setattr(train, "_count", lambda tally, batch: (trained.extend(batch["__key__"]), count(tally, batch)))
+    samples, test = efficiency.load_task("web", tmp_path / "work", tmp_path / "web", sets)
+    efficiency.run("web", "easy_reference_a70", 0, tmp_path / "work", tmp_path / "web", sets, samples, test)
+    assert len(trained) == 6 * 64 and set(trained) <= set(expected)
