@@ -51,8 +51,7 @@ def curate_set(recipe: Recipe, *, aligned_share: float | None = None, embedding:
         embedding: which reference embedding is compared: "image" (SemDeDup's choice: captions of web
             duplicates vary), "text", or "both" (the two unit vectors concatenated: cosine is their mean).
         n_clusters: k-means clusters; default round(√N) of the N samples clustered (those aligned), which
-            balances k-means against the within-cluster
-            comparisons (see `curate.curation`).
+            balances k-means against the within-cluster comparisons (see `curate.curation`).
         threshold: cosine similarity at or above which two samples are duplicates.
         per_cluster: keep at most this many samples of each cluster after dedup; None keeps them all.
         seed: seeds k-means and the balancing draw; default the recipe's train.seed.
@@ -103,7 +102,6 @@ def curate_set(recipe: Recipe, *, aligned_share: float | None = None, embedding:
                                .when(pl.col("duplicate_of").is_null()).then(pl.lit("balance"))
                                .otherwise(pl.lit("duplicate"))))
     in_curated = decisions["kept"].to_numpy()
-    in_aligned = alignment.kept
 
     out = Path(out) if out is not None else recipe.out
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +109,7 @@ def curate_set(recipe: Recipe, *, aligned_share: float | None = None, embedding:
              "report": out / "curate_set_report.json", "histogram": out / "cluster_sizes.png"}
     sizes = {stage: np.bincount(dedup.clusters[mask], minlength=n_clusters)
              for stage, mask in (("input", np.ones(n, bool)), ("deduplicated", kept),
-                                 ("curated", in_curated[in_aligned]))}
+                                 ("curated", in_curated[aligned]))}
     reason = decisions["reason"]
     report = {
         "cache": recipe.cache.path, "reference_hash": cache.metadata.get("reference_hash"),
