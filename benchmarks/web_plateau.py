@@ -128,6 +128,14 @@ def _rows(batch: dict, keep: torch.Tensor) -> dict:
     return {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in index] for k, v in batch.items()}
 
 
+def _names_colour(text: torch.Tensor) -> torch.Tensor:
+    """Whether each caption's tokens hold one of the world's colour words."""
+    from pipelines import data, web
+
+    colours = torch.tensor([int(data.tokenize(name, text.shape[1])[0, 1]) for name in web.COLOURS])
+    return torch.isin(text, colours).any(1)
+
+
 def _aligned(samples: list[dict], recipe, share: float) -> list[dict]:
     """The stream's rows that `curate.alignment_filter` keeps on the recipe's cache, in the same order; prints
     what the filter dropped by kind of sample (the world's labels, which the filter never reads)."""
@@ -170,6 +178,9 @@ def main() -> None:
                              "and of negative (a superbatch's worth: 640 at batch 128)")
     parser.add_argument("--drop-noisy", action="store_true",
                         help="remove the stream's noisy pairs (an intervention: does the noise a rule keeps hold it?)")
+    parser.add_argument("--drop-noise", choices=["misaligned", "junk"], default=None,
+                        help="remove one kind of the stream's noise: misaligned captions (they name a colour) or junk "
+                             "alt-text (it never does)")
     parser.add_argument("--drop-share", type=float, default=0.0,
                         help="remove this share of the stream's pairs at random (--drop-noisy's control: 0.3)")
     parser.add_argument("--aligned-share", type=float, default=0.0, metavar="F",
@@ -188,6 +199,9 @@ def main() -> None:
     SAMPLES, TEST = EFF.load_task(ARGS.task, ARGS.work, DATA, [])
     if ARGS.drop_noisy:  # an intervention: the stream without its noisy pairs, in the same order otherwise
         SAMPLES = [_rows(chunk, ~chunk["is_noisy"].bool()) for chunk in SAMPLES]
+    if ARGS.drop_noise:  # which kind of noise matters: a misaligned caption names a colour, junk alt-text never
+        SAMPLES = [_rows(chunk, ~(chunk["is_noisy"].bool() & (_names_colour(chunk["text"]) == (
+            ARGS.drop_noise == "misaligned")))) for chunk in SAMPLES]
     if ARGS.drop_share:  # its control: as many rows dropped at random, so the order changes as much, noise kept
         g = torch.Generator().manual_seed(0)
         SAMPLES = [_rows(chunk, torch.rand(len(chunk["label"]), generator=g) >= ARGS.drop_share)
