@@ -6,9 +6,10 @@ methods and seeds and prints, every 500 steps, zero-shot accuracy and each attri
 [--from, --steps), per pair: how many other images of its batch share its tens and colour but not its units
 (negatives only the units digit tells apart) and how many show its very concept.
 
-`--drop-noisy` removes the stream's noisy pairs by the world's labels (an oracle); `--drop-share F`, its control, a
-random share F; `--aligned-share F` keeps the share F that the cached reference finds best aligned
-(`curate.alignment_filter`, what `curate curate-set --aligned-share F` does), the oracle's deployable form.
+`--drop-noisy` removes the stream's noisy pairs by the world's labels (an oracle), `--drop-noise KIND` one kind of
+them (misaligned captions or junk alt-text); `--drop-share F`, their control, a random share F; `--aligned-share F`
+keeps the share F that the cached reference finds best aligned (`curate.alignment_filter`, what `curate curate-set
+--aligned-share F` does), the oracle's deployable form.
 
 `--uniform-share F` runs the methods with `uniform_share=F` (`curate.JointSelect`): F of each selected batch drawn
 uniformly from the superbatch (the stream's own mix: its head, its repeats, its noise), the rest by the method.
