@@ -1,6 +1,6 @@
 """Offline curation over embeddings: alignment filtering, semantic dedup (SemDeDup), cluster-balanced sampling.
 
-Both work on `(keys, embeddings)`: one stable `__key__` per row and an (N, d) array of any float dtype
+Each works on `(keys, embeddings)`: one stable `__key__` per row and an (N, d) array of any float dtype
 (numpy, a CPU torch tensor, a ScoreCache's embedding column). The result is a key list; `write_keys` stores
 it as Parquet for the pipeline to filter on.
 
@@ -22,6 +22,7 @@ Time is O(N·k·d) for k-means plus O(Σ_c m_c²·d) inside the clusters, so k �
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def alignment_filter(keys: Sequence[str], image, text, *, share: float) -> Align
         share: the fraction of rows kept, in (0, 1]: round(share·N) of them. Ties at the cutoff keep the
             earlier row, so the result depends only on the inputs.
     """
-    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+    if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0 < share <= 1:
         raise ValueError(f"alignment_filter: share is the fraction of rows kept, in (0, 1], got {share=}")
     keys, u = _normalised("alignment_filter", keys, image)
     _, v = _normalised("alignment_filter", keys, text)
