@@ -670,8 +670,9 @@ def main() -> None:
                                          for f in TASKS[t].get("reference_targets", [])] for t in task_names}
     aligned = [(t, share, work, roots[t], overrides) for t in task_names
                for share in {METHODS[t][m]["aligned_share"] for m in methods[t] if "aligned_share" in METHODS[t][m]}]
-    with ctx.Pool(1) as pool:  # once, before the runs; in a child: Polars' threads in this process would deadlock
-        pool.starmap(aligned_keys, aligned)  # the workers forked from it
+    if aligned:
+        with ctx.Pool(1) as pool:  # once, before the runs; in a child: Polars' threads in this process would
+            pool.starmap(aligned_keys, aligned)  # deadlock the workers forked from it
     for task in task_names:
         _SHARED[task] = load_task(task, work, roots[task], overrides)
     done = {(r["task"], r["method"], r["seed"]) for r in prior}

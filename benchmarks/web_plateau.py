@@ -137,12 +137,13 @@ def _names_colour(text: torch.Tensor) -> torch.Tensor:
     return torch.isin(text, colours).any(1)
 
 
-def _aligned(samples: list[dict], recipe, share: float) -> list[dict]:
-    """The stream's rows that `curate.alignment_filter` keeps on the recipe's cache, in the same order; prints
-    what the filter dropped by kind of sample (the world's labels, which the filter never reads)."""
+def _aligned(samples: list[dict], share: float) -> list[dict]:
+    """The stream's rows on efficiency.py's key list of the best-aligned `share` (`aligned_keys`, which its `_a70`
+    arms train on), in the same order; prints what the filter dropped by kind of sample (the world's labels, which
+    the filter never reads)."""
     # in a child process: Polars' threads in this one would deadlock the workers forked from it
     with mp.get_context("fork").Pool(1) as pool:
-        kept_keys, cutoff = pool.apply(_alignment, (recipe.cache.path, share))
+        kept_keys, cutoff = pool.apply(_alignment, (share,))
     kept = set(kept_keys)
     out = [_rows(chunk, torch.tensor([key in kept for key in chunk["__key__"]])) for chunk in samples]
     for name, rows in (("stream", samples), ("kept", out)):
@@ -154,13 +155,13 @@ def _aligned(samples: list[dict], recipe, share: float) -> list[dict]:
     return out
 
 
-def _alignment(cache_path: str, share: float) -> tuple[list[str], float]:
-    from curate.cache import ScoreCache
-    from curate.curation import alignment_filter
+def _alignment(share: float) -> tuple[list[str], float]:
+    import polars as pl
 
-    cache = ScoreCache.open(cache_path)
-    result = alignment_filter(cache.keys.to_list(), cache.image_emb, cache.text_emb, share=share)
-    return result.kept_keys, result.cutoff
+    from curate.curation import read_keys
+
+    path = EFF.aligned_keys(ARGS.task, share, ARGS.work, DATA, ARGS.set)
+    return read_keys(path), float(pl.read_parquet_metadata(path)["cutoff"])
 
 
 def main() -> None:
@@ -208,7 +209,7 @@ def main() -> None:
         SAMPLES = [_rows(chunk, torch.rand(len(chunk["label"]), generator=g) >= ARGS.drop_share)
                    for chunk in SAMPLES]
     if ARGS.aligned_share:  # the offline filter a user runs with curate-set, applied to the stream's keys
-        SAMPLES = _aligned(SAMPLES, EFF.recipe_for(ARGS.task, 0, ARGS.work, DATA, ARGS.set), ARGS.aligned_share)
+        SAMPLES = _aligned(SAMPLES, ARGS.aligned_share)
     if ARGS.map:
         from pipelines import tasks
 
