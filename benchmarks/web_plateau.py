@@ -11,6 +11,13 @@ them (misaligned captions or junk alt-text); `--drop-share F`, their control, a 
 keeps the share F that the cached reference finds best aligned (`curate.alignment_filter`, what `curate curate-set
 --aligned-share F` does), the oracle's deployable form.
 
+`--never-select KIND` keeps that kind of noise in the stream, so in every superbatch the learner and the reference
+score, but never lets selection keep it (its score is -inf): of the two roles a noisy pair has, a negative in the
+scoring of the others and a pair trained on, it removes the second, where `--drop-noise KIND` removes both.
+`--hide-noise KIND` removes the first: every pair of that kind may be selected, but each pair is scored (its
+per-example sigmoid losses, both models) against the superbatch without that kind (only a pair of the kind sees
+itself). Both are probes of a per-example (`sample`) method on the sigmoid loss.
+
 `--uniform-share F` runs the methods with `uniform_share=F` (`curate.JointSelect`): F of each selected batch drawn
 uniformly from the superbatch (the stream's own mix: its head, its repeats, its noise), the rest by the method.
 
@@ -137,6 +144,65 @@ def _names_colour(text: torch.Tensor) -> torch.Tensor:
     return torch.isin(text, colours).any(1)
 
 
+def _noise_of_kind(batch: dict, kind: str) -> torch.Tensor:
+    """Which rows of `batch` are noise of `kind`: a misaligned caption names a colour, junk alt-text never does."""
+    return batch["is_noisy"].bool() & (_names_colour(batch["text"]) == (kind == "misaligned"))
+
+
+class _Masked:
+    """A joint gain whose logits are -inf on the masked rows."""
+
+    def __init__(self, gain, mask: torch.Tensor):
+        self.gain, self.mask = gain, mask
+
+    def first(self) -> torch.Tensor:
+        return self.gain.first().masked_fill(self.mask, float("-inf"))
+
+    def add(self, chunk: torch.Tensor) -> torch.Tensor:
+        return self.gain.add(chunk).masked_fill(self.mask, float("-inf"))
+
+
+def _never_select(kind: str) -> None:
+    """Selection never keeps noise of `kind`; the superbatch still holds it, so the models score it as a negative
+    of every other pair (the probe patches `JointSelect._pick`, where the method draws)."""
+    from curate.joint_select import JointSelect
+
+    pick = JointSelect._pick
+
+    def masked(self, scored, gain, score, k, generator, entropies, given):
+        mask = _noise_of_kind(scored.batch, kind).to(score.device)
+        gain = None if gain is None else _Masked(gain, mask)
+        return pick(self, scored, gain, score.float().masked_fill(mask, float("-inf")), k, generator, entropies, given)
+
+    JointSelect._pick = masked
+
+
+def _hide_noise(kind: str) -> None:
+    """Each pair's per-example losses (learner and reference) over the superbatch without noise of `kind`: the
+    pairs of the kind stay candidates, scored against the rest and themselves (patches `JointSelect._pick`)."""
+    from curate.joint_select import JointSelect
+    from curate.losses import sigmoid_pair_losses
+
+    pick = JointSelect._pick
+
+    def losses(s, hide: torch.Tensor) -> torch.Tensor:
+        """Per-example sigmoid losses, ½(Σ_j ℓ_ij + Σ_j ℓ_ji), over the j not hidden, and i itself."""
+        pairs = sigmoid_pair_losses(s.image_emb, s.text_emb, s.scale, s.bias)
+        own = torch.eye(len(hide), dtype=torch.bool, device=hide.device)
+        return ((pairs * (~hide[None, :] | own)).sum(1) + (pairs * (~hide[:, None] | own)).sum(0)) / 2
+
+    def hidden(self, scored, gain, score, k, generator, entropies, given):
+        assert gain is None and scored.learner.kind == "sigmoid", "--hide-noise probes a per-example sigmoid method"
+        mask = _noise_of_kind(scored.batch, kind).to(score.device)
+        none = torch.zeros_like(mask)
+        assert torch.allclose(scored.rule(losses(scored.learner, none), losses(scored.reference, none)),
+                              score, atol=1e-3), "the probe's losses must be the scorer's over the whole superbatch"
+        score = scored.rule(losses(scored.learner, mask), losses(scored.reference, mask))
+        return pick(self, scored, gain, score, k, generator, entropies, given)
+
+    JointSelect._pick = hidden
+
+
 def _aligned(samples: list[dict], share: float) -> list[dict]:
     """The stream's rows on efficiency.py's key list of the best-aligned `share` (`aligned_keys`, which its `_a70`
     arms train on), in the same order; prints what the filter dropped by kind of sample (the world's labels, which
@@ -183,6 +249,12 @@ def main() -> None:
     parser.add_argument("--drop-noise", choices=["misaligned", "junk"], default=None,
                         help="remove one kind of the stream's noise: misaligned captions (they name a colour) or junk "
                              "alt-text (it never does)")
+    parser.add_argument("--never-select", choices=["misaligned", "junk"], default=None,
+                        help="keep one kind of noise in the stream (scored, a negative of the others) but never select "
+                             "it for training")
+    parser.add_argument("--hide-noise", choices=["misaligned", "junk"], default=None,
+                        help="score every pair against the superbatch without one kind of noise (which stays a "
+                             "candidate): the kind is no negative in the others' scores")
     parser.add_argument("--drop-share", type=float, default=0.0,
                         help="remove this share of the stream's pairs at random (--drop-noisy's control: 0.3)")
     parser.add_argument("--aligned-share", type=float, default=0.0, metavar="F",
@@ -202,8 +274,11 @@ def main() -> None:
     if ARGS.drop_noisy:  # an intervention: the stream without its noisy pairs, in the same order otherwise
         SAMPLES = [_rows(chunk, ~chunk["is_noisy"].bool()) for chunk in SAMPLES]
     if ARGS.drop_noise:  # which kind of noise matters: a misaligned caption names a colour, junk alt-text never
-        SAMPLES = [_rows(chunk, ~(chunk["is_noisy"].bool() & (_names_colour(chunk["text"]) == (
-            ARGS.drop_noise == "misaligned")))) for chunk in SAMPLES]
+        SAMPLES = [_rows(chunk, ~_noise_of_kind(chunk, ARGS.drop_noise)) for chunk in SAMPLES]
+    if ARGS.never_select:
+        _never_select(ARGS.never_select)
+    if ARGS.hide_noise:
+        _hide_noise(ARGS.hide_noise)
     if ARGS.drop_share:  # its control: as many rows dropped at random, so the order changes as much, noise kept
         g = torch.Generator().manual_seed(0)
         SAMPLES = [_rows(chunk, torch.rand(len(chunk["label"]), generator=g) >= ARGS.drop_share)
