@@ -58,10 +58,12 @@ def _run(job):
     from pipelines import train, web
 
     labels: list = []
+    named: list = []  # per trained batch: the concept each caption names (-1: junk alt-text)
     count = train._count  # the loop's per-batch tally: the trained batch passes through it
 
     def tally(totals, batch):
         labels.append(batch["label"].clone())
+        named.append(_named_concepts(batch))
         return count(totals, batch)
 
     train._count = tally
@@ -83,7 +85,34 @@ def _run(job):
         shares = (a["tens"][:, None] == a["tens"][None]) & (a["colour"][:, None] == a["colour"][None])
         hard.append(float((shares & (a["units"][:, None] != a["units"][None])).sum(1).float().mean()))
         same.append(float(((batch[:, None] == batch[None]).sum(1) - 1).float().mean()))
-    return result, statistics.fmean(hard), statistics.fmean(same)
+    return result, statistics.fmean(hard), statistics.fmean(same), _misnamed(labels[ARGS.start:], named[ARGS.start:])
+
+
+def _named_concepts(batch: dict) -> torch.Tensor:
+    """The concept each caption of `batch` names (its tokens are one of the world's captions), -1 for junk alt-text
+    (which names none)."""
+    from pipelines import data, web
+
+    if not _CAPTIONS:
+        captions = [(c, web.concept_caption(c, t)) for c in range(web.N_CONCEPTS) for t in range(len(web.TEMPLATES))]
+        tokens = data.tokenize([caption for _, caption in captions], batch["text"].shape[1])
+        _CAPTIONS.update({tuple(row): c for (c, _), row in zip(captions, tokens.tolist(), strict=True)})
+    return torch.tensor([_CAPTIONS.get(tuple(row), -1) for row in batch["text"].tolist()])
+
+
+_CAPTIONS: dict[tuple, int] = {}
+
+
+def _misnamed(labels: list[torch.Tensor], named: list[torch.Tensor]) -> dict:
+    """Over the misaligned pairs (a caption naming a concept not the image's): how many there are per batch, and the
+    shares whose caption shares the image's tens digit, units digit or colour."""
+    from pipelines import web
+
+    label, said = torch.cat(labels), torch.cat(named)
+    mis = (said >= 0) & (said != label)
+    image, caption = web.concept_attributes(label[mis]), web.concept_attributes(said[mis])
+    out = {"per_batch": float(mis.sum()) / len(labels)}
+    return out | {k: float((image[k] == caption[k]).float().mean()) for k in ("tens", "units", "colour")}
 
 
 # which pairs and which negatives the learnability score (learner loss - reference loss) rewards, per pair; a
@@ -299,11 +328,17 @@ def main() -> None:
     # forked after loading: the workers share the samples. One run per worker: a worker copies the pages of the
     # samples its run touches (refcounts), and kept for many runs each held 15-16 GB of the 24 at 20 runs
     with mp.get_context("fork").Pool(ARGS.jobs, maxtasksperchild=1) as pool:
-        for result, hard, same in pool.imap(_run, jobs):
+        stream = SAMPLES[0]
+        base = _misnamed([stream["label"]], [_named_concepts(stream)])
+        print("the stream's misaligned captions (first part) share the image's " + ", ".join(
+            f"{k} {base[k]:.3f}" for k in ("tens", "units", "colour")), flush=True)
+        for result, hard, same, misnamed in pool.imap(_run, jobs):
             mix = f" with {ARGS.uniform_share:.0%} uniform" if ARGS.uniform_share else ""
             print(f"{result['method']}{mix} seed {result['seed']}: per pair, {hard:.2f} units-only negatives and "
                   f"{same:.2f} images of its concept (steps {ARGS.start}-{ARGS.steps}); noisy kept "
-                  f"{statistics.fmean(h['noisy_kept'] for h in result['history']):.2f}")
+                  f"{statistics.fmean(h['noisy_kept'] for h in result['history']):.2f}; misaligned per batch "
+                  f"{misnamed['per_batch']:.2f}, sharing the image's " + ", ".join(
+                      f"{k} {misnamed[k]:.3f}" for k in ("tens", "units", "colour")))
             for h in result["history"]:
                 if h["step"] % 500 == 0 or h is result["history"][-1]:
                     print(f"  step {h['step']:5d}: accuracy {h['accuracy']:.3f}, tens {h['tens_accuracy']:.3f}, "
