@@ -140,6 +140,9 @@ METHODS = {  # name -> pipeline options over the recipe's selection (filter_rati
         # uniform at the curated budget and twice it, each its own run: with a decaying lr (the web learner's
         # cosine) a long run's accuracy at step s is not an s-step run's (`uniform_reached`)
         "uniform_x1": {**UNIFORM, "steps_factor": 1}, "uniform_x2": {**UNIFORM, "steps_factor": 2},
+        # and at 10x it, where a curated run that passes the 4x run's best can still be measured up to the moonshot's
+        # 10x fewer steps; 10 x 3000 steps x 64 pairs (or 1500 x 128) is 1.92M pairs, so the 2M-pair pool never repeats
+        "uniform_x10": {**UNIFORM, "steps_factor": 10},
         "jest_c1": {"rule": "learnability", "method": "joint", "n_chunks": 1},
         "jest_c4": {"rule": "learnability", "method": "joint", "n_chunks": 4},
         "jest_c1_T0": {"rule": "learnability", "method": "joint", "n_chunks": 1, "temperature": 0.0},

@@ -7,9 +7,9 @@ methods and seeds and prints, every 500 steps, zero-shot accuracy and each attri
 (negatives only the units digit tells apart) and how many show its very concept.
 
 `--drop-noisy` removes the stream's noisy pairs by the world's labels (an oracle), `--drop-noise KIND` one kind of
-them (misaligned captions or junk alt-text); `--drop-share F`, their control, a random share F; `--aligned-share F`
-keeps the share F that the cached reference finds best aligned (`curate.alignment_filter`, what `curate curate-set
---aligned-share F` does), the oracle's deployable form.
+them (misaligned captions, their near or far misses, or junk alt-text; repeat it for more); `--drop-share F`, their
+control, a random share F; `--aligned-share F` keeps the share F that the cached reference finds best aligned
+(`curate.alignment_filter`, what `curate curate-set --aligned-share F` does), the oracle's deployable form.
 
 `--never-select KIND` keeps that kind of noise in the stream, so in every superbatch the learner and the reference
 score, but never lets selection keep it (its score is -inf): of the two roles a noisy pair has, a negative in the
@@ -165,11 +165,26 @@ def _rows(batch: dict, keep: torch.Tensor) -> dict:
     return {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in index] for k, v in batch.items()}
 
 
+# kinds of noise: a misaligned caption names another concept than its image's, a near miss one that shares its tens
+# digit, units digit or colour with the image (about 30% of them), a far miss one that shares none; junk names none
+NOISE_KINDS = ("misaligned", "misaligned_near", "misaligned_far", "junk")
+
+
 def _noise_of_kind(batch: dict, kind: str) -> torch.Tensor:
-    """Which rows of `batch` are noise of `kind`: a misaligned caption names another concept than its image's, junk
-    alt-text names none (`_named_concepts`; both match the world's labels row for row on 50k rows of each world)."""
+    """Which rows of `batch` are noise of `kind` (NOISE_KINDS), read from the concept each caption names
+    (`_named_concepts`; misaligned and junk match the world's labels row for row on 50k rows of each world)."""
+    from pipelines import web
+
     named = _named_concepts(batch)
-    return (named >= 0) & (named != batch["label"]) if kind == "misaligned" else named < 0
+    if kind == "junk":
+        return named < 0
+    misaligned = (named >= 0) & (named != batch["label"])
+    if kind == "misaligned":
+        return misaligned
+    image, caption = web.concept_attributes(batch["label"]), web.concept_attributes(named)
+    near = (image["tens"] == caption["tens"]) | (image["units"] == caption["units"]) | (
+        image["colour"] == caption["colour"])
+    return misaligned & (near if kind == "misaligned_near" else ~near)
 
 
 class _Masked:
@@ -269,13 +284,14 @@ def main() -> None:
                              "and of negative (a superbatch's worth: 640 at batch 128)")
     parser.add_argument("--drop-noisy", action="store_true",
                         help="remove the stream's noisy pairs (an intervention: does the noise a rule keeps hold it?)")
-    parser.add_argument("--drop-noise", choices=["misaligned", "junk"], default=None,
-                        help="remove one kind of the stream's noise: misaligned captions (they name another concept) "
-                             "or junk alt-text (it names none)")
-    parser.add_argument("--never-select", choices=["misaligned", "junk"], default=None,
+    parser.add_argument("--drop-noise", choices=NOISE_KINDS, action="append", default=[],
+                        help="remove one kind of the stream's noise (repeat for more): misaligned captions (they name "
+                             "another concept), only their near misses (sharing the image's tens, units or colour) or "
+                             "far misses (sharing none), or junk alt-text (it names none)")
+    parser.add_argument("--never-select", choices=NOISE_KINDS, default=None,
                         help="keep one kind of noise in the stream (scored, a negative of the others) but never select "
                              "it for training")
-    parser.add_argument("--hide-noise", choices=["misaligned", "junk"], default=None,
+    parser.add_argument("--hide-noise", choices=NOISE_KINDS, default=None,
                         help="score every pair against the superbatch without one kind of noise (which stays a "
                              "candidate): the kind is no negative in the others' scores")
     parser.add_argument("--drop-share", type=float, default=0.0,
@@ -296,8 +312,8 @@ def main() -> None:
     SAMPLES, TEST = EFF.load_task(ARGS.task, ARGS.work, DATA, [])
     if ARGS.drop_noisy:  # an intervention: the stream without its noisy pairs, in the same order otherwise
         SAMPLES = [_rows(chunk, ~chunk["is_noisy"].bool()) for chunk in SAMPLES]
-    if ARGS.drop_noise:  # which kind of noise matters: misaligned captions or junk alt-text
-        SAMPLES = [_rows(chunk, ~_noise_of_kind(chunk, ARGS.drop_noise)) for chunk in SAMPLES]
+    for kind in ARGS.drop_noise:  # which kind of noise matters: misaligned captions (near or far misses) or junk
+        SAMPLES = [_rows(chunk, ~_noise_of_kind(chunk, kind)) for chunk in SAMPLES]
     if ARGS.never_select:
         _never_select(ARGS.never_select)
     if ARGS.hide_noise:
