@@ -40,11 +40,16 @@ def test_per_run_measures_both_ways_and_charges_the_reference_only_to_runs_that_
     assert row["step_speedup_uniform_best"] == 100 / 50 and row["flops_ratio_uniform_best"] == 4 / 4
     # the other way: uniform needs 100 steps for jest's final 0.40, jest took 50
     assert row["uniform_steps_to_final"] == 100 and row["step_speedup_to_final"] == 2.0
+    # and in compute: jest's whole ledger (4 GFLOPs) against uniform's to 0.40 (4), then with the reference's
+    # training and the precompute of what jest read over its 50 steps
+    assert row["flops_ratio_to_final"] == 4 / 4
     assert row["accuracy_at_budget"] == 0.40 and row["steps_to_0.3"] == 25 and row["step_speedup_0.3"] == 75 / 25
     read = 50 * 320 * 1e4 / 1e9  # GFLOPs: the precompute of the 16000 samples read by step 50
     assert row["flops_ratio_uniform_best_amortised_1"] == pytest.approx((4 + 1.5 + read) / 4)
     assert row["flops_ratio_uniform_best_amortised_10"] == pytest.approx((4 + (1.5 + read) / 10) / 4)
     assert row["flops_ratio_0.3_amortised_1"] == pytest.approx((2 + 1.5 + read / 2) / 3)  # step 25: half as much read
+    assert row["flops_ratio_to_final_amortised_1"] == pytest.approx((4 + 1.5 + read) / 4)
+    assert row["flops_ratio_to_final_amortised_10"] == pytest.approx((4 + (1.5 + read) / 10) / 4)
     online = efficiency.per_run(jest, [uniform], [], {**reference, "precompute_flops": 0.0})  # its ledger has them
     assert online["flops_ratio_uniform_best_amortised_1"] == pytest.approx((4 + 1.5) / 4)
     assert efficiency.per_run(hard, [uniform], [], reference)["flops_ratio_uniform_best_amortised_1"] == 1.0
@@ -54,6 +59,7 @@ def test_per_run_measures_both_ways_and_charges_the_reference_only_to_runs_that_
     never = efficiency.per_run(_run("x", "learnability", [0.2, 0.25], [2, 4], 50), [uniform], [], reference)
     assert never["steps_to_uniform_best"] is None and never["step_speedup_uniform_best"] is None
     assert never["uniform_steps_to_final"] == 75  # uniform's first evaluation at or above 0.25
+    assert never["flops_ratio_to_final"] == 4 / 3  # its 4 GFLOPs against uniform's 3 at step 75
 
 
 def test_with_a_decaying_lr_uniforms_steps_come_from_its_budgets_not_from_inside_a_longer_run(efficiency):
