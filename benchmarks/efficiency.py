@@ -383,19 +383,21 @@ def per_run(result: dict, uniforms: list[dict], targets: list[float], reference:
         precompute = reference["forward_flops_per_sample"] * step * superbatch if cached else 0.0
         return reads * (reference["training_flops"] + precompute)
 
+    def flops_ratios(key: str, hit: dict | None, u_hit: dict | None) -> None:
+        """`key`: this run's FLOPs at `hit` over uniform's at `u_hit`; `key_amortised_n`: with the offline reference
+        cost spread over n runs (uniform pays none). None where either point is missing."""
+        for n in (None, *AMORTISED_OVER):
+            spent = hit and u_hit and hit["flops"] + (offline(hit["step"]) / n if n else 0.0)
+            out[key + (f"_amortised_{n}" if n else "")] = hit and u_hit and spent / u_hit["flops"]
+
     # the other way in compute: this run's whole ledger against uniform's FLOPs to this run's final accuracy
-    for n in (None, *AMORTISED_OVER):
-        spent = h[-1]["flops"] + (offline(h[-1]["step"]) / n if n else 0.0)
-        out["flops_ratio_to_final" + (f"_amortised_{n}" if n else "")] = u_to_final and spent / u_to_final["flops"]
+    flops_ratios("flops_ratio_to_final", h[-1], u_to_final)
     for label, target in [("uniform_best", u_best)] + [(f"{t:g}", t) for t in targets]:
         hit, u_hit = reached(h, target), uniform_reached(uniforms, target)
         out[f"steps_to_{label}"] = hit and hit["step"]
         out[f"flops_to_{label}"] = hit and hit["flops"]
         out[f"step_speedup_{label}"] = hit and u_hit and u_hit["step"] / hit["step"]
-        out[f"flops_ratio_{label}"] = hit and u_hit and hit["flops"] / u_hit["flops"]
-        for n in AMORTISED_OVER:  # with the offline reference cost spread over n runs (uniform pays none)
-            out[f"flops_ratio_{label}_amortised_{n}"] = hit and u_hit and (
-                hit["flops"] + offline(hit["step"]) / n) / u_hit["flops"]
+        flops_ratios(f"flops_ratio_{label}", hit, u_hit)
     return out
 
 
