@@ -153,6 +153,7 @@ METHODS = {  # name -> pipeline options over the recipe's selection (filter_rati
         "jest_c1": {"rule": "learnability", "method": "joint", "n_chunks": 1},
         "jest_c4": {"rule": "learnability", "method": "joint", "n_chunks": 4},
         "jest_c1_T0": {"rule": "learnability", "method": "joint", "n_chunks": 1, "temperature": 0.0},
+        "jest_c4_T0": {"rule": "learnability", "method": "joint", "n_chunks": 4, "temperature": 0.0},
         "jest_T0": {"rule": "learnability", "method": "joint", "temperature": 0.0},
         **FILTER_SWEEP,
         # a quarter of each batch drawn uniformly from the superbatch, the rest by the method (`uniform_share`):
@@ -618,12 +619,15 @@ def main() -> None:
                         help="the worlds' roots: DATA (digits, for pairs and digits), DATA-web and DATA-web_distinct; "
                         "made if missing")
     parser.add_argument("--work", default="/tmp/curate-bench/work", help="references and score caches")
-    parser.add_argument("--out", default="benchmarks/results/efficiency.json")
+    parser.add_argument("--out", help="the results JSON (default benchmarks/results/efficiency.json; with --quick, "
+                        "/tmp/curate-bench/efficiency-quick.json, so a smoke run never replaces the committed results)")
     parser.add_argument("--replot", action="store_true",
                         help="recompute the summary of an existing --out JSON from its runs; redraw its table and PNGs")
     parser.add_argument("--extend", action="store_true",
                         help="add runs to an existing --out JSON (same overrides): the runs it holds are not rerun")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = "/tmp/curate-bench/efficiency-quick.json" if args.quick else "benchmarks/results/efficiency.json"
     if args.replot:  # the summary recomputed from the runs (this script's figures may have changed since)
         report = json.loads(Path(args.out).read_text())
         targets = report.get("targets") or {t: TASKS[t]["targets"] for t in report["summary"]}

@@ -163,3 +163,30 @@ def test_an_aligned_arm_trains_only_on_the_pairs_the_reference_finds_best_aligne
     samples, test = efficiency.load_task("web", tmp_path / "work", tmp_path / "web", sets)
     efficiency.run("web", "easy_reference_a70", 0, tmp_path / "work", tmp_path / "web", sets, samples, test)
     assert len(trained) == 6 * 64 and set(trained) <= set(expected)
+
+
+@pytest.mark.slow
+def test_quick_grid_runs_end_to_end_from_a_fresh_world(tmp_path):
+    """`efficiency.py --quick` (the issue's smoke run) on the web task: the world, the reference and its cache made
+    fresh, then uniform, JEST and the filter for QUICK's steps; every run recorded, the curated runs' scoring in
+    their ledger, the summary and the plot written where --out says (never over the committed results)."""
+    import json
+    import math
+    import subprocess
+
+    out = tmp_path / "quick.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--quick", "--tasks", "web",
+                    "--jobs", "2", "--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"),
+                    "--out", str(out)], check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    runs = {r["method"]: r for r in report["runs"]}
+    assert sorted(runs) == ["easy_reference", "jest", "uniform"] and report["quick"]
+    for name, run in runs.items():  # uniform trains 4x the curated budget (the web task's uniform_steps_factor)
+        last = run["history"][-1]
+        assert run["budget"] == 100 and last["step"] == (400 if name == "uniform" else 100)
+        assert math.isfinite(last["accuracy"]) and 0 <= last["accuracy"] <= 1
+    uniform, jest = runs["uniform"]["history"][-1], runs["jest"]["history"][-1]
+    # JEST scores a 320-pair superbatch a step with the learner: its ledger holds more than its training
+    assert jest["flops"] > jest["training_flops"] and uniform["flops"] == uniform["training_flops"]
+    assert sorted(report["summary"]["web"]) == ["easy_reference", "jest", "uniform"]
+    assert [Path(p).name for p in report["plots"]] == ["quick_web.png"] and Path(report["plots"][0]).is_file()
