@@ -280,6 +280,13 @@ def prepare(task: str, seed: int, work: Path, data: Path, overrides: list[str], 
             "precompute_flops": per_sample * n_pool if cached else 0.0}
 
 
+def steps_factor(task: str, name: str) -> int:
+    """How many times the task's curated budget a method trains: its own `steps_factor`, else the task's
+    `uniform_steps_factor` for plain uniform (the long baseline) and 1 for every other method."""
+    default = TASKS[task].get("uniform_steps_factor", 1) if name == "uniform" else 1
+    return METHODS[task][name].get("steps_factor", default)
+
+
 def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list[str], samples, test) -> dict:
     """One training run: `curate run`'s loop (`run_one`) over in-memory samples; a record at every evaluation."""
     torch.set_num_threads(1)
@@ -289,7 +296,8 @@ def run(task: str, name: str, seed: int, work: Path, data: Path, overrides: list
     options = dict(METHODS[task][name])
     actor, acl, flexi = options.pop("actor", False), options.pop("acl", None), options.pop("flexi", None)
     aligned = options.pop("aligned_share", None)
-    factor = options.pop("steps_factor", TASKS[task].get("uniform_steps_factor", 1) if name == "uniform" else 1)
+    options.pop("steps_factor", None)
+    factor = steps_factor(task, name)
     recipe = recipe_for(task, seed, work, data, overrides, actor=actor, acl=acl, flexi=flexi, steps_factor=factor,
                         aligned_share=aligned)
     if aligned:  # where `curate run` reads the key list `curate curate-set` writes
@@ -528,12 +536,10 @@ def default_methods(task: str, work: Path, data: Path, overrides: list[str]) -> 
 
 
 def _cost(task: str, name: str) -> float:
-    """Rough relative cost of a run (for scheduling): superbatch size and steps, pairs ~3× digits per step."""
-    options = METHODS[task][name]
-    ratio = options.get("filter_ratio", TASKS[task]["recipe"]["selection"]["filter_ratio"])
-    if options["rule"] == "uniform":
-        return (1 if task == "digits" else 3) * options.get("steps_factor", TASKS[task].get("uniform_steps_factor", 1))
-    return (1 if task == "digits" else 3) / (1 - ratio) * options.get("steps_factor", 1)
+    """Rough relative cost of a run (for scheduling): superbatch size and steps, pairs ~3× digits per step (uniform's
+    filter ratio is 0: its superbatch is its batch)."""
+    ratio = METHODS[task][name].get("filter_ratio", TASKS[task]["recipe"]["selection"]["filter_ratio"])
+    return (1 if task == "digits" else 3) / (1 - ratio) * steps_factor(task, name)
 
 
 def _run_job(args):
